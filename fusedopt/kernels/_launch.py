@@ -1,0 +1,145 @@
+"""What every launcher shares: the block policy, the per-step pointer table, the grid,
+and the launch counter.
+
+A kernel program handles BLOCK elements of one tensor. The grid is the bucket's block
+table (built once in `_flat.Bucket.layout_tables`), filtered to the tensors that have a
+gradient this step. Parameters and gradients are reached through element offsets from an
+anchor pointer of the bucket's dtype: the compiler then knows their element type, and when
+every address is 16-byte aligned the ALIGN hint lets it emit 128-bit loads and stores.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+import torch
+
+from .. import _flat
+from ._triton import AVAILABLE, tl, triton
+
+# -- block policy: the one place that decides block size and warps ---------------------
+# 1024 elements per program and 4 warps give each thread 8 fp32 elements: two 128-bit
+# accesses per tensor, enough in flight to saturate HBM on A100/H100 for streaming
+# kernels, while a tiny tensor wastes at most one short program.
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+def block_config(bucket: _flat.Bucket) -> tuple[int, int]:
+    return BLOCK, NUM_WARPS
+
+
+# -- launch counter ---------------------------------------------------------------------
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Count kernel launches inside the block: `with count_launches() as c: ...; c.total()`."""
+    before = LAUNCHES.copy()
+    delta: collections.Counter[str] = collections.Counter()
+    try:
+        yield delta
+    finally:
+        delta.update(LAUNCHES - before)
+
+
+def record_launch(name: str) -> None:
+    LAUNCHES[name] += 1
+
+
+# -- environment ------------------------------------------------------------------------
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_runnable(device: torch.device) -> None:
+    """Raise unless a Triton kernel can run on tensors of `device`."""
+    if not AVAILABLE:
+        raise RuntimeError(
+            "fusedopt: backend='triton' needs the `triton` package; install it or use backend='reference'"
+        )
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "fusedopt: backend='triton' on CPU tensors runs only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is first imported, or use backend='auto' or 'reference'"
+        )
+
+
+# -- per-step tables ----------------------------------------------------------------------
+def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tensor, int]:
+    """Element offsets of each stepped tensor's param and grad from the bucket's anchor.
+
+    Returns the [len(bucket), 2] int64 table on the device and the alignment (in elements)
+    that every address shares: 16 bytes' worth when all are 16-byte aligned, else 1.
+    """
+    anchor = bucket.anchor()
+    base, size = anchor.data_ptr(), anchor.element_size()
+    rows = [(p.data_ptr(), g.data_ptr()) for p, g in zip(batch.params, batch.grads)]
+    aligned = all((pa | ga) & 15 == 0 for pa, ga in rows)
+    # Every tensor of one dtype is aligned to its element size, so the division is exact.
+    offsets = torch.tensor([((pa - base) // size, (ga - base) // size) for pa, ga in rows], dtype=torch.int64)
+    if not batch.everyone:
+        full = torch.zeros(len(bucket), 2, dtype=torch.int64)
+        full[batch.index_tensor()] = offsets
+        offsets = full
+    align = 16 // size if aligned else 1
+    return offsets.to(bucket.device, non_blocking=True), align
+
+
+def grid_tables(bucket: _flat.Bucket, batch: _flat.Batch, block: int):
+    """(segments, numels, block->tensor, block->start) restricted to the stepped tensors."""
+    segments, numels, block_tensor, block_start = bucket.layout_tables(block)
+    if not batch.everyone:
+        stepped = torch.zeros(len(bucket), dtype=torch.bool)
+        stepped[batch.index_tensor()] = True
+        keep = stepped.to(block_tensor.device)[block_tensor.long()]
+        block_tensor, block_start = block_tensor[keep], block_start[keep]
+    return segments, numels, block_tensor, block_start
+
+
+def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A [n, K] table of per-tensor scalars in the kernel's compute dtype.
+
+    Columns are per-tensor float64 vectors computed on the host (bias corrections, step
+    sizes) or group-wide floats, broadcast. One copy to the device per step and bucket.
+    """
+    cols = [c if isinstance(c, torch.Tensor) else torch.full((n,), float(c), dtype=torch.float64) for c in columns]
+    return torch.stack(cols, dim=1).to(dtype).to(device, non_blocking=True)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Math runs in fp32 for fp32 and narrower, in fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# -- device helpers used inside kernels ---------------------------------------------------
+@triton.jit
+def locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
+           BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """This program's tensor, its first element, the tensor's size, and its pointers."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
+    numel = tl.load(numels_ptr + t)
+    seg = tl.multiple_of(tl.load(segments_ptr + t), 16)
+    p_off = tl.multiple_of(tl.load(table_ptr + 2 * t), ALIGN)
+    g_off = tl.multiple_of(tl.load(table_ptr + 2 * t + 1), ALIGN)
+    return t, start, numel, seg, anchor_ptr + p_off, anchor_ptr + g_off
+
+
+@triton.jit
+def store_as(ptr, offs, value, mask):
+    """Store an fp32/fp64 value in the pointer's dtype, bf16 rounded to nearest even.
+
+    Rounding is done in integer arithmetic because Triton's interpreter truncates when it
+    casts fp32 to bf16; written out here, the interpreter and the GPU give the same bits.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(value != value, bits | 0x400000, rounded)  # keep NaN a NaN
+        tl.store(ptr + offs, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)

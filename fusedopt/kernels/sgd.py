@@ -1,0 +1,152 @@
+"""SGD: the Triton kernel, its launcher, and the plain-torch reference.
+
+The update, per element (torch's order of operations)::
+
+    g = -grad if maximize else grad
+    g = g + weight_decay * p
+    momentum_buffer = g                                    # the tensor's first momentum step
+    momentum_buffer = momentum * momentum_buffer + (1 - dampening) * g   # later steps
+    g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    p = p - lr * g
+
+Without momentum there is no state and the update is the first and last lines.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _flat
+from . import _launch
+from ._launch import locate, store_as
+from ._triton import tl, triton
+
+
+@dataclass(frozen=True)
+class SGDOptions:
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+COLUMNS = ("first", "lr", "momentum", "one_minus_dampening", "weight_decay")
+
+
+def scalars(first: torch.Tensor, o: SGDOptions) -> list[torch.Tensor | float]:
+    """`first` is 1.0 for tensors whose momentum buffer starts this step (a copy of g)."""
+    return [first.to(torch.float64), o.lr, o.momentum, 1 - o.dampening, o.weight_decay]
+
+
+# ------------------------------------------------------------------------- Triton kernel
+
+@triton.jit
+def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr,
+                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                WEIGHT_DECAY: tl.constexpr):
+    first = tl.load(s_ptr + 0)
+    lr = tl.load(s_ptr + 1)
+    momentum = tl.load(s_ptr + 2)
+    one_minus_dampening = tl.load(s_ptr + 3)
+    weight_decay = tl.load(s_ptr + 4)
+    cdt = lr.dtype
+
+    p = tl.load(p_ptr + offs, mask=mask).to(cdt)
+    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    if MOMENTUM:
+        if first != 0:
+            buf = g
+        else:
+            buf = tl.load(buf_ptr + offs, mask=mask).to(cdt) * momentum + one_minus_dampening * g
+        store_as(buf_ptr, offs, buf, mask)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    p = p + (-lr) * g
+    store_as(p_ptr, offs, p, mask)
+
+
+@triton.jit
+def sgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
+               momentum_buffer_ptr, scalars_ptr,
+               BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               WEIGHT_DECAY: tl.constexpr):
+    t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
+                                                block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
+    offs = start + tl.arange(0, BLOCK)
+    s_ptr = scalars_ptr + t * NUM_SCALARS
+    buf_ptr = momentum_buffer_ptr + seg
+    if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
+        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, None, s_ptr, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY)
+    else:
+        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, offs < numel, s_ptr, MOMENTUM, NESTEROV, MAXIMIZE,
+                    WEIGHT_DECAY)
+
+
+def sgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
+               table: torch.Tensor, o: SGDOptions) -> None:
+    """Launch one SGD kernel over every stepped tensor of the bucket."""
+    block, num_warps = _launch.block_config(bucket)
+    offsets, align = _launch.pointer_table(bucket, batch)
+    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
+    # Without momentum the kernel never touches the buffer argument; the anchor stands in.
+    momentum_buffer = state["momentum_buffer"] if o.momentum != 0 else bucket.anchor()
+    sgd_kernel[(block_tensor.numel(),)](
+        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
+        momentum_buffer, table,
+        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS), MOMENTUM=o.momentum != 0,
+        NESTEROV=o.nesterov, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
+        num_warps=num_warps)
+    _launch.record_launch("sgd")
+
+
+# ------------------------------------------------------------------------- reference
+
+def sgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
+                  table: torch.Tensor, o: SGDOptions) -> None:
+    """The same update in plain torch ops over the same flat buffers."""
+    cdt = table.dtype
+    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
+    stepped = bucket.stepped_elements(batch)
+    p = bucket.gather(batch.params, batch.index, cdt)
+    g = bucket.gather(batch.grads, batch.index, cdt)
+
+    if o.maximize:
+        g = -g
+    if o.weight_decay != 0:
+        g = g + s["weight_decay"] * p
+    if o.momentum != 0:
+        buf = state["momentum_buffer"].to(cdt)
+        buf = torch.where(s["first"] != 0, g, buf * s["momentum"] + s["one_minus_dampening"] * g)
+        _flat.commit(state["momentum_buffer"], buf, stepped)
+        g = g + s["momentum"] * buf if o.nesterov else buf
+    p = p + (-s["lr"]) * g
+    bucket.scatter(p, batch.params, batch.index)
+
+
+# ------------------------------------------------------------------------- native CPU
+
+def sgd_native(params, grads, momentum_buffers, first: list[bool], o: SGDOptions) -> None:
+    """torch's own fused CPU kernel on fusedopt's flat-state views (the 'auto' CPU path).
+
+    torch's op takes one `is_first_step` for all tensors; tensors whose momentum buffer
+    starts now and those continuing one go in two calls.
+    """
+    for is_first in (True, False):
+        pick = [i for i, f in enumerate(first) if f == is_first]
+        if not pick:
+            continue
+        bufs = [momentum_buffers[i] for i in pick] if o.momentum != 0 else []
+        torch._fused_sgd_([params[i] for i in pick], [grads[i] for i in pick], bufs,
+                          weight_decay=o.weight_decay, momentum=o.momentum, lr=o.lr,
+                          dampening=o.dampening, nesterov=o.nesterov, maximize=o.maximize,
+                          is_first_step=is_first)

@@ -1,0 +1,399 @@
+"""The base class: parameter groups, flat state, state_dict, and dispatch to a path.
+
+`fusedopt.Optimizer` subclasses `torch.optim.Optimizer` and runs its `__init__`, so the
+hook machinery, `zero_grad`, `add_param_group`'s validation and every `isinstance` check
+in the ecosystem (LR schedulers, GradScaler, DCP, dynamo, Lightning) work unchanged. What
+it replaces is where state lives and how a step runs:
+
+* State lives in `_flat.Bucket`s, one per (group, device, dtype). `opt.state[p]` holds
+  views into the bucket's flat buffers, so torch's per-parameter picture is kept, and
+  writes into it (ZeRO, DCP and frameworks assign state directly) land in the buffers.
+* `step()` runs one update per bucket, on one of three paths chosen at bucket build:
+  'triton' (the fused kernel), 'reference' (plain torch ops on the flat buffers, which
+  validates the kernel), or 'native' (torch's own fused CPU kernel on the flat-state
+  views, where torch has one: the fastest correct path on CPU).
+
+A subclass declares its flat state kinds and supplies `_update`, which receives the
+bucket, the batch of tensors that have gradients, and the path.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _flat
+from .kernels import _launch
+from .kernels._triton import AVAILABLE as TRITON_AVAILABLE
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _resolve_backend(backend: str) -> str:
+    chosen = os.environ.get("FUSEDOPT_BACKEND") or backend
+    if chosen not in BACKENDS:
+        raise ValueError(f"Invalid backend: {chosen!r} (expected one of {', '.join(BACKENDS)})")
+    return chosen
+
+
+def _as_float(x) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+class _ParamState(dict):
+    """`opt.state[p]` for a parameter that has flat state.
+
+    Assigning a tensor to a key that holds a flat-buffer view copies the tensor into the
+    view instead of replacing it, so the kernel keeps seeing what outside code wrote.
+    """
+
+    def __setitem__(self, key, value):
+        current = self.get(key)
+        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current:
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
+            current.copy_(value)
+            return
+        super().__setitem__(key, value)
+
+
+class _State(defaultdict):
+    """`opt.state`: adopts whole per-parameter dicts assigned into it."""
+
+    def __init__(self, owner: Optimizer):
+        super().__init__(dict)
+        self._owner = owner
+
+    def __missing__(self, p):
+        entry = _ParamState()
+        dict.__setitem__(self, p, entry)
+        return entry
+
+    def __setitem__(self, p, entries):
+        self._owner._adopt(p, entries)
+
+    def __delitem__(self, p):
+        super().__delitem__(p)
+        self._owner._forget(p)
+
+    def __reduce__(self):  # pickles and deep-copies as the plain dict torch would have
+        return (dict, (dict(self),))
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of fusedopt's optimizers. See the module docstring."""
+
+    #: state keys that live in flat buffers, in torch's order ("step" is the step vector)
+    _flat_state: tuple[str, ...] = ()
+    #: whether the algorithm keeps a per-parameter `step`
+    _has_step = False
+    #: whether torch has a fused CPU kernel for this algorithm (the 'native' path)
+    _native = False
+    _sparse_error: str | None = None
+
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto"):
+        self.backend = _resolve_backend(backend)
+        self._buckets: dict[int, tuple[tuple[int, ...], list[_flat.Bucket]]] = {}
+        self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
+        super().__init__(params, defaults)
+        self.state = _State(self)
+
+    # ------------------------------------------------------------------ layout
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # Buckets are built lazily, at the next step or state access.
+
+    def _group_buckets(self, gi: int) -> list[_flat.Bucket]:
+        """The buckets of group gi, rebuilt if the group's parameters changed."""
+        group = self.param_groups[gi]
+        ids = tuple(map(id, group["params"]))
+        cached = self._buckets.get(gi)
+        if cached is not None and cached[0] == ids:
+            buckets = cached[1]
+            try:
+                for b in buckets:
+                    b.check_params()
+                return buckets
+            except _flat.StaleLayout as stale:
+                self._check_shapes(gi)
+        return self._build_group(gi, ids)
+
+    def _check_shapes(self, gi: int) -> None:
+        for p in self.param_groups[gi]["params"]:
+            state = dict.get(self.state, p)
+            for key, value in (state or {}).items():
+                if key in self._flat_state and isinstance(value, Tensor) and value.shape != p.shape:
+                    index = self._global_index(p)
+                    raise RuntimeError(
+                        f"parameter {index} changed shape from {tuple(value.shape)} to {tuple(p.shape)} "
+                        "after its optimizer state was created; its state no longer fits. "
+                        "help: build a new optimizer after changing parameter shapes")
+
+    def _global_index(self, p: Tensor) -> int:
+        return next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)
+
+    def _build_group(self, gi: int, ids: tuple[int, ...]) -> list[_flat.Bucket]:
+        """(Re)build group gi's buckets, carrying over any state its parameters have."""
+        group = self.param_groups[gi]
+        carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
+        buckets = []
+        for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
+            bucket = _flat.Bucket(params, positions)
+            bucket.path = self._choose_path(bucket.device)
+            for i, p in enumerate(params):
+                self._slots[id(p)] = (gi, bi, i)
+            buckets.append(bucket)
+        self._buckets[gi] = (ids, buckets)
+        for p, entries in carried.items():
+            self._adopt(p, entries)
+        return buckets
+
+    def _choose_path(self, device: torch.device) -> str:
+        if self.backend == "reference":
+            return "reference"
+        if self.backend == "triton":
+            _launch.check_runnable(device)
+            return "triton"
+        # auto: the kernel on GPUs (CUDA and ROCm both report 'cuda'), the fastest
+        # correct path on CPU: torch's fused CPU kernel where one exists.
+        if device.type == "cuda" and TRITON_AVAILABLE:
+            return "triton"
+        if device.type == "cpu" and self._native:
+            return "native"
+        return "reference"
+
+    def _slot(self, p: Tensor) -> tuple[int, _flat.Bucket, int] | None:
+        slot = self._slots.get(id(p))
+        if slot is None:
+            return None
+        gi, bi, i = slot
+        buckets = self._group_buckets(gi)
+        gi, bi, i = self._slots[id(p)]
+        return gi, buckets[bi], i
+
+    # ------------------------------------------------------------------ state
+
+    def _adopt(self, p: Tensor, entries: dict) -> None:
+        """Make `entries` p's state: flat kinds are copied into p's segments."""
+        slot = self._slot(p) if isinstance(p, Tensor) else None
+        if slot is None or not isinstance(entries, dict):
+            dict.__setitem__(self.state, p, entries)
+            return
+        gi, bucket, i = slot
+        state = _ParamState()
+        flat = False
+        for key, value in entries.items():
+            if key == "step" and self._has_step:
+                bucket.steps[i] = _as_float(value)
+                dict.__setitem__(state, key, bucket.step_view(i))
+                flat = True
+            elif key in self._flat_state and isinstance(value, Tensor):
+                bucket.buffer(key)
+                view = bucket.view(key, i)
+                view.copy_(value)
+                dict.__setitem__(state, key, view)
+                flat = True
+            else:
+                dict.__setitem__(state, key, value)
+        bucket.initialized[i] = flat
+        dict.__setitem__(self.state, p, state)
+
+    def _forget(self, p: Tensor) -> None:
+        slot = self._slot(p)
+        if slot is not None:
+            slot[1].initialized[slot[2]] = False
+
+    def _sync_state(self) -> None:
+        """Adopt a state dict that outside code put in place of ours (`opt.state = ...`)."""
+        if isinstance(self.state, _State) and self.state._owner is self:
+            return
+        foreign, self.state = self.state, _State(self)
+        for gi in range(len(self.param_groups)):
+            for b in self._group_buckets(gi):
+                b.initialized = [False] * len(b)
+        for p, entries in foreign.items():
+            if entries:
+                self._adopt(p, dict(entries))
+
+    def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:
+        """Create torch's initial state for parameters stepped for the first time."""
+        keys = self._state_keys(group)
+        if not keys:  # stateless (SGD without momentum): torch keeps no entry at all
+            return
+        bucket.state_keys = tuple(keys)
+        for i in fresh:
+            state = self.state[bucket.params[i]]
+            for key in keys:
+                if key == "step":
+                    bucket.steps[i] = 0.0
+                    dict.__setitem__(state, key, bucket.step_view(i))
+                else:
+                    bucket.buffer(key)
+                    bucket.segment(key, i).zero_()
+                    dict.__setitem__(state, key, bucket.view(key, i))
+            bucket.initialized[i] = bool(keys)
+
+    def _state_keys(self, group: dict) -> list[str]:
+        """The state a parameter gets on its first step, in torch's key order."""
+        raise NotImplementedError
+
+    def _buffers(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch) -> dict[str, Tensor]:
+        """The flat buffers the update reads, checking the stepped tensors have them."""
+        all_keys = self._state_keys(group)
+        keys = [k for k in all_keys if k != "step"]
+        if tuple(all_keys) == getattr(bucket, "state_keys", None):
+            return {k: bucket.buffer(k) for k in keys}
+        for i in batch.index:
+            state = dict.get(self.state, bucket.params[i], {})
+            missing = [k for k in keys if not isinstance(state.get(k), Tensor)]
+            if missing:
+                raise KeyError(
+                    f"parameter {self._global_index(bucket.params[i])} has no optimizer state {missing[0]!r}, which "
+                    f"this group's options need (was an option such as amsgrad turned on after the first step?)")
+        return {k: bucket.buffer(k) for k in keys}
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_state()
+        for gi, group in enumerate(self.param_groups):
+            for bucket in self._group_buckets(gi):
+                batch = bucket.collect(self._sparse_error)
+                if batch is None:
+                    continue
+                fresh = [i for i in batch.index if not bucket.initialized[i]]
+                if fresh:
+                    self._init_state(group, bucket, fresh)
+                self._update(group, bucket, batch, fresh)
+                batch.finish()
+        return loss
+
+    def _update(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list[int]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _advance_steps(bucket: _flat.Bucket, batch: _flat.Batch) -> None:
+        if batch.everyone:
+            bucket.steps += 1
+        else:
+            bucket.steps[batch.index_tensor()] += 1
+
+    # ------------------------------------------------------------------ state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format: state keyed by parameter index, groups with index lists."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        self._sync_state()
+        mapping: dict[int, int] = {}
+        start = 0
+
+        def pack(group: dict[str, Any]) -> dict[str, Any]:
+            nonlocal start
+            packed = {k: v for k, v in group.items() if k != "params"}
+            mapping.update({id(p): i for i, p in enumerate(group["params"], start) if id(p) not in mapping})
+            packed["params"] = [mapping[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            return packed
+
+        param_groups = [pack(g) for g in self.param_groups]
+        packed_state = {(mapping[id(k)] if isinstance(k, Tensor) else k): dict(v) for k, v in self.state.items()}
+        state_dict = {"state": packed_state, "param_groups": param_groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch's format (from torch.optim or fusedopt), validating it all first.
+
+        Unlike torch, a state dict whose groups, parameter counts, state shapes or state
+        keys do not fit this optimizer is rejected before anything changes.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, s in zip(groups, saved_groups):
+            if len(g["params"]) != len(s["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        state: dict[Any, Any] = {}
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                state[key] = value
+                continue
+            p = id_map[key]
+            self._validate_entry(key, p, value)
+            state[p] = {k: self._cast(p, k, v) for k, v in value.items()}
+        for g, s in zip(groups, saved_groups):
+            s["params"] = g["params"]
+            if "param_names" in g and "param_names" not in s:
+                s["param_names"] = g["param_names"]
+        # Everything fits: from here on nothing can fail half-way.
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _validate_entry(self, key, p: Tensor, entry) -> None:
+        if not isinstance(entry, dict):
+            raise ValueError(f"loaded state dict has state {entry!r} for parameter {key}; expected a dict")
+        for name, value in entry.items():
+            if name in self._flat_state and value is not None:
+                if not isinstance(value, Tensor):
+                    raise ValueError(f"loaded state dict has a {type(value).__name__} for state '{name}' of parameter {key}; expected a tensor")
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state dict has state '{name}' of shape {tuple(value.shape)} for parameter {key}, "
+                        f"whose shape is {tuple(p.shape)}")
+            if name == "step" and isinstance(value, Tensor) and value.numel() != 1:
+                raise ValueError(f"loaded state dict has a 'step' of {value.numel()} elements for parameter {key}")
+
+    @staticmethod
+    def _cast(p: Tensor, key, value):
+        """torch's policy: floating state takes the parameter's dtype and device; step stays."""
+        if not isinstance(value, Tensor) or key == "step":
+            return value
+        if p.is_floating_point():
+            return value.to(dtype=p.dtype, device=p.device)
+        return value.to(device=p.device)
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"defaults": self.defaults, "state": {p: dict(v) for p, v in self.state.items()},
+                "param_groups": self.param_groups, "backend": self.backend}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        foreign = state.pop("state", {})
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self._buckets, self._slots = {}, {}
+        self.state = foreign if not isinstance(foreign, _State) else dict(foreign)
+        self._sync_state()
+

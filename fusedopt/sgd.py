@@ -1,0 +1,92 @@
+"""SGD: torch.optim.SGD's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _flat
+from ._flat import memory_order
+from .kernels import _launch
+from .kernels import sgd as kernels
+from .optimizer import Optimizer, _as_float
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent (optionally with momentum), as torch.optim.SGD.
+
+    .. math::
+        g_t \leftarrow g_t + \lambda\theta_{t-1}, \quad
+        b_t = \mu b_{t-1} + (1 - \tau) g_t \;(b_1 = g_1), \quad
+        \theta_t = \theta_{t-1} - \gamma\,(g_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-3), momentum (default 0), dampening (default 0),
+        weight_decay (default 0), nesterov (default False), maximize (default False):
+            as in torch.optim.SGD.
+        foreach, fused: accepted for compatibility; every path here is fused.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _flat_state = ("momentum_buffer",)
+    _native = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                               "differentiable. help: use torch.optim for differentiable optimization")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _state_keys(self, group):
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    def _options(self, group) -> kernels.SGDOptions:
+        return kernels.SGDOptions(lr=_as_float(group["lr"]), momentum=group["momentum"],
+                                  dampening=group["dampening"], weight_decay=_as_float(group["weight_decay"]),
+                                  nesterov=group["nesterov"], maximize=group["maximize"])
+
+    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
+        o = self._options(group)
+        state = self._buffers(group, bucket, batch)
+        # A momentum buffer starts as a copy of the gradient on its parameter's first step.
+        fresh_set = set(fresh)
+        if bucket.path == "native":
+            bufs = [bucket.segment("momentum_buffer", i) for i in batch.index] if o.momentum != 0 else []
+            kernels.sgd_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
+                               bufs, [i in fresh_set for i in batch.index], o)
+            return
+        first = torch.zeros(len(bucket), dtype=torch.float64)
+        if fresh:
+            first[torch.tensor(fresh)] = 1.0
+        table = _launch.scalar_table(kernels.scalars(first, o), len(bucket),
+                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        run = kernels.sgd_triton if bucket.path == "triton" else kernels.sgd_reference
+        run(bucket, batch, state, table, o)
