@@ -91,7 +91,7 @@ class Batch:
 class Bucket:
     """The parameters of one group that share a device and a dtype, and their flat state."""
 
-    def __init__(self, params: list[Tensor], positions: list[int], *, step_device=None):
+    def __init__(self, params: list[Tensor], positions: list[int], *, scalar_device=None):
         p0 = params[0]
         self.device = p0.device
         self.dtype = p0.dtype
@@ -111,10 +111,12 @@ class Bucket:
         self.offsets = offsets
         self.size = total
         self.buffers: dict[str, Tensor] = {}
-        # torch keeps `step` as a float32 scalar per parameter, on the CPU unless capturable
-        # or fused; here it is one float32 vector per bucket and state[p]["step"] a 0-dim view.
-        self.step_device = torch.device("cpu") if step_device is None else step_device
-        self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.step_device)
+        # Per-parameter scalar state (`step`, NAdam's `mu_product`, ASGD's `eta`, `mu`):
+        # torch keeps each as a float32 0-dim tensor per parameter, `step` on the CPU unless
+        # capturable or fused. Here each kind is one float32 vector per bucket, and
+        # state[p][key] a 0-dim view of it.
+        self.scalar_device = torch.device("cpu") if scalar_device is None else scalar_device
+        self.scalars: dict[str, Tensor] = {}
         self.initialized = [False] * len(params)
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._ptrs = [p.data_ptr() for p in params]
@@ -141,8 +143,17 @@ class Bucket:
             seg = torch.view_as_complex(seg.view(-1, 2))
         return seg.as_strided(self.shapes[i], self.strides[i])
 
-    def step_view(self, i: int) -> Tensor:
-        return self.steps[i]
+    def scalar(self, name: str) -> Tensor:
+        """The float32 vector of one per-parameter scalar kind, allocated on first use."""
+        vec = self.scalars.get(name)
+        if vec is None:
+            vec = torch.zeros(len(self.params), dtype=torch.float32, device=self.scalar_device)
+            self.scalars[name] = vec
+        return vec
+
+    @property
+    def steps(self) -> Tensor:
+        return self.scalar("step")
 
     def segment(self, name: str, i: int) -> Tensor:
         """Parameter i's segment of a flat buffer, 1-D, in memory order."""

@@ -44,7 +44,7 @@ class Adam(Optimizer):
     """
 
     _flat_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _has_step = True
+    _scalar_state = ("step",)
     _native = True
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -113,7 +113,7 @@ class Adam(Optimizer):
         self._advance_steps(bucket, batch)
         if bucket.path == "native":
             views = {k: [bucket.segment(k, i) for i in batch.index] for k in state}
-            steps = [bucket.step_view(i) for i in batch.index]
+            steps = [bucket.steps[i] for i in batch.index]
             kernels.adam_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
                                 views["exp_avg"], views["exp_avg_sq"], views.get("max_exp_avg_sq", []), steps, o)
             return

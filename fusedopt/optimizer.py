@@ -91,8 +91,12 @@ class Optimizer(torch.optim.Optimizer):
 
     #: state keys that live in flat buffers, in torch's order ("step" is the step vector)
     _flat_state: tuple[str, ...] = ()
-    #: whether the algorithm keeps a per-parameter `step`
-    _has_step = False
+    #: per-parameter scalar state kinds ("step", NAdam's "mu_product", ...), kept as one
+    #: float32 vector per bucket
+    _scalar_state: tuple[str, ...] = ()
+    #: torch keeps scalar state on the CPU for most algorithms, on the parameter's device
+    #: for a few (ASGD)
+    _scalars_on_param_device = False
     #: whether torch has a fused CPU kernel for this algorithm (the 'native' path)
     _native = False
     _sparse_error: str | None = None
@@ -145,7 +149,8 @@ class Optimizer(torch.optim.Optimizer):
         carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
         buckets = []
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
-            bucket = _flat.Bucket(params, positions)
+            scalar_device = params[0].device if self._scalars_on_param_device else None
+            bucket = _flat.Bucket(params, positions, scalar_device=scalar_device)
             bucket.path = self._choose_path(bucket.device)
             for i, p in enumerate(params):
                 self._slots[id(p)] = (gi, bi, i)
@@ -190,9 +195,10 @@ class Optimizer(torch.optim.Optimizer):
         state = _ParamState()
         flat = False
         for key, value in entries.items():
-            if key == "step" and self._has_step:
-                bucket.steps[i] = _as_float(value)
-                dict.__setitem__(state, key, bucket.step_view(i))
+            if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
+                vec = bucket.scalar(key)
+                vec[i] = _as_float(value)
+                dict.__setitem__(state, key, vec[i])
                 flat = True
             elif key in self._flat_state and isinstance(value, Tensor):
                 bucket.buffer(key)
@@ -231,9 +237,10 @@ class Optimizer(torch.optim.Optimizer):
         for i in fresh:
             state = self.state[bucket.params[i]]
             for key in keys:
-                if key == "step":
-                    bucket.steps[i] = 0.0
-                    dict.__setitem__(state, key, bucket.step_view(i))
+                if key in self._scalar_state:
+                    vec = bucket.scalar(key)
+                    vec[i] = self._initial_scalar(group, key)
+                    dict.__setitem__(state, key, vec[i])
                 else:
                     bucket.buffer(key)
                     bucket.segment(key, i).zero_()
@@ -244,10 +251,14 @@ class Optimizer(torch.optim.Optimizer):
         """The state a parameter gets on its first step, in torch's key order."""
         raise NotImplementedError
 
+    def _initial_scalar(self, group: dict, key: str) -> float:
+        """The first value of a per-parameter scalar state kind (0 for `step`)."""
+        return 0.0
+
     def _buffers(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch) -> dict[str, Tensor]:
         """The flat buffers the update reads, checking the stepped tensors have them."""
         all_keys = self._state_keys(group)
-        keys = [k for k in all_keys if k != "step"]
+        keys = [k for k in all_keys if k not in self._scalar_state]
         if tuple(all_keys) == getattr(bucket, "state_keys", None):
             return {k: bucket.buffer(k) for k in keys}
         for i in batch.index:
@@ -290,10 +301,11 @@ class Optimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _advance_steps(bucket: _flat.Bucket, batch: _flat.Batch) -> None:
+        steps = bucket.steps
         if batch.everyone:
-            bucket.steps += 1
+            steps.add_(1)
         else:
-            bucket.steps[batch.index_tensor()] += 1
+            steps[batch.index_tensor()] += 1
 
     # ------------------------------------------------------------------ state_dict
 
@@ -370,8 +382,8 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"loaded state dict has state '{name}' of shape {tuple(value.shape)} for parameter {key}, "
                         f"whose shape is {tuple(p.shape)}")
-            if name == "step" and isinstance(value, Tensor) and value.numel() != 1:
-                raise ValueError(f"loaded state dict has a 'step' of {value.numel()} elements for parameter {key}")
+            if name in self._scalar_state and isinstance(value, Tensor) and value.numel() != 1:
+                raise ValueError(f"loaded state dict has a '{name}' of {value.numel()} elements for parameter {key}")
 
     @staticmethod
     def _cast(p: Tensor, key, value):
