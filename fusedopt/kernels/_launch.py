@@ -19,15 +19,32 @@ from .. import _flat
 from ._triton import AVAILABLE, tl, triton
 
 # -- block policy: the one place that decides block size and warps ---------------------
-# 1024 elements per program and 4 warps give each thread 8 fp32 elements: two 128-bit
-# accesses per tensor, enough in flight to saturate HBM on A100/H100 for streaming
-# kernels, while a tiny tensor wastes at most one short program.
-BLOCK = 1024
+# Each thread moves two 128-bit vectors of every stream per program: enough bytes in
+# flight to saturate HBM for a streaming kernel, and never less than one 128-bit access
+# (a 1024-element bf16 block on a 64-lane AMD wavefront would give each lane 8 bytes).
+# With 4 warps that is 1024 fp32 elements per program on NVIDIA; a tiny tensor wastes at
+# most one short program.
 NUM_WARPS = 4
+VECTORS_PER_THREAD = 2
+
+
+def block_size(dtype: torch.dtype, warp_size: int = 32) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return NUM_WARPS * warp_size * VECTORS_PER_THREAD * 16 // itemsize
+
+
+def warp_size(device: torch.device) -> int:
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "warp_size", 32)
+    return 32
 
 
 def block_config(bucket: _flat.Bucket) -> tuple[int, int]:
-    return BLOCK, NUM_WARPS
+    """(BLOCK, num_warps) for a bucket's kernels."""
+    return block_size(bucket.real_dtype, warp_size(bucket.device)), NUM_WARPS
+
+
+BLOCK = block_size(torch.float32)  # fp32 on NVIDIA: the size the tests straddle
 
 
 # -- launch counter ---------------------------------------------------------------------

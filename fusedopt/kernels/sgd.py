@@ -150,3 +150,29 @@ def sgd_native(params, grads, momentum_buffers, first: list[bool], o: SGDOptions
                           weight_decay=o.weight_decay, momentum=o.momentum, lr=o.lr,
                           dampening=o.dampening, nesterov=o.nesterov, maximize=o.maximize,
                           is_first_step=is_first)
+
+
+# ------------------------------------------------------------------------- AOT variants
+
+def _variants():
+    from ._aot import Variant, layout_pointers
+
+    out = []
+    flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True),
+                 "nesterov-wd-maximize": dict(MOMENTUM=True, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=True)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for label, flags in flag_sets.items():
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), MOMENTUM=False, NESTEROV=False, MAXIMIZE=False,
+                              WEIGHT_DECAY=False)
+            constexprs.update(flags)
+            pointers = layout_pointers(dtype)
+            pointers.update(momentum_buffer_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            momentum = constexprs["MOMENTUM"]
+            # The momentum buffer is not read on a tensor's first step, so only the
+            # continuing branch streams it: count the loads of that branch.
+            out.append(Variant(f"sgd-{label}-{str(dtype)[6:]}", sgd_kernel, pointers, constexprs,
+                               loads=2 + momentum, stores=1 + momentum, dtype=dtype))
+    return out
+
+
+VARIANTS = _variants()

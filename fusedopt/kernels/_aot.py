@@ -1,0 +1,102 @@
+"""Ahead-of-time compilation of every kernel variant, with no GPU.
+
+Each kernel module lists its variants (`VARIANTS`): the constexpr flags and dtypes a user
+can reach, and how many tensor streams a whole block reads and writes. `check` compiles
+each for NVIDIA sm_80 and sm_90 and AMD gfx942 and reads the assembly: a whole block must
+move every stream with 128-bit accesses (PTX `ld.global.v4.b32`/`v2.b64`, AMDGCN
+`global_load_dwordx4`), which is what the kernels' unmasked fast path is for. Pointer
+arguments are compiled as 16-byte aligned (`tt.divisibility`), as a real launch on the
+flat buffers and aligned parameters sees them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ._launch import NUM_WARPS, block_size
+from ._triton import tl, triton
+
+TARGETS = {
+    "sm_80": ("cuda", 80, 32),
+    "sm_90": ("cuda", 90, 32),
+    "gfx942": ("hip", "gfx942", 64),
+}
+
+TL_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.int64: "i64", torch.int32: "i32"}
+
+
+@dataclass
+class Variant:
+    """One compiled specialisation of a kernel."""
+
+    name: str
+    kernel: object
+    pointers: dict[str, torch.dtype]      # pointer arguments, in order, and their element dtypes
+    constexprs: dict[str, object]         # BLOCK and ALIGN are added per target
+    loads: int                            # tensor streams a whole block reads ...
+    stores: int                           # ... and writes
+    dtype: torch.dtype = torch.float32    # the streams' element type (for the expected count)
+    scalars: dict[str, str] = field(default_factory=dict)  # non-pointer runtime args
+
+
+def layout_pointers(param_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The leading pointer arguments every flat-state kernel shares (see `_launch.locate`)."""
+    return {"anchor_ptr": param_dtype, "table_ptr": torch.int64, "segments_ptr": torch.int64,
+            "numels_ptr": torch.int64, "block_tensor_ptr": torch.int32, "block_start_ptr": torch.int64}
+
+
+def compile_variant(v: Variant, target: str):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs = dict(v.constexprs, BLOCK=block_size(v.dtype, TARGETS[target][2]),
+                      ALIGN=16 // torch.empty((), dtype=v.dtype).element_size())
+    signature = {name: "*" + TL_TYPES[dt] for name, dt in v.pointers.items()}
+    signature.update(v.scalars)
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(v.pointers))}
+    src = ASTSource(v.kernel, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget(*TARGETS[target]), options={"num_warps": NUM_WARPS})
+
+
+def vector_accesses(asm: str, target: str) -> tuple[int, int]:
+    """(128-bit global loads, 128-bit global stores) in the assembly."""
+    if target.startswith("sm_"):
+        loads = len(re.findall(r"ld\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64)", asm))
+        stores = len(re.findall(r"st\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64)", asm))
+    else:
+        loads = len(re.findall(r"global_load_dwordx4", asm))
+        stores = len(re.findall(r"global_store_dwordx4", asm))
+    return loads, stores
+
+
+def expected_vectors(v: Variant, target: str) -> int:
+    """128-bit accesses per stream per thread in a whole block."""
+    threads = NUM_WARPS * TARGETS[target][2]
+    return block_size(v.dtype, TARGETS[target][2]) * torch.empty((), dtype=v.dtype).element_size() // (threads * 16)
+
+
+def check(variants: list[Variant], targets=tuple(TARGETS)) -> list[dict]:
+    rows = []
+    for v in variants:
+        for target in targets:
+            row = {"variant": v.name, "target": target, "width": "-", "problem": ""}
+            try:
+                compiled = compile_variant(v, target)
+            except Exception as exc:  # a compile failure is a row, not a crash
+                row["problem"] = f"compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                rows.append(row)
+                continue
+            asm = compiled.asm.get("ptx") or compiled.asm.get("amdgcn") or ""
+            loads, stores = vector_accesses(asm, target)
+            per_stream = expected_vectors(v, target)
+            ok = loads >= v.loads * per_stream and stores >= v.stores * per_stream
+            row["width"] = "128-bit" if ok else ("partly 128-bit" if loads or stores else "narrower")
+            if not ok:
+                row["problem"] = (f"{loads} 128-bit loads / {stores} stores; expected >= "
+                                  f"{v.loads * per_stream} / {v.stores * per_stream}")
+            rows.append(row)
+    return rows

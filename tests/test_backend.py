@@ -1,0 +1,81 @@
+"""Choosing a path: the backend keyword, FUSEDOPT_BACKEND, and machines without triton."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedopt
+
+
+def paths(opt):
+    opt._group_buckets(0)
+    return [b.path for b in opt._buckets[0][1]]
+
+
+def test_auto_on_cpu_takes_torch_native_kernel_where_torch_has_one():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert paths(fusedopt.Adam(p)) == ["native"]
+    assert paths(fusedopt.SGD(p)) == ["native"]
+
+
+def test_backend_keyword_picks_the_path():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert paths(fusedopt.Adam(p, backend="reference")) == ["reference"]
+    assert paths(fusedopt.Adam(p, backend="triton")) == ["triton"]
+
+
+def test_environment_variable_overrides_the_keyword(monkeypatch):
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "reference")
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert paths(fusedopt.Adam(p, backend="triton")) == ["reference"]
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda'"):
+        fusedopt.Adam([torch.nn.Parameter(torch.randn(3))], backend="cuda")
+
+
+def run_python(code, **env_changes):
+    env = dict(os.environ)
+    for k, v in env_changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine 'triton' is the native path")
+def test_triton_on_cpu_without_the_interpreter_says_what_to_do():
+    out = run_python("""
+        import torch, fusedopt
+        p = torch.nn.Parameter(torch.randn(3))
+        try:
+            fusedopt.Adam([p], backend="triton")._group_buckets(0)
+        except RuntimeError as e:
+            print("ERR", e)
+    """, TRITON_INTERPRET=None)
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_import_and_step_without_triton_installed():
+    out = run_python("""
+        import sys
+        sys.modules["triton"] = None          # what a missing package looks like to import
+        import torch, fusedopt
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = fusedopt.Adam([p], lr=0.1)
+        p.grad = torch.ones(3)
+        opt.step()
+        print("stepped", p.data.tolist())
+        try:
+            fusedopt.Adam([p], backend="triton")._group_buckets(0)
+        except RuntimeError as e:
+            print("ERR", e)
+    """)
+    assert "stepped [0.9" in out.stdout, out.stdout + out.stderr
+    assert "needs the `triton` package" in out.stdout, out.stdout + out.stderr

@@ -1,0 +1,75 @@
+"""Constructors: torch's signature and defaults, and torch's exception for every bad value."""
+import inspect
+
+import pytest
+import torch
+
+from optim_db import OPTIMIZERS
+
+ROWS = [pytest.param(info, id=info.name) for info in OPTIMIZERS]
+
+# Bad values for every hyper-parameter any torch optimizer takes; each is tried where the
+# torch class accepts the keyword, and fusedopt must do exactly what torch does.
+BAD = [
+    dict(lr=-1.0), dict(lr=-0.0), dict(lr=torch.tensor([0.1, 0.2])), dict(eps=-1e-8), dict(weight_decay=-0.1),
+    dict(betas=(1.0, 0.999)), dict(betas=(0.9, 1.0)), dict(betas=(-0.1, 0.9)), dict(betas=(torch.tensor(0.9), 0.99)),
+    dict(momentum=-0.5), dict(nesterov=True), dict(nesterov=True, momentum=0.9, dampening=0.1),
+    dict(rho=1.5), dict(rho=-0.1), dict(lr_decay=-1.0), dict(initial_accumulator_value=-1.0),
+    dict(alpha=-1.0), dict(lambd=-1.0), dict(t0=-1.0), dict(momentum_decay=-1.0),
+    dict(etas=(1.5, 1.2)), dict(etas=(0.5, 0.9)), dict(step_sizes=(1e-6, 50)),
+    dict(fused=True, foreach=True),
+]
+
+
+def accepted(cls):
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_signature_and_defaults_equal_torch(info):
+    theirs = inspect.signature(info.torch.__init__).parameters
+    ours = dict(inspect.signature(info.fused.__init__).parameters)
+    backend = ours.pop("backend")
+    assert backend.default == "auto" and backend.kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(ours) == list(theirs)
+    for name, p in theirs.items():
+        assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
+
+
+def bad_cases():
+    """Each bad value with each optimizer whose torch class takes all its keywords."""
+    return [pytest.param(info, bad, id=f"{info.name}-" + ",".join(f"{k}={v}" for k, v in bad.items()))
+            for info in OPTIMIZERS for bad in BAD if set(bad) <= accepted(info.torch)]
+
+
+@pytest.mark.parametrize("info,bad", bad_cases())
+def test_bad_values_raise_what_torch_raises(info, bad):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    try:
+        info.torch(params, **bad)
+        expected = None
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises is the spec
+        expected = exc
+    if expected is None:
+        info.fused(params, **bad)  # torch accepts it: so must we
+        return
+    with pytest.raises(type(expected)) as got:
+        info.fused(params, **bad)
+    assert str(got.value) == str(expected)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_empty_and_wrong_params_raise_what_torch_raises(info):
+    for params, exc in (([], ValueError), (torch.randn(3), TypeError)):
+        with pytest.raises(exc) as theirs:
+            info.torch(params)
+        with pytest.raises(exc) as ours:
+            info.fused(params)
+        assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_differentiable_is_refused_clearly(info):
+    assert "differentiable" in accepted(info.torch)
+    with pytest.raises(RuntimeError, match="differentiable=True is not supported"):
+        info.fused([torch.nn.Parameter(torch.randn(3))], differentiable=True)

@@ -1,0 +1,36 @@
+"""The ahead-of-time compile check runs as part of the suite (no GPU needed)."""
+import os
+import subprocess
+import sys
+
+
+def test_every_kernel_variant_compiles_to_128_bit_accesses():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fusedopt.kernels", "--check"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if " sm_90 " in line or " gfx942 " in line]
+    assert rows, "the check listed no variants"
+    assert "of" in out.stdout.splitlines()[-1]
+
+
+def test_check_fails_on_a_narrow_variant(tmp_path):
+    """The check must be able to fail: a masked-only kernel never gets 128-bit accesses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, sys\n"
+        "from fusedopt.kernels import _aot\n"
+        "from fusedopt.kernels._triton import triton, tl\n"
+        "@triton.jit\n"
+        "def narrow(x_ptr, n_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):\n"
+        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)\n"
+        "    m = offs < tl.load(n_ptr)\n"
+        "    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)\n"
+        "v = _aot.Variant('narrow', narrow, {'x_ptr': torch.float32, 'n_ptr': torch.int64}, {}, loads=1, stores=1)\n"
+        "rows = _aot.check([v], ('sm_90',))\n"
+        "sys.exit(0 if rows[0]['problem'] else 1)\n"
+    )
+    script = tmp_path / "narrow.py"  # Triton reads a jit function's source from its file
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,0 +1,313 @@
+"""torch.optim's semantics, one test each, on every path, compared with torch.optim."""
+from collections import defaultdict
+
+import pytest
+import torch
+
+import fusedopt
+from _compare import assert_close, assert_same_run, clone_params
+from fusedopt.kernels._launch import count_launches
+
+BACKENDS = ["triton", "reference", "auto"]
+
+# (fusedopt class, torch class, options) that exercise every state kind of the foundation.
+PAIRS = [
+    pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=0.01, weight_decay=0.1, amsgrad=True), id="Adam"),
+    pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=0.01), id="AdamW"),
+    pytest.param(fusedopt.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01), id="SGD"),
+]
+
+
+def step_both(pairs_of_params, opts, grads):
+    for (a, b), g in zip(pairs_of_params, grads):
+        a.grad = None if g is None else g.clone()
+        b.grad = None if g is None else g.clone()
+    for opt in opts:
+        opt.step()
+
+
+def twin(params, fused_cls, torch_cls, options, backend, **extra):
+    theirs = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    ours = clone_params(theirs)
+    return theirs, torch_cls(theirs, **options), ours, fused_cls(ours, backend=backend, **options, **extra)
+
+
+def random_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for p in params]
+
+
+# ---------------------------------------------------------------------------- launches
+
+@pytest.mark.parametrize("cls,options", [(fusedopt.Adam, dict(lr=0.01)), (fusedopt.SGD, dict(lr=0.1, momentum=0.9))],
+                         ids=["Adam", "SGD"])
+def test_one_launch_per_step_for_200_tensors_in_one_bucket(cls, options):
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(100)])  # 200 tensors
+    params = list(model.parameters())
+    assert len(params) == 200
+    opt = cls(params, backend="triton", **options)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        with count_launches() as launches:
+            opt.step()
+        assert sum(launches.values()) == 1, dict(launches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_dtypes_in_one_group_make_one_bucket_each(backend):
+    params = [torch.randn(5), torch.randn(7, dtype=torch.float64), torch.randn(3), torch.randn(4, dtype=torch.float64)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    for step in range(3):
+        with count_launches() as launches:
+            step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+        if backend == "triton":
+            assert sum(launches.values()) == 2
+    assert_same_run(theirs, ref, ours, opt)
+
+
+# ---------------------------------------------------------------------------- missing grads
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
+def test_param_without_grad_is_not_touched(fused_cls, torch_cls, options, backend):
+    params = [torch.randn(6), torch.randn(9), torch.randn(3, 3)]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], [torch.randn(6), None, torch.randn(3, 3)])
+    assert ours[1] not in opt.state or not opt.state[ours[1]], "a parameter without grad got state"
+    before = ours[1].detach().clone()
+    step_both(list(zip(theirs, ours)), [ref, opt], [torch.randn(6), None, torch.randn(3, 3)])
+    assert torch.equal(ours[1], before), "a parameter without grad was updated"
+    step_both(list(zip(theirs, ours)), [ref, opt], [None, torch.randn(9), torch.randn(3, 3)])
+    if "step" in opt.state[ours[0]]:
+        # torch keeps `step` per parameter: these three now differ inside one bucket.
+        assert [float(opt.state[p]["step"]) for p in ours] == [2.0, 1.0, 3.0]
+    assert_same_run(theirs, ref, ours, opt)
+
+
+# ---------------------------------------------------------------------------- layouts
+
+def awkward_params():
+    base = torch.randn(8, 6)
+    return [
+        torch.randn(5, 4).t(),                                      # dense, transposed
+        torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last),
+        base[:, ::2],                                                 # not dense: gaps
+        torch.tensor(1.5),                                            # 0-dim
+        torch.randn(0, 3),                                            # zero-size
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
+def test_noncontiguous_channels_last_0dim_and_zero_size(fused_cls, torch_cls, options, backend):
+    params = awkward_params()
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    for step in range(3):
+        grads = random_grads(params, step)
+        if step == 1:  # a gradient whose strides differ from its parameter's
+            grads[0] = grads[0].t().contiguous().t()
+            grads[1] = grads[1].contiguous()
+        step_both(list(zip(theirs, ours)), [ref, opt], grads)
+    assert_same_run(theirs, ref, ours, opt)
+    for p in ours:
+        for key, value in opt.state[p].items():
+            if key not in ("step",) and isinstance(value, torch.Tensor):
+                assert value.stride() == torch.zeros_like(p).stride(), f"{key} strides differ from torch's"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
+def test_params_that_do_not_require_grad(fused_cls, torch_cls, options, backend):
+    params = [torch.randn(4), torch.randn(5).requires_grad_(False), torch.randn(3)]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    for step in range(2):
+        step_both(list(zip(theirs, ours)), [ref, opt], [torch.randn(4), None, torch.randn(3)])
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
+def test_complex_params(fused_cls, torch_cls, options, backend):
+    params = [torch.randn(6, dtype=torch.complex64), torch.randn(2, 3, dtype=torch.complex64)]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    for step in range(3):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+    assert all(v.is_complex() for p in ours for k, v in opt.state[p].items() if k != "step")
+
+
+# ---------------------------------------------------------------------------- live options
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hyperparameters_edited_between_steps_take_effect(backend):
+    params = [torch.randn(10), torch.randn(3, 4)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    edits = [
+        dict(lr=0.05),
+        dict(betas=(0.5, 0.9)),
+        dict(weight_decay=0.3),
+        dict(lr=torch.tensor(0.02)),
+        dict(eps=1e-3, amsgrad=False, maximize=True),
+    ]
+    for step, edit in enumerate(edits):
+        for o in (ref, opt):
+            for k, v in edit.items():
+                o.param_groups[0][k] = v.clone() if isinstance(v, torch.Tensor) else v
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_momentum_and_tensor_lr_edited_between_steps(backend):
+    params = [torch.randn(10)]
+    theirs, ref, ours, opt = twin(params, fusedopt.SGD, torch.optim.SGD, dict(lr=0.1), backend)
+    for step, edit in enumerate([{}, dict(momentum=0.9), dict(lr=torch.tensor(0.3)), dict(nesterov=True)]):
+        for o in (ref, opt):
+            o.param_groups[0].update(edit)
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+# ---------------------------------------------------------------------------- outside writes
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_written_from_outside_is_used_by_the_next_step(backend):
+    params = [torch.randn(10), torch.randn(4, 4)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    # A key replaced (frameworks do this) ...
+    new_avg = torch.full((10,), 0.25)
+    ref.state[theirs[0]]["exp_avg"] = new_avg.clone()
+    opt.state[ours[0]]["exp_avg"] = new_avg.clone()
+    # ... a whole entry assigned (ZeroRedundancyOptimizer does this) ...
+    entry = {"step": torch.tensor(7.0), "exp_avg": torch.ones(4, 4), "exp_avg_sq": torch.full((4, 4), 2.0)}
+    ref.state[theirs[1]] = {k: v.clone() for k, v in entry.items()}
+    opt.state[ours[1]] = {k: v.clone() for k, v in entry.items()}
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 1))
+    # ... and a tensor modified in place.
+    ref.state[theirs[1]]["exp_avg_sq"].mul_(3)
+    opt.state[ours[1]]["exp_avg_sq"].mul_(3)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 2))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_reset_by_assigning_a_new_dict(backend):
+    params = [torch.randn(10)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    ref.state = defaultdict(dict)
+    opt.state = defaultdict(dict)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 1))
+    assert float(opt.state[ours[0]]["step"]) == 1.0
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_entry_deleted_restarts_that_parameter(backend):
+    params = [torch.randn(10), torch.randn(3)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    del ref.state[theirs[1]]
+    del opt.state[ours[1]]
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 1))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+# ---------------------------------------------------------------------------- .data replaced
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
+def test_data_replaced_with_same_shape_keeps_torch_numbers(fused_cls, torch_cls, options, backend):
+    params = [torch.randn(10), torch.randn(3, 4)]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    fresh = torch.randn(3, 4)
+    theirs[1].data = fresh.clone()
+    ours[1].data = fresh.clone()
+    layout = torch.randn(10)
+    theirs[0].data = layout.clone()
+    ours[0].data = layout.clone()
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_replaced_with_other_shape_raises_clearly(backend):
+    p = torch.randn(10, requires_grad=True)
+    opt = fusedopt.Adam([p], backend=backend)
+    p.grad = torch.randn(10)
+    opt.step()
+    p.data = torch.randn(12)
+    p.grad = torch.randn(12)
+    with pytest.raises(RuntimeError, match="changed shape from \\(10,\\) to \\(12,\\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_replaced_with_other_dtype_keeps_updating(backend):
+    p = torch.randn(10, requires_grad=True)
+    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, backend=backend)
+    p.grad = torch.ones(10)
+    opt.step()
+    p.data = p.data.double()
+    p.grad = torch.ones(10, dtype=torch.float64)
+    before = p.detach().clone()
+    opt.step()
+    expected = before - 0.1 * (0.9 * 1.0 + 1.0)  # momentum carried over
+    assert_close("param after dtype change", p.detach(), expected)
+
+
+# ---------------------------------------------------------------------------- closures, zero_grad
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_with_closure_returns_its_loss(backend):
+    w = torch.randn(5, requires_grad=True)
+    ref_w = w.detach().clone().requires_grad_()
+    opt = fusedopt.SGD([w], lr=0.1, backend=backend)
+    ref = torch.optim.SGD([ref_w], lr=0.1)
+
+    def closure_for(param, o):
+        def closure():
+            o.zero_grad()
+            loss = (param ** 2).sum()
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(3):
+        assert torch.equal(opt.step(closure_for(w, opt)), ref.step(closure_for(ref_w, ref)))
+    assert_close("param", w.detach(), ref_w.detach())
+
+
+def test_zero_grad_sets_grads_to_none_by_default():
+    p = torch.randn(3, requires_grad=True)
+    opt = fusedopt.Adam([p])
+    p.grad = torch.ones(3)
+    opt.zero_grad()
+    assert p.grad is None
+    p.grad = torch.ones(3)
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(p.grad, torch.zeros(3))
+
+
+def test_add_param_group_is_stepped_like_torch():
+    a, b = torch.randn(4), torch.randn(6)
+    theirs, ref, ours, opt = twin([a], fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), "auto")
+    tb, ob = b.clone().requires_grad_(), b.clone().requires_grad_()
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads([a], 0))
+    ref.add_param_group({"params": [tb], "lr": 0.1})
+    opt.add_param_group({"params": [ob], "lr": 0.1})
+    step_both([(theirs[0], ours[0]), (tb, ob)], [ref, opt], random_grads([a, b], 1))
+    assert_same_run(theirs + [tb], ref, ours + [ob], opt)
+
+
+def test_subclass_of_torch_optimizer_with_plain_step_method():
+    p = torch.randn(3, requires_grad=True)
+    opt = fusedopt.AdamW([p])
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert "step" in type(opt).__mro__[0].__dict__ or "step" in fusedopt.Optimizer.__dict__
+    # torch's schedulers wrap opt.step.__func__; construction must work.
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)

@@ -1,0 +1,221 @@
+"""state_dict: torch's exact format, interchangeable with torch both ways, validated on load."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import fusedopt
+from _compare import assert_same_run, clone_params, gradients, groups, make_params
+from optim_db import OPTIMIZERS
+
+ROWS = [pytest.param(info, info.configs[-1], id=info.name) for info in OPTIMIZERS]
+
+
+def train(params, opt, steps, start=0, closure=False):
+    for step in range(start, start + steps):
+        for p, g in zip(params, gradients(params, step)):
+            p.grad = g
+        opt.step((lambda: 0.0) if closure else None)
+
+
+def roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("info,config", ROWS)
+def test_format_equals_torch(info, config):
+    p_ref = make_params()
+    p_new = clone_params(p_ref)
+    ref = info.torch(groups(p_ref, info, config), **config)
+    new = info.fused(groups(p_new, info, config), **config)
+    train(p_ref, ref, 3, closure=info.closure)
+    train(p_new, new, 3, closure=info.closure)
+    a, b = ref.state_dict(), new.state_dict()
+    assert b["param_groups"] == a["param_groups"]
+    assert sorted(b["state"]) == sorted(a["state"])
+    for k in a["state"]:
+        assert list(b["state"][k]) == list(a["state"][k])
+        for key, value in a["state"][k].items():
+            got = b["state"][k][key]
+            assert type(got) is type(value), key
+            if isinstance(value, torch.Tensor):
+                assert (got.dtype, got.device, got.shape) == (value.dtype, value.device, value.shape), key
+
+
+def test_param_names_from_named_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    ref = torch.optim.AdamW(model.named_parameters())
+    new = fusedopt.AdamW(model.named_parameters())
+    assert new.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+    assert new.state_dict()["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("direction", ["torch->fusedopt", "fusedopt->torch"])
+@pytest.mark.parametrize("info,config", ROWS)
+def test_checkpoints_move_both_ways_and_training_continues_identically(info, config, direction):
+    p_src = make_params()
+    src_cls, dst_cls = (info.torch, info.fused) if direction == "torch->fusedopt" else (info.fused, info.torch)
+    src = src_cls(groups(p_src, info, config), **config)
+    train(p_src, src, 3, closure=info.closure)
+    saved = roundtrip(src.state_dict())
+
+    # Continue in the source optimizer, and in a fresh destination loaded from the checkpoint.
+    p_dst = clone_params(p_src)
+    dst = dst_cls(groups(p_dst, info, config), **config)
+    dst.load_state_dict(saved)
+    train(p_src, src, 3, start=3, closure=info.closure)
+    train(p_dst, dst, 3, start=3, closure=info.closure)
+    if direction == "torch->fusedopt":
+        assert_same_run(p_src, src, p_dst, dst, rtol=info.rtol32)
+    else:
+        assert_same_run(p_dst, dst, p_src, src, rtol=info.rtol32)
+
+
+def test_loads_with_weights_only():
+    p = make_params()
+    opt = fusedopt.Adam(p, lr=torch.tensor(0.01))
+    train(p, opt, 2)
+    loaded = roundtrip(opt.state_dict())
+    assert loaded["param_groups"][0]["lr"] == torch.tensor(0.01)
+    assert float(loaded["state"][1]["step"]) == 2.0
+
+
+# ---------------------------------------------------------------------------- validation
+
+def snapshot(params, opt):
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+
+
+def assert_unchanged(before, params, opt):
+    sd, values = before
+    now = opt.state_dict()
+    assert now["param_groups"] == sd["param_groups"]
+    assert sorted(now["state"]) == sorted(sd["state"])
+    for k, entry in sd["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(now["state"][k][key], value), f"state {key} of param {k} changed"
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+
+
+def bad_state_dicts(good):
+    wrong_groups = copy.deepcopy(good)
+    wrong_groups["param_groups"].append(copy.deepcopy(wrong_groups["param_groups"][0]))
+    wrong_count = copy.deepcopy(good)
+    wrong_count["param_groups"][0]["params"] = wrong_count["param_groups"][0]["params"][:-1]
+    wrong_shape = copy.deepcopy(good)
+    wrong_shape["state"][2]["exp_avg"] = torch.zeros(5)
+    wrong_shape_late = copy.deepcopy(good)  # the bad entry comes after good ones
+    wrong_shape_late["state"][6]["exp_avg_sq"] = torch.zeros(2, 2)
+    not_a_dict = copy.deepcopy(good)
+    not_a_dict["state"][3] = 1.0
+    wrong_step = copy.deepcopy(good)
+    wrong_step["state"][1]["step"] = torch.zeros(3)
+    return {
+        "groups": (wrong_groups, "different number of parameter groups"),
+        "count": (wrong_count, "doesn't match the size of optimizer's group"),
+        "shape": (wrong_shape, r"state 'exp_avg' of shape \(5,\) for parameter 2, whose shape is \(7,\)"),
+        "late-shape": (wrong_shape_late, r"state 'exp_avg_sq' of shape \(2, 2\) for parameter 6"),
+        "not-a-dict": (not_a_dict, "expected a dict"),
+        "step": (wrong_step, "'step' of 3 elements"),
+    }
+
+
+@pytest.mark.parametrize("case", ["groups", "count", "shape", "late-shape", "not-a-dict", "step"])
+def test_a_state_dict_that_does_not_fit_is_rejected_before_anything_changes(case):
+    params = make_params()
+    opt = fusedopt.Adam(params, lr=0.01)
+    train(params, opt, 2)
+    good = copy.deepcopy(opt.state_dict())
+    other = make_params(seed=3)
+    donor = fusedopt.Adam(other, lr=0.5)
+    train(other, donor, 4)
+    bad, message = bad_state_dicts(copy.deepcopy(donor.state_dict()))[case]
+    before = snapshot(params, opt)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    assert_unchanged(before, params, opt)
+    # ... and the optimizer still steps as if nothing happened.
+    twin = fusedopt.Adam(clone_params(params), lr=0.01)
+    twin.load_state_dict(good)
+    train(params, opt, 1, start=2)
+    train(twin.param_groups[0]["params"], twin, 1, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(params, twin.param_groups[0]["params"]))
+
+
+# ---------------------------------------------------------------------------- copies
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_continue_identically(how):
+    params = make_params()
+    opt = fusedopt.Adam(params, lr=0.01, amsgrad=True)
+    train(params, opt, 2)
+    if how == "deepcopy":
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        params2, opt2 = pickle.loads(pickle.dumps((params, opt)))
+    assert opt2.param_groups[0]["params"][0] is params2[0]
+    train(params, opt, 2, start=2)
+    train(params2, opt2, 2, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    # The copy's state is its own, not views of the original's buffers.
+    assert opt2.state[params2[1]]["exp_avg"].data_ptr() != opt.state[params[1]]["exp_avg"].data_ptr()
+
+
+def test_state_dict_pickles():
+    params = make_params()
+    opt = fusedopt.SGD(params, lr=0.1, momentum=0.9)
+    train(params, opt, 2)
+    sd = pickle.loads(pickle.dumps(opt.state_dict()))
+    fresh = fusedopt.SGD(clone_params(params), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.state_dict()["state"][2]["momentum_buffer"], opt.state_dict()["state"][2]["momentum_buffer"])
+
+
+# ---------------------------------------------------------------------------- hooks
+
+def test_the_six_hooks_run_as_torch_runs_them():
+    params = make_params()
+    opt = fusedopt.Adam(params)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("step_pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("step_post"))
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+
+    def sd_post(o, sd):
+        calls.append("sd_post")
+        sd["extra"] = 1
+        return sd
+
+    opt.register_state_dict_post_hook(sd_post)
+
+    def load_pre(o, sd):
+        calls.append("load_pre")
+        sd = dict(sd)
+        sd.pop("extra", None)
+        return sd
+
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    train(params, opt, 1)
+    sd = opt.state_dict()
+    assert sd["extra"] == 1
+    opt.load_state_dict(sd)
+    assert calls == ["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+def test_global_step_hooks_run_too():
+    seen = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(type(o).__name__))
+    try:
+        params = make_params()
+        train(params, fusedopt.SGD(params), 1)
+    finally:
+        handle.remove()
+    assert seen == ["SGD"]
