@@ -75,6 +75,102 @@ OPTIMIZERS: list[OptimInfo] = [
         second_group=dict(lr=0.003, weight_decay=0.05),
         dtypes=(torch.float64, torch.bfloat16),
     ),
+    OptimInfo(
+        "Adamax", fusedopt.Adamax, torch.optim.Adamax,
+        configs=[
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1),
+            dict(lr=0.01, betas=(0.8, 0.9), eps=1e-6, maximize=True, weight_decay=0.05),
+        ],
+        second_group=dict(lr=0.003, betas=(0.5, 0.99), weight_decay=0.2),
+    ),
+    OptimInfo(
+        "NAdam", fusedopt.NAdam, torch.optim.NAdam,
+        configs=[
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+            dict(lr=0.01, betas=(0.8, 0.9), eps=1e-6, momentum_decay=0.01, maximize=True, weight_decay=0.05),
+        ],
+        second_group=dict(lr=0.003, betas=(0.5, 0.99), momentum_decay=0.008, weight_decay=0.2),
+        # No fp16: as Adam's, torch's fp16 exp_avg_sq underflows to 0 for small gradients and
+        # the step divides by eps alone (a parameter lands at -5.5 where fp64 gives 5e-4).
+        dtypes=(torch.float64, torch.bfloat16),
+    ),
+    OptimInfo(
+        "RAdam", fusedopt.RAdam, torch.optim.RAdam,
+        configs=[
+            dict(lr=0.01),
+            dict(lr=0.01, weight_decay=0.1),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+            dict(lr=0.01, betas=(0.8, 0.9), eps=1e-6, maximize=True, weight_decay=0.05),
+        ],
+        second_group=dict(lr=0.003, betas=(0.5, 0.99), weight_decay=0.2),
+        # rho_t > 5 (rectification) needs 6 steps; with 10, the parameters that miss a
+        # gradient switch one step later than the rest of their bucket.
+        steps=10,
+    ),
+    OptimInfo(
+        "Adagrad", fusedopt.Adagrad, torch.optim.Adagrad,
+        configs=[
+            dict(lr=0.1),
+            dict(lr=0.1, lr_decay=0.5, weight_decay=0.1),
+            dict(lr=0.1, initial_accumulator_value=0.5, eps=1e-3),
+            dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.2, weight_decay=0.05, maximize=True),
+        ],
+        # torch fills `sum` from the constructor's initial_accumulator_value, never from a
+        # group's: the second group sets one to check that fusedopt ignores it too.
+        second_group=dict(lr=0.05, lr_decay=0.2, weight_decay=0.1, eps=1e-6, initial_accumulator_value=0.7),
+    ),
+    OptimInfo(
+        "Adadelta", fusedopt.Adadelta, torch.optim.Adadelta,
+        configs=[
+            dict(),
+            dict(lr=0.5, rho=0.5, eps=1e-4),
+            dict(lr=1.0, weight_decay=0.1),
+            dict(lr=0.8, rho=0.95, eps=1e-5, weight_decay=0.05, maximize=True),
+        ],
+        second_group=dict(lr=0.3, rho=0.8, weight_decay=0.2),
+    ),
+    OptimInfo(
+        "RMSprop", fusedopt.RMSprop, torch.optim.RMSprop,
+        configs=[
+            dict(lr=0.01),
+            dict(lr=0.01, alpha=0.9, eps=1e-6, weight_decay=0.1),
+            dict(lr=0.01, momentum=0.9),
+            dict(lr=0.01, centered=True),
+            dict(lr=0.01, alpha=0.8, momentum=0.5, centered=True, weight_decay=0.05, maximize=True),
+        ],
+        second_group=dict(lr=0.003, alpha=0.95, eps=1e-7, weight_decay=0.1),
+        # No fp16: torch's fp16 square_avg of a small gradient (g*g below 6e-5) is
+        # subnormal and loses most of its bits, so its step is not one to match.
+        dtypes=(torch.float64, torch.bfloat16),
+    ),
+    OptimInfo(
+        "Rprop", fusedopt.Rprop, torch.optim.Rprop,
+        configs=[
+            dict(lr=0.01),
+            dict(lr=0.05, etas=(0.3, 1.5)),
+            # Bounds one eta step away from lr, so both clamps act within the run.
+            dict(lr=0.01, step_sizes=(5e-3, 0.012)),
+            dict(lr=0.02, etas=(0.4, 1.3), step_sizes=(1e-4, 0.03), maximize=True),
+        ],
+        second_group=dict(lr=0.03, etas=(0.6, 1.1), step_sizes=(1e-3, 1.0)),
+        steps=8,
+    ),
+    OptimInfo(
+        "ASGD", fusedopt.ASGD, torch.optim.ASGD,
+        configs=[
+            dict(lr=0.01),
+            # Small t0: mu leaves 1 after step t0 + 1, so averaging runs within the steps.
+            dict(lr=0.05, lambd=0.5, alpha=0.5, t0=2),
+            dict(lr=0.05, t0=2, weight_decay=0.1),
+            # t0=1 averages from step 4 on: the last config also runs the 4-step dtype tests.
+            dict(lr=0.05, lambd=0.2, alpha=0.9, t0=1, weight_decay=0.05, maximize=True),
+        ],
+        second_group=dict(lr=0.02, lambd=1e-3, t0=3),
+        steps=8,
+    ),
 ]
 
 

@@ -23,5 +23,5 @@ def test_matches_torch_fp32(info, config, backend):
 @pytest.mark.parametrize("info,dtype", dtype_cases())
 def test_matches_torch_other_dtypes(info, dtype, backend):
     config = info.configs[-1]
-    run = run_side_by_side(info, config, backend, dtype=dtype, steps=4)
+    run = run_side_by_side(info, config, backend, dtype=dtype)
     assert_same_run(*run)

@@ -1,18 +1,36 @@
-"""Adam and AdamW: the Triton kernel, its launcher, and the plain-torch reference.
+"""Adam, AdamW, Adamax, NAdam and RAdam: one Triton kernel, its launcher, and the plain-torch
+reference.
 
-The update, per element, with the per-tensor scalars computed on the host in float64 as
-torch does (``step_size = lr / (1 - beta1**step)``, ``bc2_sqrt = sqrt(1 - beta2**step)``)::
+The five share Adam's skeleton, so they share one kernel: the ``VARIANT`` constexpr
+('adam', 'adamax', 'nadam', 'radam'; AdamW is 'adam' with decoupled decay) selects the
+parts that differ, and the reference follows the same branches with the same names. Per
+element, with every step-dependent scalar computed per tensor on the host in float64 from
+that tensor's own step count, as torch computes it with Python floats::
 
     g = -grad if maximize else grad
-    p = p * (1 - lr * weight_decay)          # AdamW (decoupled)
-    g = g + weight_decay * p                 # Adam (L2)
-    exp_avg    = lerp(exp_avg, g, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
-    max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)            # amsgrad
-    p = p - step_size * exp_avg / (sqrt(exp_avg_sq or max) / bc2_sqrt + eps)
+    p = p * decay                            # decoupled decay: decay = 1 - lr * weight_decay
+    g = g + weight_decay * p                 # L2 decay
+    exp_avg = lerp(exp_avg, g, 1 - beta1)
 
-Both paths read the same scalar table, use the same names, and keep torch's rounding
-points (each of torch's in-place ops rounds to the state dtype; so do the stores here).
+    adam    exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * g * g
+            max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)        # amsgrad: used below
+            p = p + (-step_size * exp_avg) / (sqrt(exp_avg_sq) / bc2_sqrt + eps)
+    adamax  exp_inf = max(exp_inf * beta2, |g| + eps)               # in exp_avg_sq's place
+            p = p + (-step_size * exp_avg) / exp_inf
+    nadam   exp_avg_sq as adam; denom = sqrt(exp_avg_sq / bias_correction2) + eps
+            p = p + (grad_coef * g) / denom
+            p = p + (exp_avg_coef * exp_avg) / denom
+    radam   exp_avg_sq as adam; update = exp_avg / bias_correction1 * lr
+            update = update * ((1 / (sqrt(exp_avg_sq) + eps)) * bc2_sqrt) * rect  # if rectify
+            p = p - update
+
+with ``step_size = lr / (1 - beta1**t)``, ``bc2_sqrt = sqrt(1 - beta2**t)``; NAdam's
+``grad_coef = -lr (1 - mu_t) / (1 - mu_1...mu_t)`` and ``exp_avg_coef = -lr mu_{t+1} /
+(1 - mu_1...mu_{t+1})`` from the float32 ``mu_product`` kept per tensor; RAdam's
+``rectify`` (rho_t > 5) and ``rect`` decided per tensor.
+
+Each line keeps torch's order of operations and its rounding points: each of torch's
+in-place ops rounds to the state dtype, and so do the stores here.
 """
 from __future__ import annotations
 
@@ -36,19 +54,67 @@ class AdamOptions:
     amsgrad: bool
     maximize: bool
     decoupled: bool
+    variant: str = "adam"
+    momentum_decay: float = 0.0     # NAdam's psi
 
 
-# Columns of the per-tensor scalar table, in order.
+# Columns of the per-tensor scalar table: the ones every variant's table starts with ...
 COLUMNS = ("step_size", "bc2_sqrt", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay", "decay")
+# ... and those only one variant reads, from column len(COLUMNS) on. Adam's table stays
+# as small as before: the table is built on the host every step.
+EXTRA_COLUMNS = {
+    "adam": (),
+    "adamax": (),
+    "nadam": ("bias_correction2", "grad_coef", "exp_avg_coef"),
+    "radam": ("bias_correction1", "lr", "rectify", "rect"),
+}
 
 
-def scalars(steps: torch.Tensor, o: AdamOptions) -> list[torch.Tensor | float]:
-    """The step-dependent scalars of every tensor, in float64 on the host (torch's math)."""
+def columns(variant: str) -> tuple[str, ...]:
+    return COLUMNS + EXTRA_COLUMNS[variant]
+
+
+def momentum_cache(step: torch.Tensor, o: AdamOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """NAdam's mu_t and mu_{t+1} for float64 step counts."""
+    mu = o.beta1 * (1.0 - 0.5 * 0.96 ** (step * o.momentum_decay))
+    mu_next = o.beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * o.momentum_decay))
+    return mu, mu_next
+
+
+def advance_mu_product(mu_product: torch.Tensor, steps: torch.Tensor, batch: _flat.Batch, o: AdamOptions) -> None:
+    """mu_product *= mu_t for the stepped tensors (`steps` already counts this step).
+
+    torch multiplies its float32 0-dim state by the Python float, which rounds the float
+    to float32 first; so does this.
+    """
+    index = slice(None) if batch.everyone else batch.index_tensor()
+    mu, _ = momentum_cache(steps[index].to(torch.float64), o)
+    mu_product[index] = mu_product[index] * mu.to(torch.float32)
+
+
+def scalars(steps: torch.Tensor, o: AdamOptions, mu_product: torch.Tensor | None = None) -> list[torch.Tensor | float]:
+    """The step-dependent scalars of every tensor, in float64 on the host (torch's math),
+    in the order of `columns(o.variant)`. NAdam's need `mu_product` already advanced."""
     step = steps.to(torch.float64)
     bias_correction1 = 1 - o.beta1 ** step
     bias_correction2 = 1 - o.beta2 ** step
-    return [o.lr / bias_correction1, bias_correction2.sqrt(), 1 - o.beta1, o.beta2, 1 - o.beta2,
-            o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
+    shared = [o.lr / bias_correction1, bias_correction2.sqrt(), 1 - o.beta1, o.beta2, 1 - o.beta2,
+              o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
+    if o.variant == "nadam":
+        mu, mu_next = momentum_cache(step, o)
+        # torch reads the float32 product back as a Python float: exact in float64.
+        mu_product = mu_product.to(torch.float64)
+        return shared + [bias_correction2, -o.lr * (1.0 - mu) / (1.0 - mu_product),
+                         -o.lr * mu_next / (1.0 - mu_product * mu_next)]
+    if o.variant == "radam":
+        rho_inf = 2 / (1 - o.beta2) - 1
+        rho_t = rho_inf - 2 * step * o.beta2 ** step / bias_correction2
+        # Decided per tensor: step counts differ inside a bucket. Untaken, rect is 1 so a
+        # table never carries the NaN that rho_t < 4 gives.
+        rectify = rho_t > 5.0
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).sqrt()
+        return shared + [bias_correction1, o.lr, rectify.to(torch.float64), torch.where(rectify, rect, 1.0)]
+    return shared
 
 
 # ------------------------------------------------------------------------- Triton kernel
@@ -60,9 +126,27 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
+def _sqrt(x):
+    # IEEE-rounded, as torch's CUDA and CPU kernels are: tl.sqrt is sqrt.approx.ftz for fp32.
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _div(x, y):
+    # IEEE-rounded, as torch's: Triton's fp32 `/` is div.full (up to 2 ulp off).
+    if y.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
+
+
+@triton.jit
 def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                 DECOUPLED: tl.constexpr):
+                 DECOUPLED: tl.constexpr, VARIANT: tl.constexpr):
     step_size = tl.load(s_ptr + 0)
     bc2_sqrt = tl.load(s_ptr + 1)
     one_minus_beta1 = tl.load(s_ptr + 2)
@@ -76,7 +160,6 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr,
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
     g = tl.load(g_ptr + offs, mask=mask).to(cdt)
     exp_avg = tl.load(m_ptr + offs, mask=mask).to(cdt)
-    exp_avg_sq = tl.load(v_ptr + offs, mask=mask).to(cdt)
     if MAXIMIZE:
         g = -g
     if WEIGHT_DECAY:
@@ -85,14 +168,42 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr,
         else:
             g = g + weight_decay * p
     exp_avg = _lerp(exp_avg, g, one_minus_beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
     store_as(m_ptr, offs, exp_avg, mask)
-    store_as(v_ptr, offs, exp_avg_sq, mask)
-    if AMSGRAD:
-        exp_avg_sq = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(cdt), exp_avg_sq)
-        store_as(vmax_ptr, offs, exp_avg_sq, mask)
-    denom = tl.sqrt(exp_avg_sq) / bc2_sqrt + eps
-    p = p + (-step_size * exp_avg) / denom
+    if VARIANT == "adamax":
+        # v_ptr holds exp_inf. torch.maximum propagates NaN; so must this.
+        exp_inf = tl.load(v_ptr + offs, mask=mask).to(cdt)
+        exp_inf = tl.maximum(exp_inf * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)
+        store_as(v_ptr, offs, exp_inf, mask)
+        p = p + _div(-step_size * exp_avg, exp_inf)
+    else:
+        exp_avg_sq = tl.load(v_ptr + offs, mask=mask).to(cdt)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
+        store_as(v_ptr, offs, exp_avg_sq, mask)
+        if VARIANT == "nadam":
+            bias_correction2 = tl.load(s_ptr + 8)
+            grad_coef = tl.load(s_ptr + 9)
+            exp_avg_coef = tl.load(s_ptr + 10)
+            denom = _sqrt(_div(exp_avg_sq, bias_correction2)) + eps
+            # Two updates, as torch's two addcdiv_ (the first rounds p on its own).
+            p = p + _div(grad_coef * g, denom)
+            p = p + _div(exp_avg_coef * exp_avg, denom)
+        elif VARIANT == "radam":
+            bias_correction1 = tl.load(s_ptr + 8)
+            lr = tl.load(s_ptr + 9)
+            rectify = tl.load(s_ptr + 10)
+            rect = tl.load(s_ptr + 11)
+            bias_corrected_exp_avg = _div(exp_avg, bias_correction1)
+            update = bias_corrected_exp_avg * lr
+            adaptive_lr = _div(1.0, _sqrt(exp_avg_sq) + eps) * bc2_sqrt
+            update = tl.where(rectify != 0, update * adaptive_lr * rect, update)
+            p = p - update
+        else:
+            if AMSGRAD:
+                exp_avg_sq = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(cdt), exp_avg_sq,
+                                        propagate_nan=tl.PropagateNan.ALL)
+                store_as(vmax_ptr, offs, exp_avg_sq, mask)
+            denom = _div(_sqrt(exp_avg_sq), bc2_sqrt) + eps
+            p = p + _div(-step_size * exp_avg, denom)
     store_as(p_ptr, offs, p, mask)
 
 
@@ -101,7 +212,8 @@ def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
                 exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scalars_ptr,
                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                DECOUPLED: tl.constexpr):
+                DECOUPLED: tl.constexpr, VARIANT: tl.constexpr):
+    # exp_avg_sq_ptr is the second state stream: Adamax's exp_inf.
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
@@ -113,27 +225,28 @@ def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
     # would cost the 128-bit accesses. Only a tensor's last block pays for the mask.
     if start + BLOCK <= numel:
         _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, s_ptr,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED)
+                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT)
     else:
         _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, s_ptr,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED)
+                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT)
 
 
 def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                 table: torch.Tensor, o: AdamOptions) -> None:
-    """Launch one Adam kernel over every stepped tensor of the bucket."""
+    """Launch one kernel over every stepped tensor of the bucket."""
     block, num_warps = _launch.block_config(bucket)
     offsets, align = _launch.pointer_table(bucket, batch)
     segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg = state["exp_avg"]
+    exp_avg_sq = state["exp_inf"] if o.variant == "adamax" else state["exp_avg_sq"]
     max_exp_avg_sq = state["max_exp_avg_sq"] if o.amsgrad else exp_avg_sq
     adam_kernel[(block_tensor.numel(),)](
         bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
         exp_avg, exp_avg_sq, max_exp_avg_sq, table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS),
+        BLOCK=block, ALIGN=align, NUM_SCALARS=len(columns(o.variant)),
         AMSGRAD=o.amsgrad, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
-        DECOUPLED=o.decoupled, num_warps=num_warps)
-    _launch.record_launch("adam")
+        DECOUPLED=o.decoupled, VARIANT=o.variant, num_warps=num_warps)
+    _launch.record_launch(o.variant)
 
 
 # ------------------------------------------------------------------------- reference
@@ -142,12 +255,11 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
                    table: torch.Tensor, o: AdamOptions) -> None:
     """The same update in plain torch ops over the same flat buffers."""
     cdt = table.dtype
-    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
+    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(columns(o.variant))}
     stepped = bucket.stepped_elements(batch)
     p = bucket.gather(batch.params, batch.index, cdt)
     g = bucket.gather(batch.grads, batch.index, cdt)
     exp_avg = state["exp_avg"].to(cdt)
-    exp_avg_sq = state["exp_avg_sq"].to(cdt)
 
     if o.maximize:
         g = -g
@@ -157,15 +269,43 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
         else:
             g = g + s["weight_decay"] * p
     exp_avg = torch.lerp(exp_avg, g, s["one_minus_beta1"])
-    exp_avg_sq = exp_avg_sq * s["beta2"] + s["one_minus_beta2"] * g * g
     _flat.commit(state["exp_avg"], exp_avg, stepped)
-    _flat.commit(state["exp_avg_sq"], exp_avg_sq, stepped)
-    if o.amsgrad:
-        exp_avg_sq = torch.maximum(state["max_exp_avg_sq"].to(cdt), exp_avg_sq)
-        _flat.commit(state["max_exp_avg_sq"], exp_avg_sq, stepped)
-    denom = exp_avg_sq.sqrt() / s["bc2_sqrt"] + s["eps"]
-    p = p + (-s["step_size"] * exp_avg) / denom
+    if o.variant == "adamax":
+        exp_inf = state["exp_inf"].to(cdt)
+        exp_inf = torch.maximum(exp_inf * s["beta2"], g.abs() + s["eps"])
+        _flat.commit(state["exp_inf"], exp_inf, stepped)
+        p = p + (-s["step_size"] * exp_avg) / exp_inf
+    else:
+        exp_avg_sq = state["exp_avg_sq"].to(cdt)
+        exp_avg_sq = exp_avg_sq * s["beta2"] + s["one_minus_beta2"] * g * g
+        _flat.commit(state["exp_avg_sq"], exp_avg_sq, stepped)
+        if o.variant == "nadam":
+            denom = (exp_avg_sq / s["bias_correction2"]).sqrt() + s["eps"]
+            p = p + (s["grad_coef"] * g) / denom
+            p = p + (s["exp_avg_coef"] * exp_avg) / denom
+        elif o.variant == "radam":
+            bias_corrected_exp_avg = exp_avg / s["bias_correction1"]
+            update = bias_corrected_exp_avg * s["lr"]
+            adaptive_lr = (1.0 / (exp_avg_sq.sqrt() + s["eps"])) * s["bc2_sqrt"]
+            update = torch.where(s["rectify"] != 0, update * adaptive_lr * s["rect"], update)
+            p = p - update
+        else:
+            if o.amsgrad:
+                exp_avg_sq = torch.maximum(state["max_exp_avg_sq"].to(cdt), exp_avg_sq)
+                _flat.commit(state["max_exp_avg_sq"], exp_avg_sq, stepped)
+            denom = exp_avg_sq.sqrt() / s["bc2_sqrt"] + s["eps"]
+            p = p + (-s["step_size"] * exp_avg) / denom
     bucket.scatter(p, batch.params, batch.index)
+
+
+def step_bucket(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor], o: AdamOptions) -> None:
+    """Build the bucket's scalar table from its step counts (already advanced) and run its
+    path: the kernel or the reference."""
+    mu_product = bucket.scalar("mu_product") if o.variant == "nadam" else None
+    table = _launch.scalar_table(scalars(bucket.steps, o, mu_product), len(bucket),
+                                 _launch.compute_dtype(bucket.real_dtype), bucket.device)
+    run = adam_triton if bucket.path == "triton" else adam_reference
+    run(bucket, batch, state, table, o)
 
 
 # ------------------------------------------------------------------------- native CPU
@@ -175,3 +315,36 @@ def adam_native(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, o:
     op = torch._fused_adamw_ if o.decoupled else torch._fused_adam_
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=o.lr, beta1=o.beta1,
        beta2=o.beta2, weight_decay=o.weight_decay, eps=o.eps, amsgrad=o.amsgrad, maximize=o.maximize)
+
+
+# ------------------------------------------------------------------------- AOT variants
+
+def _variants():
+    from ._aot import Variant, layout_pointers
+
+    out = []
+    flag_sets = {
+        "adam": {"plain": {}, "amsgrad": dict(AMSGRAD=True), "l2": dict(WEIGHT_DECAY=True),
+                 "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True)},
+        "adamax": {"plain": {}, "l2-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)},
+        "nadam": {"plain": {}, "l2": dict(WEIGHT_DECAY=True),
+                  "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True)},
+        "radam": {"plain": {}, "l2": dict(WEIGHT_DECAY=True),
+                  "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True)},
+    }
+    for variant, sets in flag_sets.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for label, flags in sets.items():
+                constexprs = dict(NUM_SCALARS=len(columns(variant)), AMSGRAD=False, MAXIMIZE=False,
+                                  WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant)
+                constexprs.update(flags)
+                pointers = layout_pointers(dtype)
+                pointers.update(exp_avg_ptr=dtype, exp_avg_sq_ptr=dtype, max_exp_avg_sq_ptr=dtype,
+                                scalars_ptr=_launch.compute_dtype(dtype))
+                amsgrad = constexprs["AMSGRAD"]
+                out.append(Variant(f"{variant}-{label}-{str(dtype)[6:]}", adam_kernel, pointers, constexprs,
+                                   loads=4 + amsgrad, stores=3 + amsgrad, dtype=dtype))
+    return out
+
+
+VARIANTS = _variants()

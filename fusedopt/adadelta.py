@@ -1,0 +1,80 @@
+"""Adadelta: torch.optim.Adadelta's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _flat
+from .kernels import _launch
+from .kernels import adadelta as kernels
+from .optimizer import Optimizer, _as_float
+
+
+class Adadelta(Optimizer):
+    r"""Adadelta, as torch.optim.Adadelta, with one fused launch per (group, device, dtype) bucket.
+
+    .. math::
+        g_t \leftarrow g_t + \lambda\theta_{t-1}, \quad
+        v_t = \rho v_{t-1} + (1 - \rho) g_t^2, \quad
+        \Delta_t = \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}} \, g_t, \quad
+        u_t = \rho u_{t-1} + (1 - \rho) \Delta_t^2, \quad
+        \theta_t = \theta_{t-1} - \gamma\Delta_t
+
+    with :math:`v` the ``square_avg`` and :math:`u` the ``acc_delta`` state, both starting at 0.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1.0), rho (default 0.9), eps (default 1e-6),
+        weight_decay (default 0), maximize (default False): as in torch.optim.Adadelta.
+        foreach: accepted for compatibility; every path here is fused.
+        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _flat_state = ("square_avg", "acc_delta")
+    _scalar_state = ("step",)
+    _sparse_error = "Adadelta does not support sparse gradients"
+
+    def __init__(self, params, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,
+                 maximize: bool = False, differentiable: bool = False, backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                               "differentiable. help: use torch.optim for differentiable optimization")
+        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        capturable=capturable, foreach=foreach, differentiable=differentiable)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group):
+        return ["step", "square_avg", "acc_delta"]
+
+    def _options(self, group) -> kernels.AdadeltaOptions:
+        return kernels.AdadeltaOptions(lr=_as_float(group["lr"]), rho=group["rho"], eps=group["eps"],
+                                       weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
+        o = self._options(group)
+        state = self._buffers(group, bucket, batch)
+        self._advance_steps(bucket, batch)
+        table = _launch.scalar_table(kernels.scalars(o), len(bucket),
+                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        run = kernels.adadelta_triton if bucket.path == "triton" else kernels.adadelta_reference
+        run(bucket, batch, state, table, o)

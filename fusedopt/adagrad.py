@@ -1,0 +1,117 @@
+"""Adagrad: torch.optim.Adagrad's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _flat
+from ._flat import memory_order
+from .kernels import _launch
+from .kernels import adagrad as kernels
+from .optimizer import Optimizer, _as_float
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad, as torch.optim.Adagrad, with one fused launch per (group, device, dtype) bucket.
+
+    .. math::
+        \tilde\gamma_t = \frac{\gamma}{1 + (t - 1)\eta}, \quad
+        g_t \leftarrow g_t + \lambda\theta_{t-1}, \quad
+        s_t = s_{t-1} + g_t^2, \quad
+        \theta_t = \theta_{t-1} - \tilde\gamma_t \frac{g_t}{\sqrt{s_t} + \epsilon}
+
+    with :math:`s_0 = \tau` (``initial_accumulator_value``), :math:`\eta` the ``lr_decay``
+    and :math:`t` the parameter's own step count.
+
+    As in torch, every parameter's state (``step`` = 0, ``sum`` = :math:`\tau`) exists from
+    construction, and parameters added later get theirs on their first step, from the
+    constructor's ``initial_accumulator_value`` (torch reads it from the defaults, never
+    from a group).
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-2), lr_decay (default 0), weight_decay (default 0),
+        initial_accumulator_value (default 0), eps (default 1e-10), maximize (default False):
+            as in torch.optim.Adagrad.
+        foreach, fused: accepted for compatibility; every path here is fused.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+
+    Note:
+        Sparse gradients, which torch.optim.Adagrad accepts, are not supported.
+    """
+
+    _flat_state = ("sum",)
+    _scalar_state = ("step",)
+    _native = True
+    _sparse_error = ("fusedopt.Adagrad does not support sparse gradients. "
+                     "help: use torch.optim.Adagrad for sparse gradients")
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+                 initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if differentiable:
+            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                               "differentiable. help: use torch.optim for differentiable optimization")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, backend=backend)
+        # torch creates every parameter's state here, not at its first step.
+        for gi, group in enumerate(self.param_groups):
+            for bucket in self._group_buckets(gi):
+                self._init_state(group, bucket, list(range(len(bucket))))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def share_memory(self) -> None:
+        """Move the flat ``sum`` buffers (what every ``state[p]['sum']`` views) to shared memory."""
+        for gi in range(len(self.param_groups)):
+            for bucket in self._group_buckets(gi):
+                if "sum" in bucket.buffers:
+                    bucket.buffers["sum"].share_memory_()
+
+    def _state_keys(self, group):
+        return ["step", "sum"]
+
+    def _initial_fill(self, group, key):
+        return float(self.defaults["initial_accumulator_value"]) if key == "sum" else 0.0
+
+    def _options(self, group) -> kernels.AdagradOptions:
+        return kernels.AdagradOptions(lr=_as_float(group["lr"]), lr_decay=group["lr_decay"],
+                                      weight_decay=group["weight_decay"], eps=group["eps"],
+                                      maximize=group["maximize"])
+
+    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
+        o = self._options(group)
+        state = self._buffers(group, bucket, batch)
+        self._advance_steps(bucket, batch)
+        if bucket.path == "native":
+            kernels.adagrad_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
+                                   [bucket.segment("sum", i) for i in batch.index],
+                                   [bucket.steps[i] for i in batch.index], o)
+            return
+        table = _launch.scalar_table(kernels.scalars(bucket.steps, o), len(bucket),
+                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        run = kernels.adagrad_triton if bucket.path == "triton" else kernels.adagrad_reference
+        run(bucket, batch, state, table, o)

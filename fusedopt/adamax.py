@@ -1,0 +1,58 @@
+"""Adamax: torch.optim.Adamax's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._adam_family import AdamFamily, check_arguments, check_differentiable
+
+
+class Adamax(AdamFamily):
+    r"""Adamax, as torch.optim.Adamax (Adam with the infinity norm), with one fused launch
+    per (group, device, dtype) bucket.
+
+    .. math::
+        g_t \leftarrow g_t + \lambda\theta_{t-1}, \quad
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+        u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon), \quad
+        \theta_t = \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t} \frac{m_t}{u_t}
+
+    with :math:`g_t` negated when ``maximize`` is set and :math:`t` the parameter's own
+    step count. State per parameter: ``step``, ``exp_avg`` (:math:`m`) and ``exp_inf``
+    (:math:`u`).
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 2e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
+        weight_decay (default 0), maximize (default False): as in torch.optim.Adamax.
+        foreach: accepted for compatibility (every path here is fused) and kept in the
+            param groups, as torch keeps it.
+        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _variant = "adamax"
+    _flat_state = ("exp_avg", "exp_inf")
+    _scalar_state = ("step",)
+    _sparse_error = "Adamax does not support sparse gradients"
+
+    def __init__(self, params, lr: float | Tensor = 2e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False,
+                 differentiable: bool = False, capturable: bool = False,
+                 backend: str = "auto"):
+        check_arguments(lr, betas, eps, weight_decay)
+        check_differentiable(differentiable)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, capturable=capturable)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group):
+        return ["step", "exp_avg", "exp_inf"]

@@ -1,0 +1,95 @@
+"""ASGD: torch.optim.ASGD's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _flat
+from .kernels import _launch
+from .kernels import asgd as kernels
+from .optimizer import Optimizer, _as_float
+
+
+class ASGD(Optimizer):
+    r"""Averaged stochastic gradient descent, as torch.optim.ASGD, with one fused launch per
+    (group, device, dtype) bucket.
+
+    .. math::
+        g_t \leftarrow g_t + \lambda\theta_{t-1}, \quad
+        \theta_t = (1 - \lambda_d \eta_{t-1})\,\theta_{t-1} - \eta_{t-1} g_t, \quad
+        a_t = \begin{cases} a_{t-1} + \mu_{t-1}(\theta_t - a_{t-1}) & \mu_{t-1} \ne 1 \\
+                            \theta_t & \mu_{t-1} = 1 \end{cases}
+
+    .. math::
+        \eta_t = \frac{\gamma}{(1 + \lambda_d \gamma t)^{\alpha}}, \quad
+        \mu_t = \frac{1}{\max(1, t - t_0)}
+
+    with :math:`\lambda_d` the ``lambd`` decay, :math:`\lambda` the ``weight_decay``,
+    :math:`\eta_0 = \gamma`, :math:`\mu_0 = 1`, and :math:`a` the average ``ax``. As in torch,
+    ``step``, ``eta`` and ``mu`` are float32 scalars on the parameter's device.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-2), lambd (default 1e-4), alpha (default 0.75),
+        t0 (default 1e6), weight_decay (default 0), maximize (default False):
+            as in torch.optim.ASGD.
+        foreach: accepted for compatibility; every path here is fused.
+        capturable: accepted; eta and mu are computed on the host as in torch's
+            non-capturable path.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _flat_state = ("ax",)
+    _scalar_state = ("step", "eta", "mu")
+    _scalars_on_param_device = True
+    _sparse_error = "ASGD does not support sparse gradients"
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
+                 t0: float = 1e6, weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, capturable: bool = False, *, backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                               "differentiable. help: use torch.optim for differentiable optimization")
+        defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, capturable=capturable)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group):
+        return ["step", "eta", "mu", "ax"]
+
+    def _initial_scalar(self, group, key):
+        return {"eta": _as_float(group["lr"]), "mu": 1.0}.get(key, 0.0)
+
+    def _options(self, group) -> kernels.ASGDOptions:
+        return kernels.ASGDOptions(lr=_as_float(group["lr"]), lambd=group["lambd"], alpha=group["alpha"],
+                                   t0=group["t0"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
+        o = self._options(group)
+        state = self._buffers(group, bucket, batch)
+        eta, mu = bucket.scalar("eta"), bucket.scalar("mu")
+        # The per-tensor scalars come to the host: torch reads them with .item() too.
+        table = _launch.scalar_table(kernels.scalars(eta.cpu(), mu.cpu(), o), len(bucket),
+                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        run = kernels.asgd_triton if bucket.path == "triton" else kernels.asgd_reference
+        run(bucket, batch, state, table, o)
+        self._advance_steps(bucket, batch)
+        index = batch.index_tensor()
+        new_eta, new_mu = kernels.next_eta_mu(bucket.steps.cpu()[index].tolist(), o)
+        eta[index.to(eta.device)] = torch.tensor(new_eta, dtype=torch.float64).to(eta.dtype).to(eta.device)
+        mu[index.to(mu.device)] = torch.tensor(new_mu, dtype=torch.float64).to(mu.dtype).to(mu.device)

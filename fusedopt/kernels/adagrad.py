@@ -1,0 +1,152 @@
+"""Adagrad: the Triton kernel, its launcher, the plain-torch reference, and torch's fused CPU op.
+
+The update, per element, with the per-tensor learning rate computed on the host in
+float64 as torch does (``clr = lr / (1 + (step - 1) * lr_decay)``, step counted after
+this step's increment)::
+
+    g = -grad if maximize else grad
+    g = g + weight_decay * p
+    sum = sum + g * g
+    p = p + (-clr * g) / (sqrt(sum) + eps)
+
+``sum`` starts at ``initial_accumulator_value``, not 0 (the optimizer fills it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _flat
+from . import _launch
+from ._launch import locate, store_as
+from ._triton import tl, triton
+
+
+@dataclass(frozen=True)
+class AdagradOptions:
+    lr: float
+    lr_decay: float
+    weight_decay: float
+    eps: float
+    maximize: bool
+
+
+COLUMNS = ("neg_clr", "eps", "weight_decay")
+
+
+def scalars(steps: torch.Tensor, o: AdagradOptions) -> list[torch.Tensor | float]:
+    """`steps` already counts this step. Float64 arithmetic, as torch's Python floats."""
+    step = steps.to(torch.float64)
+    clr = o.lr / (1 + (step - 1) * o.lr_decay)
+    return [-clr, o.eps, o.weight_decay]
+
+
+# ------------------------------------------------------------------------- Triton kernel
+
+@triton.jit
+def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr,
+                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    neg_clr = tl.load(s_ptr + 0)
+    eps = tl.load(s_ptr + 1)
+    weight_decay = tl.load(s_ptr + 2)
+    cdt = neg_clr.dtype
+
+    p = tl.load(p_ptr + offs, mask=mask).to(cdt)
+    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    state_sum = tl.load(sum_ptr + offs, mask=mask).to(cdt)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    state_sum = state_sum + g * g
+    store_as(sum_ptr, offs, state_sum, mask)
+    std = tl.sqrt(state_sum) + eps
+    # torch's addcdiv multiplies by the scalar before dividing; keep that order.
+    p = p + (neg_clr * g) / std
+    store_as(p_ptr, offs, p, mask)
+
+
+@triton.jit
+def adagrad_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
+                   sum_ptr, scalars_ptr,
+                   BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
+                                                block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
+    offs = start + tl.arange(0, BLOCK)
+    s_ptr = scalars_ptr + t * NUM_SCALARS
+    acc_ptr = sum_ptr + seg
+    if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
+        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+    else:
+        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, offs < numel, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+
+
+def adagrad_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
+                   table: torch.Tensor, o: AdagradOptions) -> None:
+    """Launch one Adagrad kernel over every stepped tensor of the bucket."""
+    block, num_warps = _launch.block_config(bucket)
+    offsets, align = _launch.pointer_table(bucket, batch)
+    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
+    adagrad_kernel[(block_tensor.numel(),)](
+        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
+        state["sum"], table,
+        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS),
+        MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0, num_warps=num_warps)
+    _launch.record_launch("adagrad")
+
+
+# ------------------------------------------------------------------------- reference
+
+def adagrad_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
+                      table: torch.Tensor, o: AdagradOptions) -> None:
+    """The same update in plain torch ops over the same flat buffers."""
+    cdt = table.dtype
+    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
+    stepped = bucket.stepped_elements(batch)
+    p = bucket.gather(batch.params, batch.index, cdt)
+    g = bucket.gather(batch.grads, batch.index, cdt)
+    state_sum = state["sum"].to(cdt)
+
+    if o.maximize:
+        g = -g
+    if o.weight_decay != 0:
+        g = g + s["weight_decay"] * p
+    state_sum = state_sum + g * g
+    _flat.commit(state["sum"], state_sum, stepped)
+    std = state_sum.sqrt() + s["eps"]
+    p = p + (s["neg_clr"] * g) / std
+    bucket.scatter(p, batch.params, batch.index)
+
+
+# ------------------------------------------------------------------------- native CPU
+
+def adagrad_native(params, grads, sums, steps, o: AdagradOptions) -> None:
+    """torch's own fused CPU kernel on fusedopt's flat-state views (the 'auto' CPU path).
+
+    `steps` must already count this step, as torch's caller increments them first.
+    """
+    torch._fused_adagrad_(params, grads, sums, steps, lr=o.lr, lr_decay=o.lr_decay,
+                          weight_decay=o.weight_decay, eps=o.eps, maximize=o.maximize)
+
+
+# ------------------------------------------------------------------------- AOT variants
+
+def _variants():
+    from ._aot import Variant, layout_pointers
+
+    out = []
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for label, flags in flag_sets.items():
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False)
+            constexprs.update(flags)
+            pointers = layout_pointers(dtype)
+            pointers.update(sum_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            out.append(Variant(f"adagrad-{label}-{str(dtype)[6:]}", adagrad_kernel, pointers, constexprs,
+                               loads=3, stores=2, dtype=dtype))
+    return out
+
+
+VARIANTS = _variants()

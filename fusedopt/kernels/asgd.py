@@ -1,0 +1,160 @@
+"""ASGD (averaged SGD): the Triton kernel, its launcher, and the plain-torch reference.
+
+The update, per element, with each tensor's eta and mu being its scalar state from the
+previous step (float32 values, as torch keeps them)::
+
+    g = -grad if maximize else grad
+    g = g + weight_decay * p
+    p = p * (1 - lambd * eta)
+    p = p - eta * g
+    ax = ax + (p - ax) * mu      if mu != 1
+    ax = p                       otherwise
+
+After the update each stepped tensor's eta and mu move to the new step count t, in
+float64 on the host as torch's Python arithmetic does, then stored as float32::
+
+    eta = lr / (1 + lambd * lr * t) ** alpha
+    mu = 1 / max(1, t - t0)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _flat
+from . import _launch
+from ._launch import locate, store_as
+from ._triton import tl, triton
+
+
+@dataclass(frozen=True)
+class ASGDOptions:
+    lr: float
+    lambd: float
+    alpha: float
+    t0: float
+    weight_decay: float
+    maximize: bool
+
+
+COLUMNS = ("decay", "neg_eta", "weight_decay", "mu")
+
+
+def scalars(eta: torch.Tensor, mu: torch.Tensor, o: ASGDOptions) -> list[torch.Tensor | float]:
+    """`eta`, `mu`: the bucket's float32 state vectors (before this step), on the CPU."""
+    eta = eta.to(torch.float64)
+    return [1 - o.lambd * eta, -eta, o.weight_decay, mu.to(torch.float64)]
+
+
+def next_eta_mu(steps: list[float], o: ASGDOptions) -> tuple[list[float], list[float]]:
+    """Each tensor's eta and mu for its new step count, with torch's Python float formulas."""
+    etas = [o.lr / ((1 + o.lambd * o.lr * t) ** o.alpha) for t in steps]
+    mus = [1 / max(1, t - o.t0) for t in steps]
+    return etas, mus
+
+
+# ------------------------------------------------------------------------- Triton kernel
+
+@triton.jit
+def _asgd_update(p_ptr, g_ptr, ax_ptr, offs, mask, s_ptr,
+                 MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    decay = tl.load(s_ptr + 0)
+    neg_eta = tl.load(s_ptr + 1)
+    weight_decay = tl.load(s_ptr + 2)
+    mu = tl.load(s_ptr + 3)
+    cdt = decay.dtype
+
+    p = tl.load(p_ptr + offs, mask=mask).to(cdt)
+    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    p = p * decay
+    p = p + neg_eta * g
+    store_as(p_ptr, offs, p, mask)
+    # Until averaging starts (mu == 1) torch copies the parameter, which ax + (p - ax)
+    # would not reproduce exactly; the branch is uniform per tensor, so nothing diverges,
+    # and ax is not read at all on that side.
+    if mu != 1:
+        ax = tl.load(ax_ptr + offs, mask=mask).to(cdt)
+        ax = ax + (p - ax) * mu
+    else:
+        ax = p
+    store_as(ax_ptr, offs, ax, mask)
+
+
+@triton.jit
+def asgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
+                ax_ptr, scalars_ptr,
+                BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
+                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
+                                                block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
+    offs = start + tl.arange(0, BLOCK)
+    s_ptr = scalars_ptr + t * NUM_SCALARS
+    avg_ptr = ax_ptr + seg
+    if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
+        _asgd_update(p_ptr, g_ptr, avg_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+    else:
+        _asgd_update(p_ptr, g_ptr, avg_ptr, offs, offs < numel, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+
+
+def asgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
+                table: torch.Tensor, o: ASGDOptions) -> None:
+    """Launch one ASGD kernel over every stepped tensor of the bucket."""
+    block, num_warps = _launch.block_config(bucket)
+    offsets, align = _launch.pointer_table(bucket, batch)
+    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
+    asgd_kernel[(block_tensor.numel(),)](
+        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
+        state["ax"], table,
+        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS),
+        MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0, num_warps=num_warps)
+    _launch.record_launch("asgd")
+
+
+# ------------------------------------------------------------------------- reference
+
+def asgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
+                   table: torch.Tensor, o: ASGDOptions) -> None:
+    """The same update in plain torch ops over the same flat buffers."""
+    cdt = table.dtype
+    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
+    stepped = bucket.stepped_elements(batch)
+    p = bucket.gather(batch.params, batch.index, cdt)
+    g = bucket.gather(batch.grads, batch.index, cdt)
+    ax = state["ax"].to(cdt)
+
+    if o.maximize:
+        g = -g
+    if o.weight_decay != 0:
+        g = g + s["weight_decay"] * p
+    p = p * s["decay"]
+    p = p + s["neg_eta"] * g
+    bucket.scatter(p, batch.params, batch.index)
+    ax = torch.where(s["mu"] != 1, ax + (p - ax) * s["mu"], p)
+    _flat.commit(state["ax"], ax, stepped)
+
+
+# ------------------------------------------------------------------------- AOT variants
+
+def _variants():
+    from ._aot import Variant, layout_pointers
+
+    out = []
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)}
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for label, flags in flag_sets.items():
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False)
+            constexprs.update(flags)
+            pointers = layout_pointers(dtype)
+            pointers.update(ax_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            # Counted on the averaging branch, the one that reads ax.
+            out.append(Variant(f"asgd-{label}-{str(dtype)[6:]}", asgd_kernel, pointers, constexprs,
+                               loads=3, stores=2, dtype=dtype))
+    return out
+
+
+VARIANTS = _variants()

@@ -1,0 +1,72 @@
+"""RAdam: torch.optim.RAdam's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._adam_family import AdamFamily, check_arguments, check_differentiable
+
+
+class RAdam(AdamFamily):
+    r"""RAdam, as torch.optim.RAdam (Adam with a rectified adaptive learning rate), with one
+    fused launch per (group, device, dtype) bucket.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \quad
+        \rho_\infty = \frac{2}{1 - \beta_2} - 1, \quad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t},
+
+        \theta_t = \theta_{t-1} - \gamma \frac{m_t}{1 - \beta_1^t} \cdot
+        \begin{cases}
+            r_t \dfrac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}, &
+                r_t = \sqrt{\dfrac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
+                & \text{if } \rho_t > 5 \\
+            1 & & \text{otherwise}
+        \end{cases}
+
+    with L2 weight decay added to :math:`g_t`, or, when ``decoupled_weight_decay`` is set
+    (RAdamW), :math:`\theta_{t-1}` multiplied by :math:`1 - \gamma\lambda` first;
+    :math:`g_t` negated when ``maximize`` is set. :math:`t` is the parameter's own step
+    count, so whether the update is rectified is decided per parameter (it needs
+    :math:`\rho_t > 5`, about six steps). State per parameter: ``step``, ``exp_avg``,
+    ``exp_avg_sq``.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
+        weight_decay (default 0), decoupled_weight_decay (default False), maximize (default
+        False): as in torch.optim.RAdam.
+        foreach: accepted for compatibility (every path here is fused) and kept in the
+            param groups, as torch keeps it.
+        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _variant = "radam"
+    _flat_state = ("exp_avg", "exp_avg_sq")
+    _scalar_state = ("step",)
+    _sparse_error = "RAdam does not support sparse gradients"
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 backend: str = "auto"):
+        check_arguments(lr, betas, eps, weight_decay)
+        check_differentiable(differentiable)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach, capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
+                        differentiable=differentiable)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group):
+        return ["step", "exp_avg", "exp_avg_sq"]

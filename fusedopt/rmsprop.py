@@ -1,0 +1,95 @@
+"""RMSprop: torch.optim.RMSprop's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _flat
+from .kernels import _launch
+from .kernels import rmsprop as kernels
+from .optimizer import Optimizer, _as_float
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop, as torch.optim.RMSprop, with one fused launch per (group, device, dtype) bucket.
+
+    .. math::
+        g_t \leftarrow g_t + \lambda\theta_{t-1}, \quad
+        v_t = \alpha v_{t-1} + (1 - \alpha) g_t^2, \quad
+        \bar g_t = \alpha \bar g_{t-1} + (1 - \alpha) g_t, \quad
+        \tilde v_t = v_t - \bar g_t^2 \text{ if centered else } v_t
+
+    .. math::
+        b_t = \mu b_{t-1} + \frac{g_t}{\sqrt{\tilde v_t} + \epsilon}, \quad
+        \theta_t = \theta_{t-1} - \gamma b_t
+        \quad\text{(or } \theta_t = \theta_{t-1} - \gamma \frac{g_t}{\sqrt{\tilde v_t} + \epsilon}
+        \text{ when } \mu = 0\text{)}
+
+    State: ``square_avg`` (:math:`v`), ``momentum_buffer`` (:math:`b`, when momentum > 0)
+    and ``grad_avg`` (:math:`\bar g`, when centered), all starting at 0.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-2), alpha (default 0.99), eps (default 1e-8),
+        weight_decay (default 0), momentum (default 0), centered (default False),
+        maximize (default False): as in torch.optim.RMSprop.
+        foreach: accepted for compatibility; every path here is fused.
+        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _flat_state = ("square_avg", "momentum_buffer", "grad_avg")
+    _scalar_state = ("step",)
+    _sparse_error = "RMSprop does not support sparse gradients"
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
+                 backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= alpha:
+            raise ValueError(f"Invalid alpha value: {alpha}")
+        if differentiable:
+            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                               "differentiable. help: use torch.optim for differentiable optimization")
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                        weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group):
+        return (["step", "square_avg"] + (["momentum_buffer"] if group["momentum"] > 0 else [])
+                + (["grad_avg"] if group["centered"] else []))
+
+    def _options(self, group) -> kernels.RMSpropOptions:
+        return kernels.RMSpropOptions(lr=_as_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+                                      weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                      centered=group["centered"], maximize=group["maximize"])
+
+    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
+        o = self._options(group)
+        state = self._buffers(group, bucket, batch)
+        self._advance_steps(bucket, batch)
+        table = _launch.scalar_table(kernels.scalars(o), len(bucket),
+                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        run = kernels.rmsprop_triton if bucket.path == "triton" else kernels.rmsprop_reference
+        run(bucket, batch, state, table, o)

@@ -1,0 +1,86 @@
+"""Rprop: torch.optim.Rprop's signature, defaults, validation and numbers, fused."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _flat
+from .kernels import _launch
+from .kernels import rprop as kernels
+from .optimizer import Optimizer, _as_float
+
+
+class Rprop(Optimizer):
+    r"""Rprop (resilient backpropagation), as torch.optim.Rprop, with one fused launch per
+    (group, device, dtype) bucket.
+
+    .. math::
+        \eta_t = \begin{cases} \eta_+ & g_t g_{t-1} > 0 \\ \eta_- & g_t g_{t-1} < 0 \\ 1 & \text{otherwise}
+                 \end{cases}, \quad
+        \Delta_t = \operatorname{clamp}(\eta_t \Delta_{t-1}, \Delta_{\min}, \Delta_{\max}), \quad
+        \theta_t = \theta_{t-1} - \operatorname{sign}(g_t)\,\Delta_t
+
+    where :math:`g_t` is set to 0 wherever :math:`\eta_t = \eta_-` (the gradient changed
+    sign: no move this step) and stored as ``prev`` (:math:`g_{t-1}`, starting at 0); the
+    step sizes ``step_size`` (:math:`\Delta`) start at :math:`\gamma` (the group's lr at the
+    parameter's first step). lr plays no other part.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-2), etas (default (0.5, 1.2)), step_sizes (default
+        (1e-6, 50)), maximize (default False): as in torch.optim.Rprop.
+        foreach: accepted for compatibility; every path here is fused.
+        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
+        differentiable: must be False: the fused update is not differentiable.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+    """
+
+    _flat_state = ("prev", "step_size")
+    _scalar_state = ("step",)
+    _sparse_error = "Rprop does not support sparse gradients"
+
+    def __init__(self, params, lr: float | Tensor = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
+                 backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < etas[0] < 1.0 < etas[1]:
+            raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
+        if differentiable:
+            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                               "differentiable. help: use torch.optim for differentiable optimization")
+        defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable, capturable=capturable)
+        super().__init__(params, defaults, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group):
+        return ["step", "prev", "step_size"]
+
+    def _initial_fill(self, group, key):
+        return _as_float(group["lr"]) if key == "step_size" else 0.0
+
+    def _options(self, group) -> kernels.RpropOptions:
+        etaminus, etaplus = group["etas"]
+        step_size_min, step_size_max = group["step_sizes"]
+        return kernels.RpropOptions(etaminus=_as_float(etaminus), etaplus=_as_float(etaplus),
+                                    step_size_min=_as_float(step_size_min),
+                                    step_size_max=_as_float(step_size_max), maximize=group["maximize"])
+
+    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
+        o = self._options(group)
+        state = self._buffers(group, bucket, batch)
+        self._advance_steps(bucket, batch)
+        table = _launch.scalar_table(kernels.scalars(o, bucket.real_dtype), len(bucket),
+                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        run = kernels.rprop_triton if bucket.path == "triton" else kernels.rprop_reference
+        run(bucket, batch, state, table, o)

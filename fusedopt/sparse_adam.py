@@ -1,0 +1,129 @@
+"""SparseAdam: torch.optim.SparseAdam's signature, validation, state and numbers, fused."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _flat
+from .kernels import _launch
+from .kernels import sparse_adam as kernels
+from .optimizer import Optimizer, _as_float
+
+_DENSE_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
+
+
+class SparseAdam(Optimizer):
+    r"""Adam for sparse gradients (``nn.Embedding(sparse=True)``), as torch.optim.SparseAdam.
+
+    Only the entries a gradient lists are updated: their moments and parameter values,
+    by Adam's rule with bias corrections from the parameter's step count. Duplicate
+    indices are summed first (``coalesce``), as in torch. Parameters must be dense and
+    real; gradients must be sparse COO.
+
+    Each step launches one kernel per (group, device, dtype) bucket, over a table of the
+    rows the bucket's gradients touch (see :mod:`fusedopt.kernels.sparse_adam`). The
+    moments live in the bucket's flat buffers; ``opt.state[p]`` holds views of them and
+    ``step`` as a Python int, as torch keeps it.
+
+    Args:
+        params: iterable of parameters or of dicts defining parameter groups.
+        lr (float or Tensor, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
+        maximize (default False): as in torch.optim.SparseAdam.
+        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+
+    Note:
+        torch checks gradients one by one and raises on a dense gradient after it has
+        already stepped the group's earlier parameters; here a group with a dense gradient
+        is rejected before any of it changes (earlier groups are stepped, as in torch).
+    """
+
+    _flat_state = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 maximize: bool = False, *, backend: str = "auto"):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 < lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
+        super().__init__(params, defaults, backend=backend)
+
+        sparse_params, complex_params = [], []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.is_sparse:
+                    sparse_params.append([gi, pi])
+                if p.is_complex():
+                    complex_params.append([gi, pi])
+        if sparse_params:
+            raise ValueError(f"Sparse params at indices {sparse_params}: SparseAdam requires dense parameter tensors")
+        if complex_params:
+            raise ValueError(
+                f"Complex params at indices {complex_params}: SparseAdam does not support complex parameters")
+
+    def _state_keys(self, group):
+        return ["step", "exp_avg", "exp_avg_sq"]
+
+    def _init_state(self, group, bucket: _flat.Bucket, fresh: list[int]) -> None:
+        # torch keeps `step` a Python int here, not a tensor: it is plain per-parameter
+        # state, not one of the bucket's scalar vectors.
+        for i in fresh:
+            state = self.state[bucket.params[i]]
+            dict.__setitem__(state, "step", 0)
+            for key in self._flat_state:
+                bucket.buffer(key)
+                bucket.segment(key, i).zero_()
+                dict.__setitem__(state, key, bucket.view(key, i))
+            bucket.initialized[i] = True
+
+    def _options(self, group) -> kernels.SparseAdamOptions:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.dim() != 0:
+            lr = lr.squeeze()
+        return kernels.SparseAdamOptions(lr=lr, beta1=_as_float(beta1), beta2=_as_float(beta2),
+                                         eps=group["eps"], maximize=group.get("maximize", False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_state()
+        for gi, group in enumerate(self.param_groups):
+            if any(p.grad is not None and not p.grad.is_sparse for p in group["params"]):
+                raise RuntimeError(_DENSE_ERROR)
+            o = self._options(group)
+            for bucket in self._group_buckets(gi):
+                stepped = [(i, p) for i, p in enumerate(bucket.params) if p.grad is not None]
+                if not stepped:
+                    continue
+                fresh = [i for i, _ in stepped if not bucket.initialized[i]]
+                if fresh:
+                    self._init_state(group, bucket, fresh)
+                steps = {}
+                for i, p in stepped:
+                    state = self.state[p]
+                    state["step"] += 1
+                    steps[i] = state["step"]
+                grads = [kernels.SparseGrad.of(i, p, p.grad) for i, p in stepped]
+                if all(sg.empty for sg in grads):  # torch skips empty gradients after counting the step
+                    continue
+                buffers = {k: bucket.buffer(k) for k in self._flat_state}
+                table = _launch.scalar_table(kernels.scalars(len(bucket), steps, o), len(bucket),
+                                             _launch.compute_dtype(bucket.real_dtype), bucket.device)
+                run = kernels.sparse_adam_triton if bucket.path == "triton" else kernels.sparse_adam_reference
+                run(bucket, grads, buffers, table, o)
+        return loss

@@ -1,0 +1,312 @@
+"""fusedopt.LBFGS against torch.optim.LBFGS: losses, iterates and state, bit for bit.
+
+The flat vectors use torch's order and dtype, and the vector ops are torch's, so there
+is no tolerance: every loss, parameter and state entry must be identical, on both
+line-search settings, over several `step` calls (history wrapping included).
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+
+import fusedopt
+
+BACKENDS = ["triton", "reference", "auto"]
+LINE_SEARCHES = [None, "strong_wolfe"]
+
+
+# ----------------------------------------------------------------------------- problems
+
+def rosenbrock_params(dtype):
+    # A 6-D Rosenbrock split over two parameters of different shapes.
+    return [torch.tensor([-1.5, 2.0, -0.5, 1.2], dtype=dtype).requires_grad_(),
+            torch.tensor([[0.3], [-1.1]], dtype=dtype).requires_grad_()]
+
+
+def rosenbrock(params):
+    x = torch.cat([p.reshape(-1) for p in params])
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def least_squares_params(dtype):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 6, generator=gen, dtype=dtype).requires_grad_(),   # weight
+            torch.randn(4, generator=gen, dtype=dtype).requires_grad_(),      # bias
+            torch.randn(3, generator=gen, dtype=dtype).requires_grad_(),      # unused: no gradient
+            torch.randn(2, 2, dtype=torch.complex128 if dtype == torch.float64 else torch.complex64,
+                        generator=gen).requires_grad_()]                      # complex scale
+
+
+_GEN = torch.Generator().manual_seed(1)
+_X = torch.randn(32, 6, generator=_GEN, dtype=torch.float64)
+_Y = torch.randn(32, 4, generator=_GEN, dtype=torch.float64)
+
+
+def least_squares(params):
+    weight, bias, _, scale = params
+    x, y = _X.to(weight.dtype), _Y.to(weight.dtype)
+    pred = x @ weight.t() + bias
+    return (pred - y).pow(2).mean() + 0.1 * (scale.abs() ** 2 - 1).pow(2).sum() + 0.01 * weight.pow(2).sum()
+
+
+PROBLEMS = {"rosenbrock": (rosenbrock_params, rosenbrock), "least_squares": (least_squares_params, least_squares)}
+
+
+def closure_for(opt, params, loss_fn, log=None):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        if log is not None:
+            log.append(loss.item())
+        return loss
+    return closure
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def assert_same_value(name, got, expected):
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{name}: {type(got).__name__} where torch has a tensor"
+        assert got.dtype == expected.dtype and got.shape == expected.shape, f"{name}: {got.dtype}{tuple(got.shape)}"
+        assert torch.equal(got, expected), f"{name}: differs, max {(got - expected).abs().max().item():.3e}"
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), f"{name}: {got!r} vs {expected!r}"
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_same_value(f"{name}[{i}]", a, b)
+    else:
+        assert type(got) is type(expected) and got == expected, f"{name}: {got!r} != {expected!r}"
+
+
+def assert_same_state(opt_new, opt_ref):
+    s_new, s_ref = opt_new.state_dict(), opt_ref.state_dict()
+    assert s_new["param_groups"] == s_ref["param_groups"]
+    assert list(s_new["state"]) == list(s_ref["state"])
+    for k, ref in s_ref["state"].items():
+        new = s_new["state"][k]
+        assert list(new) == list(ref), f"state keys {list(new)} != {list(ref)}"
+        for key, value in ref.items():
+            assert_same_value(key, new[key], value)
+
+
+def run_both(problem, dtype, backend, steps=4, **options):
+    make, loss_fn = PROBLEMS[problem]
+    p_ref, p_new = make(dtype), make(dtype)
+    opt_ref = torch.optim.LBFGS(p_ref, **options)
+    opt_new = fusedopt.LBFGS(p_new, backend=backend, **options)
+    for step in range(steps):
+        log_ref, log_new = [], []
+        loss_ref = opt_ref.step(closure_for(opt_ref, p_ref, loss_fn, log_ref))
+        loss_new = opt_new.step(closure_for(opt_new, p_new, loss_fn, log_new))
+        assert loss_new.item() == loss_ref.item(), f"step {step}: loss {loss_new.item()} != {loss_ref.item()}"
+        assert log_new == log_ref, f"step {step}: the closure was evaluated at different points"
+        for j, (a, b) in enumerate(zip(p_ref, p_new)):
+            assert torch.equal(a, b), f"step {step}: parameter {j} differs"
+        assert_same_state(opt_new, opt_ref)
+    return p_ref, opt_ref, p_new, opt_new
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_matches_torch(problem, line_search_fn, backend):
+    lr = 1 if line_search_fn else 0.05
+    run_both(problem, torch.float64, backend, lr=lr, line_search_fn=line_search_fn, max_iter=7, history_size=4)
+
+
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_matches_torch_fp32(problem, line_search_fn):
+    lr = 1 if line_search_fn else 0.05
+    run_both(problem, torch.float32, "auto", lr=lr, line_search_fn=line_search_fn, max_iter=6, history_size=3)
+
+
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+def test_default_options_converge_like_torch(line_search_fn):
+    lr = 1 if line_search_fn else 0.01
+    start = rosenbrock(rosenbrock_params(torch.float64)).item()
+    p_ref, opt_ref, *_ = run_both("rosenbrock", torch.float64, "auto", steps=3, lr=lr, line_search_fn=line_search_fn)
+    # A real run, not a trivial one.
+    assert opt_ref.state_dict()["state"][0]["func_evals"] > 20
+    assert rosenbrock(p_ref).item() < start / (10 if line_search_fn else 2)
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_iter=5, max_eval=3),                                  # the evaluation budget ends the step
+    dict(max_iter=5, max_eval=3, line_search_fn="strong_wolfe"),   # ... and cuts the line search short
+    dict(max_iter=1),                                              # 'al' first appears on the second step
+    dict(tolerance_change=1e-2, max_iter=10),                      # lack of progress ends the step
+    dict(history_size=1, max_iter=6, line_search_fn="strong_wolfe"),
+    dict(lr=torch.tensor(0.5), max_iter=4),
+    dict(lr=torch.tensor(1.0), max_iter=4, line_search_fn="strong_wolfe"),
+], ids=["max_eval", "max_eval-wolfe", "max_iter=1", "tolerance_change", "history=1", "tensor-lr", "tensor-lr-wolfe"])
+def test_options_match_torch(options):
+    options = {"lr": 0.05, **options}
+    run_both("least_squares", torch.float64, "auto", steps=3, **options)
+
+
+def test_optimal_start_returns_at_once():
+    """A gradient already below tolerance_grad: one evaluation, only the counters in state."""
+    p_ref, opt_ref, p_new, opt_new = run_both("rosenbrock", torch.float64, "auto", steps=1, tolerance_grad=1e10)
+    assert list(opt_new.state_dict()["state"][0]) == ["func_evals", "n_iter"]
+
+
+def test_sparse_gradient_is_densified_as_torch():
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Embedding(7, 3, sparse=True)
+
+    ref, new = make(), make()
+    opt_ref = torch.optim.LBFGS(ref.parameters(), lr=0.1, max_iter=5)
+    opt_new = fusedopt.LBFGS(new.parameters(), lr=0.1, max_iter=5)
+    idx = torch.tensor([1, 3, 3, 5])
+    for model, opt in ((ref, opt_ref), (new, opt_new)):
+        for _ in range(2):
+            opt.step(closure_for(opt, None, lambda _, m=model: m(idx).pow(2).sum()))
+    assert torch.equal(new.weight, ref.weight)
+    assert_same_state(opt_new, opt_ref)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _error(factory):
+    try:
+        factory()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(lr=torch.tensor([1.0, 2.0]))], ids=["negative-lr", "tensor-lr"])
+def test_validation_errors_match_torch(kwargs):
+    p = torch.randn(3, requires_grad=True)
+    expected = _error(lambda: torch.optim.LBFGS([p], **kwargs))
+    assert expected is not None
+    assert _error(lambda: fusedopt.LBFGS([p], **kwargs)) == expected
+
+
+def test_one_group_only_as_torch():
+    def groups():
+        return [dict(params=[torch.randn(2, requires_grad=True)]), dict(params=[torch.randn(2, requires_grad=True)])]
+
+    expected = _error(lambda: torch.optim.LBFGS(groups()))
+    assert expected == (ValueError, "LBFGS doesn't support per-parameter options (parameter groups)")
+    assert _error(lambda: fusedopt.LBFGS(groups())) == expected
+
+
+def test_unknown_line_search_raises_as_torch():
+    def attempt(cls):
+        p = torch.tensor([1.0, 2.0], requires_grad=True)
+        opt = cls([p], line_search_fn="bogus")
+        return _error(lambda: opt.step(closure_for(opt, [p], lambda ps: ps[0].pow(2).sum())))
+
+    assert attempt(fusedopt.LBFGS) == attempt(torch.optim.LBFGS) == (RuntimeError, "only 'strong_wolfe' is supported")
+
+
+def test_optimizer_conventions():
+    p = torch.randn(3, requires_grad=True)
+    opt = fusedopt.LBFGS([p])
+    assert isinstance(opt, fusedopt.Optimizer) and isinstance(opt, torch.optim.Optimizer)
+    assert opt.defaults == torch.optim.LBFGS([p]).defaults
+    assert fusedopt.LBFGS is fusedopt.lbfgs.LBFGS
+
+
+# ----------------------------------------------------------------------------- state_dict
+
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+@pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
+def test_state_dict_round_trip(direction, line_search_fn):
+    """Two steps with one implementation, load into the other, two more with both."""
+    options = dict(lr=1 if line_search_fn else 0.05, line_search_fn=line_search_fn, max_iter=5, history_size=3)
+    make, loss_fn = PROBLEMS["least_squares"]
+    fused = lambda ps: fusedopt.LBFGS(ps, **options)  # noqa: E731
+    native = lambda ps: torch.optim.LBFGS(ps, **options)  # noqa: E731
+    make_src, make_dst = (fused, native) if direction == "fused_to_torch" else (native, fused)
+
+    p_src = make(torch.float64)
+    opt_src = make_src(p_src)
+    for _ in range(2):
+        opt_src.step(closure_for(opt_src, p_src, loss_fn))
+    # torch's load_state_dict keeps tensors and lists' contents that need no cast: copy,
+    # so that the two optimizers do not share their history.
+    saved = copy.deepcopy(opt_src.state_dict())
+
+    p_dst = [p.detach().clone().requires_grad_() for p in p_src]
+    opt_dst = make_dst(p_dst)
+    opt_dst.load_state_dict(saved)
+    loaded = opt_dst.state_dict()
+    for key, value in saved["state"][0].items():
+        assert_same_value(key, loaded["state"][0][key], value)
+    if direction == "torch_to_fused":
+        assert loaded["state"][0]["old_dirs"] is not saved["state"][0]["old_dirs"], "history list shared"
+
+    for _ in range(2):
+        loss_src = opt_src.step(closure_for(opt_src, p_src, loss_fn))
+        loss_dst = opt_dst.step(closure_for(opt_dst, p_dst, loss_fn))
+        assert loss_src.item() == loss_dst.item()
+    for a, b in zip(p_src, p_dst):
+        assert torch.equal(a, b)
+    assert_same_state(*((opt_src, opt_dst) if direction == "fused_to_torch" else (opt_dst, opt_src)))
+
+
+def test_state_dict_casts_history_as_torch():
+    """Loading into float32 parameters casts the history tensors inside the lists too."""
+    make, loss_fn = PROBLEMS["rosenbrock"]
+    p64 = make(torch.float64)
+    opt = torch.optim.LBFGS(p64, max_iter=4)
+    opt.step(closure_for(opt, p64, loss_fn))
+    saved = copy.deepcopy(opt.state_dict())
+    ref = torch.optim.LBFGS(make(torch.float32))
+    new = fusedopt.LBFGS(make(torch.float32))
+    ref.load_state_dict(copy.deepcopy(saved))
+    new.load_state_dict(copy.deepcopy(saved))
+    assert_same_state(new, ref)
+    assert new.state_dict()["state"][0]["old_dirs"][0].dtype == torch.float32
+
+
+def test_pickle_and_deepcopy_keep_working():
+    make, loss_fn = PROBLEMS["least_squares"]
+    params = make(torch.float64)
+    opt = fusedopt.LBFGS(params, max_iter=3)
+    opt.step(closure_for(opt, params, loss_fn))
+    clone = copy.deepcopy(opt)
+    p2 = clone.param_groups[0]["params"]
+    clone.step(closure_for(clone, p2, loss_fn))
+    opt.step(closure_for(opt, params, loss_fn))
+    for a, b in zip(params, p2):
+        assert torch.equal(a, b)
+    restored = pickle.loads(pickle.dumps(opt))
+    assert list(restored.state_dict()["state"][0]) == list(opt.state_dict()["state"][0])
+
+
+# ----------------------------------------------------------------------------- flat layout
+
+def test_parameters_keep_their_storage():
+    """The flat vectors live beside the parameters: nothing is rebound to a flat buffer."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    params = make(torch.float64)
+    ptrs = [p.data_ptr() for p in params]
+    opt = fusedopt.LBFGS(params, max_iter=3, line_search_fn="strong_wolfe")
+    opt.step(closure_for(opt, params, loss_fn))
+    assert [p.data_ptr() for p in params] == ptrs
+
+
+def test_replaced_parameter_data_is_followed():
+    """`p.data = ...` between steps (same shape) is picked up, as torch picks it up."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    p_ref, p_new = make(torch.float64), make(torch.float64)
+    opt_ref = torch.optim.LBFGS(p_ref, max_iter=3, lr=0.05)
+    opt_new = fusedopt.LBFGS(p_new, max_iter=3, lr=0.05)
+    for step in range(3):
+        if step == 1:
+            for a, b in zip(p_ref, p_new):
+                fresh = a.detach() * 0.5
+                a.data, b.data = fresh.clone(), fresh.clone()
+        opt_ref.step(closure_for(opt_ref, p_ref, loss_fn))
+        opt_new.step(closure_for(opt_new, p_new, loss_fn))
+    for a, b in zip(p_ref, p_new):
+        assert torch.equal(a, b)
+    assert_same_state(opt_new, opt_ref)

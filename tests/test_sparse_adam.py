@@ -1,0 +1,318 @@
+"""fusedopt.SparseAdam against torch.optim.SparseAdam, on every path.
+
+Gradients are sparse COO, as ``nn.Embedding(sparse=True)`` makes them: uncoalesced, with
+repeated indices on some steps, empty on one, missing for some parameters on others. The
+parameters cover the work table's cases: short and long (chunked) rows, a 1-D parameter,
+two sparse dimensions, rows that are not contiguous in memory (transposed, sliced), a
+zero-size parameter, and a second dtype in the same group (a second bucket).
+
+Moments must match torch bit for bit on every path. Parameters too on the reference path;
+the kernel may differ by an ulp where torch's vectorised CPU sqrt is not correctly
+rounded (see fusedopt/kernels/sparse_adam.py), so there they get the dtype's tolerance.
+"""
+import copy
+
+import pytest
+import torch
+
+import fusedopt
+from _compare import assert_close
+from fusedopt.kernels._launch import BLOCK, count_launches
+
+BACKENDS = ["triton", "reference", "auto"]
+
+# (name, shape, sparse_dim, layout)
+SPECS = [
+    ("embedding", (40, 8), 1, "contiguous"),
+    ("long_rows", (5, BLOCK + 300), 1, "contiguous"),
+    ("vector", (13,), 1, "contiguous"),
+    ("two_sparse_dims", (6, 4, 5), 2, "contiguous"),
+    ("rows_of_matrices", (6, 3, 4), 1, "contiguous"),
+    ("transposed", (9, 6), 1, "transposed"),
+    ("sliced", (8, 5), 1, "sliced"),
+    ("zero_size", (0, 4), 1, "contiguous"),
+]
+# (step, parameter name): no gradient that step
+MISSING = {(1, "embedding"), (2, "vector"), (2, "transposed"), (3, "long_rows"), (0, "other_dtype")}
+EMPTY = {(3, "two_sparse_dims")}  # a gradient with no entries: the step counts, nothing moves
+
+CONFIGS = [
+    dict(lr=0.01),
+    dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=True),
+    dict(lr=torch.tensor(0.02)),
+]
+SECOND_GROUP = dict(lr=0.003, betas=(0.5, 0.99))
+
+
+def _param(shape, layout, dtype, gen):
+    if layout == "transposed":
+        t = torch.randn(shape[::-1], generator=gen).to(dtype).t()
+    elif layout == "sliced":
+        t = torch.randn(shape[0], 2 * shape[1], generator=gen).to(dtype)[:, ::2]
+    else:
+        t = torch.randn(shape, generator=gen).to(dtype)
+    return t
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    specs = SPECS + [("other_dtype", (10, 3), 1, "contiguous")]
+    names, params, sparse_dims = [], [], []
+    for name, shape, sparse_dim, layout in specs:
+        d = dtype
+        if name == "other_dtype":
+            d = torch.float32 if dtype == torch.float64 else torch.float64
+        names.append(name)
+        params.append(_param(shape, layout, d, gen).requires_grad_())
+        sparse_dims.append(sparse_dim)
+    return names, params, sparse_dims
+
+
+def clone(params):
+    out = []
+    for p in params:
+        q = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype)
+        q.copy_(p.detach())
+        out.append(q.requires_grad_())
+    return out
+
+
+def sparse_grad(p, sparse_dim, step, gen, empty=False):
+    """An uncoalesced gradient; on even steps its indices repeat (a narrow index range)."""
+    shape = p.shape
+    nnz = 0 if empty or p.numel() == 0 else 7
+    indices = []
+    for d in range(sparse_dim):
+        high = max(1, shape[d] // 2 if step % 2 == 0 else shape[d])
+        indices.append(torch.randint(0, high, (nnz,), generator=gen))
+    indices = torch.stack(indices) if indices else torch.zeros(0, nnz, dtype=torch.long)
+    values = torch.randn(nnz, *shape[sparse_dim:], generator=gen).to(p.dtype)
+    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=True)
+
+
+def two_groups(params, names):
+    first = [p for p, n in zip(params, names) if n not in ("vector", "sliced")]
+    second = [p for p, n in zip(params, names) if n in ("vector", "sliced")]
+    return [dict(params=first), dict(params=second, **SECOND_GROUP)]
+
+
+def set_grads(names, sparse_dims, params_a, params_b, step, seed):
+    gen = torch.Generator().manual_seed(1000 * seed + step)
+    for name, k, a, b in zip(names, sparse_dims, params_a, params_b):
+        if (step, name) in MISSING:
+            a.grad = b.grad = None
+            continue
+        g = sparse_grad(a, k, step, gen, empty=(step, name) in EMPTY)
+        a.grad, b.grad = g.clone(), g.clone()
+
+
+def run(config, backend, dtype, steps=5, seed=0):
+    names, p_ref, sparse_dims = make_params(dtype, seed)
+    p_new = clone(p_ref)
+    opt_ref = torch.optim.SparseAdam(two_groups(p_ref, names), **config)
+    opt_new = fusedopt.SparseAdam(two_groups(p_new, names), backend=backend, **config)
+    for step in range(steps):
+        set_grads(names, sparse_dims, p_ref, p_new, step, seed)
+        opt_ref.step()
+        opt_new.step()
+    return names, p_ref, opt_ref, p_new, opt_new
+
+
+def assert_same(names, p_ref, opt_ref, p_new, opt_new, exact_params):
+    for name, a, b in zip(names, p_ref, p_new):
+        assert b.stride() == a.stride(), f"{name}: strides changed"
+        if exact_params:
+            assert torch.equal(b, a), f"param {name} differs: max {(b.double() - a.double()).abs().max().item()}"
+        else:
+            assert_close(f"param {name}", b, a)
+    s_ref, s_new = opt_ref.state_dict(), opt_new.state_dict()
+    assert s_new["param_groups"] == s_ref["param_groups"]
+    assert sorted(s_new["state"]) == sorted(s_ref["state"]), "state covers different parameters"
+    for k, ref in s_ref["state"].items():
+        new = s_new["state"][k]
+        assert list(new) == list(ref) == ["step", "exp_avg", "exp_avg_sq"]
+        assert type(new["step"]) is int and new["step"] == ref["step"], f"param {k}: step {new['step']!r} != {ref['step']!r}"
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert new[key].dtype == ref[key].dtype and new[key].stride() == ref[key].stride()
+            assert torch.equal(new[key].nan_to_num(), ref[key].nan_to_num()), f"state {key} of param {k} differs"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "maximize-betas-eps", "tensor-lr"])
+def test_matches_torch_fp32(config, backend):
+    result = run(config, backend, torch.float32)
+    assert_same(*result, exact_params=backend != "triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_matches_torch_other_dtypes(dtype, backend):
+    result = run(CONFIGS[1], backend, dtype, steps=4)
+    assert_same(*result, exact_params=backend != "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_model(backend):
+    """The intended use: nn.Embedding(sparse=True) inside a model, with a closure."""
+    torch.manual_seed(0)
+    ref = torch.nn.EmbeddingBag(30, 16, mode="sum", sparse=True)
+    new = torch.nn.EmbeddingBag(30, 16, mode="sum", sparse=True)
+    new.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.SparseAdam(ref.parameters(), lr=0.1)
+    opt_new = fusedopt.SparseAdam(new.parameters(), lr=0.1, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        batch = torch.randint(0, 30, (6, 5), generator=gen)  # repeats within and across bags
+        target = torch.randn(6, 16, generator=gen)
+        for model, opt in ((ref, opt_ref), (new, opt_new)):
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = (model(batch) - target).pow(2).mean()
+                loss.backward()
+                return loss
+            loss = opt.step(closure)
+        assert torch.equal(opt_new.state[new.weight]["exp_avg"], opt_ref.state[ref.weight]["exp_avg"])
+    assert_close("weight", new.weight, ref.weight)
+
+
+def test_one_launch_per_bucket():
+    names, params, sparse_dims = make_params(torch.float32)
+    opt = fusedopt.SparseAdam(two_groups(params, names), backend="triton")
+    _, shadow, _ = make_params(torch.float32)
+    # Step 0: group 0 has a float32 and a float64 bucket (the float64 one without
+    # gradients this step), group 1 one bucket: two launches.
+    set_grads(names, sparse_dims, shadow, params, 0, 0)
+    with count_launches() as launches:
+        opt.step()
+    assert launches == {"sparse_adam": 2}
+    set_grads(names, sparse_dims, shadow, params, 1, 0)
+    with count_launches() as launches:
+        opt.step()
+    assert launches == {"sparse_adam": 3}
+    # Only empty gradients: the steps count, nothing is launched.
+    before = [opt.state[p]["step"] for p in params]
+    for k, p in zip(sparse_dims, params):
+        p.grad = sparse_grad(p, k, 0, torch.Generator(), empty=True)
+    with count_launches() as launches:
+        opt.step()
+    assert launches.total() == 0
+    assert [opt.state[p]["step"] for p in params] == [s + 1 for s in before]
+
+
+def test_reference_path_launches_nothing():
+    names, params, sparse_dims = make_params(torch.float32)
+    opt = fusedopt.SparseAdam(two_groups(params, names), backend="reference")
+    set_grads(names, sparse_dims, clone(params), params, 1, 0)
+    with count_launches() as launches:
+        opt.step()
+    assert launches.total() == 0
+
+
+def _error(factory):
+    try:
+        factory()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.0), dict(lr=-1.0), dict(eps=0.0), dict(eps=-1e-8), dict(betas=(1.0, 0.9)),
+    dict(betas=(0.9, -0.1)), dict(betas=(-0.5, 0.9)), dict(lr=torch.tensor([0.1, 0.2])),
+], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_validation_errors_match_torch(kwargs):
+    p = torch.randn(3, requires_grad=True)
+    expected = _error(lambda: torch.optim.SparseAdam([p], **kwargs))
+    assert expected is not None
+    assert _error(lambda: fusedopt.SparseAdam([p], **kwargs)) == expected
+
+
+@pytest.mark.parametrize("bad", ["sparse", "complex"])
+def test_parameter_errors_match_torch(bad):
+    def params():
+        ok = torch.randn(3, requires_grad=True)
+        if bad == "sparse":
+            odd = torch.randn(4, 2).to_sparse().requires_grad_()
+        else:
+            odd = torch.randn(4, dtype=torch.complex64, requires_grad=True)
+        return [dict(params=[ok]), dict(params=[ok.detach().clone().requires_grad_(), odd])]
+
+    expected = _error(lambda: torch.optim.SparseAdam(params()))
+    assert expected is not None and expected[0] is ValueError
+    assert _error(lambda: fusedopt.SparseAdam(params())) == expected
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dense_gradient_raises_as_torch(backend):
+    def attempt(cls, **kw):
+        p = torch.randn(5, 3, requires_grad=True)
+        p.grad = torch.randn(5, 3)
+        return _error(lambda: cls([p], **kw).step())
+
+    expected = attempt(torch.optim.SparseAdam)
+    assert expected == (RuntimeError, "SparseAdam does not support dense gradients, please consider Adam instead")
+    assert attempt(fusedopt.SparseAdam, backend=backend) == expected
+
+
+@pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_state_dict_round_trip(direction, backend):
+    """Train 3 steps with one implementation, load into the other, train 2 more with both."""
+    names, p_src, sparse_dims = make_params(torch.float32)
+    config = dict(lr=0.02, betas=(0.85, 0.98))
+    if direction == "fused_to_torch":
+        make_src = lambda ps: fusedopt.SparseAdam(two_groups(ps, names), backend=backend, **config)  # noqa: E731
+        make_dst = lambda ps: torch.optim.SparseAdam(two_groups(ps, names), **config)  # noqa: E731
+    else:
+        make_src = lambda ps: torch.optim.SparseAdam(two_groups(ps, names), **config)  # noqa: E731
+        make_dst = lambda ps: fusedopt.SparseAdam(two_groups(ps, names), backend=backend, **config)  # noqa: E731
+    opt_src = make_src(p_src)
+    for step in range(3):
+        set_grads(names, sparse_dims, clone(p_src), p_src, step, 0)
+        opt_src.step()
+    # torch's load_state_dict keeps tensors that need no cast: without a copy, the two
+    # optimizers would go on updating the same moments.
+    saved = copy.deepcopy(opt_src.state_dict())
+
+    p_dst = clone(p_src)
+    opt_dst = make_dst(p_dst)
+    opt_dst.load_state_dict(saved)
+    loaded = opt_dst.state_dict()
+    assert loaded["param_groups"] == saved["param_groups"]
+    for k, entry in saved["state"].items():
+        assert list(loaded["state"][k]) == list(entry)
+        assert loaded["state"][k]["step"] == entry["step"] and type(loaded["state"][k]["step"]) is int
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded["state"][k][key], entry[key])
+            if direction == "torch_to_fused":
+                assert loaded["state"][k][key] is not entry[key], "loading must copy into the flat buffers"
+
+    for step in range(3, 5):
+        set_grads(names, sparse_dims, p_src, p_dst, step, 0)
+        opt_src.step()
+        opt_dst.step()
+    if direction == "fused_to_torch":
+        assert_same(names, p_dst, opt_dst, p_src, opt_src, exact_params=backend != "triton")
+    else:
+        assert_same(names, p_src, opt_src, p_dst, opt_dst, exact_params=backend != "triton")
+
+
+def test_state_is_a_view_of_the_flat_buffers():
+    """Writes through opt.state[p] land where the kernel reads them."""
+    names, params, sparse_dims = make_params(torch.float32)
+    opt = fusedopt.SparseAdam(params, backend="triton")
+    ref = torch.optim.SparseAdam(clone(params))
+    ref_params = ref.param_groups[0]["params"]
+    set_grads(names, sparse_dims, ref_params, params, 0, 0)
+    opt.step()
+    ref.step()
+    for a, b in zip(ref_params, params):
+        if b in opt.state:
+            opt.state[b]["exp_avg"].fill_(0.25)
+            ref.state[a]["exp_avg"].fill_(0.25)
+    set_grads(names, sparse_dims, ref_params, params, 1, 0)
+    opt.step()
+    ref.step()
+    for a, b in zip(ref_params, params):
+        if a in ref.state:
+            assert torch.equal(opt.state[b]["exp_avg"], ref.state[a]["exp_avg"])
