@@ -99,6 +99,10 @@ class Optimizer(torch.optim.Optimizer):
     _scalars_on_param_device = False
     #: whether torch has a fused CPU kernel for this algorithm (the 'native' path)
     _native = False
+    #: dtypes for which torch's fused CPU kernels are trusted. In torch 2.13 `SGD(fused=True)`
+    #: on CPU leaves bf16 and fp16 parameters unchanged, silently; fp32 and fp64 match the
+    #: for-loop exactly for every fused CPU op (tests/test_backend.py pins both facts).
+    _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
     _sparse_error: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto"):
@@ -151,7 +155,7 @@ class Optimizer(torch.optim.Optimizer):
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
             scalar_device = params[0].device if self._scalars_on_param_device else None
             bucket = _flat.Bucket(params, positions, scalar_device=scalar_device)
-            bucket.path = self._choose_path(bucket.device)
+            bucket.path = self._choose_path(bucket.device, bucket.dtype)
             for i, p in enumerate(params):
                 self._slots[id(p)] = (gi, bi, i)
             buckets.append(bucket)
@@ -160,7 +164,7 @@ class Optimizer(torch.optim.Optimizer):
             self._adopt(p, entries)
         return buckets
 
-    def _choose_path(self, device: torch.device) -> str:
+    def _choose_path(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         if self.backend == "reference":
             return "reference"
         if self.backend == "triton":
@@ -170,7 +174,7 @@ class Optimizer(torch.optim.Optimizer):
         # correct path on CPU: torch's fused CPU kernel where one exists.
         if device.type == "cuda" and TRITON_AVAILABLE:
             return "triton"
-        if device.type == "cpu" and self._native:
+        if device.type == "cpu" and self._native and (dtype is None or dtype in self._native_dtypes):
             return "native"
         return "reference"
 
@@ -243,7 +247,7 @@ class Optimizer(torch.optim.Optimizer):
                     dict.__setitem__(state, key, vec[i])
                 else:
                     bucket.buffer(key)
-                    bucket.segment(key, i).zero_()
+                    bucket.segment(key, i).fill_(self._initial_fill(group, key))
                     dict.__setitem__(state, key, bucket.view(key, i))
             bucket.initialized[i] = bool(keys)
 
@@ -253,6 +257,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _initial_scalar(self, group: dict, key: str) -> float:
         """The first value of a per-parameter scalar state kind (0 for `step`)."""
+        return 0.0
+
+    def _initial_fill(self, group: dict, key: str) -> float:
+        """The value a flat state kind starts at (0; Adagrad's `sum`, Rprop's `step_size` differ)."""
         return 0.0
 
     def _buffers(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch) -> dict[str, Tensor]:
@@ -272,6 +280,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    # The step's host work (gradient addresses, tables, launches) is not traceable; until
+    # the launches are registered as torch.library ops, dynamo runs it eagerly inside a
+    # compiled function instead of tracing it, so a changing (tensor) lr never recompiles.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fusedopt
+from _compare import assert_close
 
 
 def paths(opt):
@@ -79,3 +80,40 @@ def test_import_and_step_without_triton_installed():
     """)
     assert "stepped [0.9" in out.stdout, out.stdout + out.stderr
     assert "needs the `triton` package" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_on_cpu_avoids_torch_fused_kernels_for_low_precision(dtype):
+    """torch 2.13's fused CPU SGD leaves bf16/fp16 parameters unchanged without a word.
+    fusedopt must not inherit that: 'auto' takes the reference path for those dtypes."""
+    p = torch.nn.Parameter(torch.randn(64).to(dtype))
+    p.grad = torch.ones(64, dtype=dtype)
+    opt = fusedopt.SGD([p], lr=0.5)
+    assert paths(opt) == ["reference"]
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p.detach(), before - 0.5)
+
+
+def test_the_torch_fact_behind_the_native_dtype_rule():
+    """If this starts failing, torch fixed its fused CPU SGD for bf16 and the rule can widen.
+    (Its scalar tail is right; the vectorised body, 64 elements here, is what never moves.)"""
+    p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    p.grad = torch.ones(64, dtype=torch.bfloat16)
+    torch.optim.SGD([p], lr=0.5, fused=True).step()
+    assert torch.equal(p.detach(), torch.ones(64, dtype=torch.bfloat16))
+
+
+def test_native_path_matches_torch_for_loop_in_fp32_and_fp64():
+    for dtype in (torch.float32, torch.float64):
+        for cls, kw in ((torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.AdamW, dict(lr=0.1))):
+            p0, g = torch.randn(64, dtype=dtype), torch.randn(64, dtype=dtype)
+            out = []
+            for fused in (False, True):
+                p = torch.nn.Parameter(p0.clone())
+                p.grad = g.clone()
+                o = cls([p], fused=fused, **kw)
+                o.step()
+                o.step()
+                out.append(p.detach())
+            assert_close(f"{cls.__name__} {dtype}", out[1], out[0])
