@@ -1,0 +1,75 @@
+"""torch.amp.GradScaler drives fusedopt's optimizers as it drives torch's.
+
+By default fusedopt optimizers do not set `_step_supports_amp_scaling`, so the scaler
+unscales gradients itself and skips `step()` on inf/NaN: frameworks (Lightning) can then
+clip unscaled gradients between `unscale_` and `step`.
+"""
+import copy
+
+import pytest
+import torch
+
+import fusedopt
+from _compare import assert_close
+
+BACKENDS = ["triton", "reference", "auto"]
+OPTIMIZERS = [
+    pytest.param(torch.optim.AdamW, fusedopt.AdamW, dict(lr=1e-2), id="AdamW"),
+    pytest.param(torch.optim.SGD, fusedopt.SGD, dict(lr=1e-2, momentum=0.9), id="SGD"),
+    pytest.param(torch.optim.RMSprop, fusedopt.RMSprop, dict(lr=1e-2, centered=True), id="RMSprop"),
+]
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    return model, x, y
+
+
+def train(model, opt, scaler, x, y, steps, inf_at=(), clip=None):
+    scales = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if step in inf_at:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        if clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("torch_cls,fused_cls,options", OPTIMIZERS)
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["plain", "unscale-clip"])
+def test_grad_scaler_matches_torch_and_skips_inf_steps(torch_cls, fused_cls, options, backend, clip):
+    model, x, y = model_and_data()
+    twin = copy.deepcopy(model)
+    ref = torch_cls(model.parameters(), **options)
+    opt = fused_cls(twin.parameters(), backend=backend, **options)
+    assert not getattr(opt, "_step_supports_amp_scaling", False)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    s_new = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    a = train(model, ref, s_ref, x, y, 3, clip=clip)
+    b = train(twin, opt, s_new, x, y, 3, clip=clip)
+    # An inf gradient: the step is skipped, nothing moves, the scale halves.
+    params_before = [p.detach().clone() for p in twin.parameters()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    scale_before = s_new.get_scale()
+    a += train(model, ref, s_ref, x, y, 1, inf_at=(0,), clip=clip)
+    b += train(twin, opt, s_new, x, y, 1, inf_at=(0,), clip=clip)
+    assert s_new.get_scale() == scale_before / 2
+    assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), params_before))
+    for k, entry in state_before.items():
+        for key, value in entry.items():
+            assert torch.equal(opt.state_dict()["state"][k][key], value), f"{key} of param {k} changed on a skipped step"
+    a += train(model, ref, s_ref, x, y, 3, clip=clip)
+    b += train(twin, opt, s_new, x, y, 3, clip=clip)
+    assert a == b
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"param {i}", q.detach(), p.detach())
