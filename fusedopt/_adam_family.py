@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
+from ._flat import memory_order
 from .kernels import adam as kernels
 from .optimizer import Optimizer, _as_float
 
@@ -25,23 +26,17 @@ def check_arguments(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
-def check_differentiable(differentiable) -> None:
-    if differentiable:
-        raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                           "differentiable. help: use torch.optim for differentiable optimization")
-
-
 class AdamFamily(Optimizer):
-    """Base of the optimizers that run Adam's kernel with another VARIANT."""
+    """Base of the optimizers that run Adam's kernel: Adam, AdamW, and the other VARIANTs."""
 
     _variant = "adam"
-    _native = False  # torch has no fused CPU kernel for these
+    _native = False  # torch has a fused CPU kernel for Adam and AdamW only
 
     def _options(self, group) -> kernels.AdamOptions:
         beta1, beta2 = group["betas"]
         return kernels.AdamOptions(
             lr=_as_float(group["lr"]), beta1=_as_float(beta1), beta2=_as_float(beta2), eps=group["eps"],
-            weight_decay=_as_float(group["weight_decay"]), amsgrad=False, maximize=group["maximize"],
+            weight_decay=_as_float(group["weight_decay"]), amsgrad=group.get("amsgrad", False), maximize=group["maximize"],
             decoupled=group.get("decoupled_weight_decay", False), variant=self._variant,
             momentum_decay=group.get("momentum_decay", 0.0))
 
@@ -49,6 +44,12 @@ class AdamFamily(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
+        if bucket.path == "native":
+            views = {k: [bucket.segment(k, i) for i in batch.index] for k in state}
+            kernels.adam_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
+                                views["exp_avg"], views["exp_avg_sq"], views.get("max_exp_avg_sq", []),
+                                [bucket.steps[i] for i in batch.index], o)
+            return
         self._advance_scalars(bucket, batch, o)
         kernels.step_bucket(bucket, batch, state, o)
 

@@ -6,7 +6,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import adadelta as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, refuse_differentiable
 
 
 class Adadelta(Optimizer):
@@ -48,9 +48,7 @@ class Adadelta(Optimizer):
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if differentiable:
-            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                               "differentiable. help: use torch.optim for differentiable optimization")
+        refuse_differentiable(differentiable)
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         capturable=capturable, foreach=foreach, differentiable=differentiable)
         super().__init__(params, defaults, backend=backend)

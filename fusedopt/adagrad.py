@@ -7,7 +7,7 @@ from . import _flat
 from ._flat import memory_order
 from .kernels import _launch
 from .kernels import adagrad as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, refuse_differentiable
 
 
 class Adagrad(Optimizer):
@@ -62,9 +62,7 @@ class Adagrad(Optimizer):
             raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if differentiable:
-            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                               "differentiable. help: use torch.optim for differentiable optimization")
+        refuse_differentiable(differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,

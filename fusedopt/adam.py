@@ -1,21 +1,17 @@
 """Adam: torch.optim.Adam's signature, defaults, validation and numbers, fused."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from . import _flat
-from ._flat import memory_order
-from .kernels import adam as kernels
-from .kernels import _launch
-from .optimizer import Optimizer, _as_float
+from ._adam_family import AdamFamily, check_arguments
+from .optimizer import refuse_differentiable
 
 
 def _to_scalar(x):
     return x.squeeze() if isinstance(x, Tensor) and x.dim() != 0 else x
 
 
-class Adam(Optimizer):
+class Adam(AdamFamily):
     r"""Adam, as torch.optim.Adam, with one fused launch per (group, device, dtype) bucket.
 
     .. math::
@@ -45,6 +41,7 @@ class Adam(Optimizer):
 
     _flat_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _scalar_state = ("step",)
+    _variant = "adam"
     _native = True
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
@@ -52,21 +49,9 @@ class Adam(Optimizer):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto"):
-        if isinstance(lr, Tensor):
-            if foreach and not capturable:
-                raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if isinstance(lr, Tensor) and foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        check_arguments(lr, betas, eps, weight_decay)
         if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
                 or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
             raise ValueError("betas must be either both floats or both Tensors")
@@ -76,9 +61,7 @@ class Adam(Optimizer):
                     raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
                 if beta.numel() != 1:
                     raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        if differentiable:
-            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                               "differentiable. help: use torch.optim for differentiable optimization")
+        refuse_differentiable(differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=tuple(map(_to_scalar, betas)), eps=eps, weight_decay=weight_decay,
@@ -99,25 +82,3 @@ class Adam(Optimizer):
 
     def _state_keys(self, group):
         return ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
-
-    def _options(self, group) -> kernels.AdamOptions:
-        beta1, beta2 = group["betas"]
-        return kernels.AdamOptions(
-            lr=_as_float(group["lr"]), beta1=_as_float(beta1), beta2=_as_float(beta2), eps=group["eps"],
-            weight_decay=_as_float(group["weight_decay"]), amsgrad=group["amsgrad"],
-            maximize=group["maximize"], decoupled=group["decoupled_weight_decay"])
-
-    def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
-        o = self._options(group)
-        state = self._buffers(group, bucket, batch)
-        self._advance_steps(bucket, batch)
-        if bucket.path == "native":
-            views = {k: [bucket.segment(k, i) for i in batch.index] for k in state}
-            steps = [bucket.steps[i] for i in batch.index]
-            kernels.adam_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
-                                views["exp_avg"], views["exp_avg_sq"], views.get("max_exp_avg_sq", []), steps, o)
-            return
-        table = _launch.scalar_table(kernels.scalars(bucket.steps, o), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.adam_triton if bucket.path == "triton" else kernels.adam_reference
-        run(bucket, batch, state, table, o)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._adam_family import AdamFamily, check_arguments, check_differentiable
+from ._adam_family import AdamFamily, check_arguments
+from .optimizer import refuse_differentiable
 
 
 class Adamax(AdamFamily):
@@ -41,7 +42,7 @@ class Adamax(AdamFamily):
                  differentiable: bool = False, capturable: bool = False,
                  backend: str = "auto"):
         check_arguments(lr, betas, eps, weight_decay)
-        check_differentiable(differentiable)
+        refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable)
         super().__init__(params, defaults, backend=backend)

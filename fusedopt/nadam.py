@@ -4,7 +4,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from ._adam_family import AdamFamily, check_arguments, check_differentiable
+from ._adam_family import AdamFamily, check_arguments
+from .optimizer import refuse_differentiable
 from .kernels import adam as kernels
 
 
@@ -54,7 +55,7 @@ class NAdam(AdamFamily):
         check_arguments(lr, betas, eps, weight_decay)
         if not 0.0 <= momentum_decay:
             raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
-        check_differentiable(differentiable)
+        refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable)

@@ -41,6 +41,13 @@ def _resolve_backend(backend: str) -> str:
     return chosen
 
 
+def refuse_differentiable(differentiable: bool) -> None:
+    """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
+    if differentiable:
+        raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+                           "differentiable. help: use torch.optim for differentiable optimization")
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -129,7 +136,7 @@ class Optimizer(torch.optim.Optimizer):
                 for b in buckets:
                     b.check_params()
                 return buckets
-            except _flat.StaleLayout as stale:
+            except _flat.StaleLayout:
                 self._check_shapes(gi)
         return self._build_group(gi, ids)
 

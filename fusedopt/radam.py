@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._adam_family import AdamFamily, check_arguments, check_differentiable
+from ._adam_family import AdamFamily, check_arguments
+from .optimizer import refuse_differentiable
 
 
 class RAdam(AdamFamily):
@@ -53,7 +54,7 @@ class RAdam(AdamFamily):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  backend: str = "auto"):
         check_arguments(lr, betas, eps, weight_decay)
-        check_differentiable(differentiable)
+        refuse_differentiable(differentiable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         foreach=foreach, capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
                         differentiable=differentiable)

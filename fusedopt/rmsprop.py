@@ -6,7 +6,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import rmsprop as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, refuse_differentiable
 
 
 class RMSprop(Optimizer):
@@ -58,9 +58,7 @@ class RMSprop(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if not 0.0 <= alpha:
             raise ValueError(f"Invalid alpha value: {alpha}")
-        if differentiable:
-            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                               "differentiable. help: use torch.optim for differentiable optimization")
+        refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)

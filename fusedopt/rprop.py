@@ -6,7 +6,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import rprop as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, refuse_differentiable
 
 
 class Rprop(Optimizer):
@@ -48,9 +48,7 @@ class Rprop(Optimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
-        if differentiable:
-            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                               "differentiable. help: use torch.optim for differentiable optimization")
+        refuse_differentiable(differentiable)
         defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, capturable=capturable)
         super().__init__(params, defaults, backend=backend)

@@ -8,7 +8,7 @@ from . import _flat
 from ._flat import memory_order
 from .kernels import _launch
 from .kernels import sgd as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, refuse_differentiable
 
 
 class SGD(Optimizer):
@@ -46,9 +46,7 @@ class SGD(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if differentiable:
-            raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                               "differentiable. help: use torch.optim for differentiable optimization")
+        refuse_differentiable(differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,

@@ -1,5 +1,4 @@
 """The main job runs, agrees with torch, and says so; and it fails loudly when it does not."""
-import pytest
 
 from fusedopt import demo
 

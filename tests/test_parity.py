@@ -4,7 +4,6 @@
 the plain-torch path over the same flat buffers, 'auto' what a user gets by default.
 """
 import pytest
-import torch
 
 from _compare import assert_same_run, run_side_by_side
 from optim_db import all_cases, dtype_cases

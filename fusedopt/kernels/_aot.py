@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._launch import NUM_WARPS, block_size
-from ._triton import tl, triton
+from ._triton import triton
 
 TARGETS = {
     "sm_80": ("cuda", 80, 32),

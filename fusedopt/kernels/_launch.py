@@ -116,6 +116,23 @@ def grid_tables(bucket: _flat.Bucket, batch: _flat.Batch, block: int):
     return segments, numels, block_tensor, block_start
 
 
+def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers: list[torch.Tensor],
+           table: torch.Tensor, **flags) -> None:
+    """Launch a flat-state kernel once over every stepped tensor of the bucket.
+
+    Every such kernel takes the layout arguments first (see `locate`), then its state
+    buffers, then the per-tensor scalar table, then BLOCK, ALIGN, NUM_SCALARS and its own
+    constexpr flags.
+    """
+    block, num_warps = block_config(bucket)
+    offsets, align = pointer_table(bucket, batch)
+    segments, numels, block_tensor, block_start = grid_tables(bucket, batch, block)
+    kernel[(block_tensor.numel(),)](
+        bucket.anchor(), offsets, segments, numels, block_tensor, block_start, *buffers, table,
+        BLOCK=block, ALIGN=align, NUM_SCALARS=table.shape[1], **flags, num_warps=num_warps)
+    record_launch(name)
+
+
 def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype, device) -> torch.Tensor:
     """A [n, K] table of per-tensor scalars in the kernel's compute dtype.
 

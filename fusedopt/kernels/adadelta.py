@@ -87,15 +87,8 @@ def adadelta_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tenso
 def adadelta_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                     table: torch.Tensor, o: AdadeltaOptions) -> None:
     """Launch one Adadelta kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
-    adadelta_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        state["square_avg"], state["acc_delta"], table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS),
-        MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0, num_warps=num_warps)
-    _launch.record_launch("adadelta")
+    _launch.launch(adadelta_kernel, "adadelta", bucket, batch, [state["square_avg"], state["acc_delta"]], table,
+                   MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0)
 
 
 # ------------------------------------------------------------------------- reference

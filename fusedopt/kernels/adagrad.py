@@ -86,15 +86,8 @@ def adagrad_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor
 def adagrad_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                    table: torch.Tensor, o: AdagradOptions) -> None:
     """Launch one Adagrad kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
-    adagrad_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        state["sum"], table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS),
-        MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0, num_warps=num_warps)
-    _launch.record_launch("adagrad")
+    _launch.launch(adagrad_kernel, "adagrad", bucket, batch, [state["sum"]], table,
+                   MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0)
 
 
 # ------------------------------------------------------------------------- reference

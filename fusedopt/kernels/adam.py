@@ -234,19 +234,12 @@ def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
 def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                 table: torch.Tensor, o: AdamOptions) -> None:
     """Launch one kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
     exp_avg = state["exp_avg"]
     exp_avg_sq = state["exp_inf"] if o.variant == "adamax" else state["exp_avg_sq"]
     max_exp_avg_sq = state["max_exp_avg_sq"] if o.amsgrad else exp_avg_sq
-    adam_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        exp_avg, exp_avg_sq, max_exp_avg_sq, table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(columns(o.variant)),
-        AMSGRAD=o.amsgrad, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
-        DECOUPLED=o.decoupled, VARIANT=o.variant, num_warps=num_warps)
-    _launch.record_launch(o.variant)
+    _launch.launch(adam_kernel, o.variant, bucket, batch, [exp_avg, exp_avg_sq, max_exp_avg_sq], table,
+                   AMSGRAD=o.amsgrad, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
+                   DECOUPLED=o.decoupled, VARIANT=o.variant)
 
 
 # ------------------------------------------------------------------------- reference

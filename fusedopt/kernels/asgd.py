@@ -104,15 +104,8 @@ def asgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
 def asgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                 table: torch.Tensor, o: ASGDOptions) -> None:
     """Launch one ASGD kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
-    asgd_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        state["ax"], table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS),
-        MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0, num_warps=num_warps)
-    _launch.record_launch("asgd")
+    _launch.launch(asgd_kernel, "asgd", bucket, batch, [state["ax"]], table,
+                   MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0)
 
 
 # ------------------------------------------------------------------------- reference

@@ -112,20 +112,13 @@ def rmsprop_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor
 def rmsprop_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                    table: torch.Tensor, o: RMSpropOptions) -> None:
     """Launch one RMSprop kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
     square_avg = state["square_avg"]
     # Buffers the options leave out are never touched; square_avg stands in for them.
     grad_avg = state["grad_avg"] if o.centered else square_avg
     momentum_buffer = state["momentum_buffer"] if o.momentum > 0 else square_avg
-    rmsprop_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        square_avg, grad_avg, momentum_buffer, table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS), CENTERED=o.centered,
-        MOMENTUM=o.momentum > 0, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
-        num_warps=num_warps)
-    _launch.record_launch("rmsprop")
+    _launch.launch(rmsprop_kernel, "rmsprop", bucket, batch, [square_avg, grad_avg, momentum_buffer], table,
+                   CENTERED=o.centered, MOMENTUM=o.momentum > 0, MAXIMIZE=o.maximize,
+                   WEIGHT_DECAY=o.weight_decay != 0)
 
 
 # ------------------------------------------------------------------------- reference

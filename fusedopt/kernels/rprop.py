@@ -106,14 +106,8 @@ def rprop_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_p
 def rprop_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                  table: torch.Tensor, o: RpropOptions) -> None:
     """Launch one Rprop kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
-    rprop_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        state["prev"], state["step_size"], table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS), MAXIMIZE=o.maximize, num_warps=num_warps)
-    _launch.record_launch("rprop")
+    _launch.launch(rprop_kernel, "rprop", bucket, batch, [state["prev"], state["step_size"]], table,
+                   MAXIMIZE=o.maximize)
 
 
 # ------------------------------------------------------------------------- reference

@@ -95,18 +95,11 @@ def sgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr
 def sgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                table: torch.Tensor, o: SGDOptions) -> None:
     """Launch one SGD kernel over every stepped tensor of the bucket."""
-    block, num_warps = _launch.block_config(bucket)
-    offsets, align = _launch.pointer_table(bucket, batch)
-    segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
     # Without momentum the kernel never touches the buffer argument; the anchor stands in.
     momentum_buffer = state["momentum_buffer"] if o.momentum != 0 else bucket.anchor()
-    sgd_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        momentum_buffer, table,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=len(COLUMNS), MOMENTUM=o.momentum != 0,
-        NESTEROV=o.nesterov, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
-        num_warps=num_warps)
-    _launch.record_launch("sgd")
+    _launch.launch(sgd_kernel, "sgd", bucket, batch, [momentum_buffer], table,
+                   MOMENTUM=o.momentum != 0, NESTEROV=o.nesterov, MAXIMIZE=o.maximize,
+                   WEIGHT_DECAY=o.weight_decay != 0)
 
 
 # ------------------------------------------------------------------------- reference
