@@ -17,6 +17,17 @@ from .rmsprop import RMSprop
 from .rprop import Rprop
 from .sgd import SGD
 from .sparse_adam import SparseAdam
+from . import schedulers, swa
 
-__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam"]
+# torch.optim's module names, so `import fusedopt as optim` keeps `optim.lr_scheduler.X`
+# and `optim.swa_utils.Y` working: the one-line switch covers schedulers and SWA too.
+lr_scheduler = schedulers
+swa_utils = swa
+
+# torch.optim also has Adafactor and Muon (row/column-factored and matrix-orthogonalising
+# updates, not element-wise). fusedopt has no fused step for them yet: the names are
+# torch's own classes, so code that uses them keeps working after the switch.
+from torch.optim import Adafactor, Muon  # noqa: E402
+
+__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam", "lr_scheduler", "schedulers", "swa", "swa_utils"]
 __version__ = "0.1.0"

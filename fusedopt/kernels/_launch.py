@@ -164,6 +164,14 @@ def locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, bl
 
 
 @triton.jit
+def bf16_bits(value):
+    """The fp32 bit pattern of `value` rounded to bf16, nearest even, NaN kept a NaN."""
+    bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return tl.where(value != value, bits | 0x400000, rounded) & 0xFFFF0000
+
+
+@triton.jit
 def store_as(ptr, offs, value, mask):
     """Store an fp32/fp64 value in the pointer's dtype, bf16 rounded to nearest even.
 
@@ -171,9 +179,6 @@ def store_as(ptr, offs, value, mask):
     casts fp32 to bf16; written out here, the interpreter and the GPU give the same bits.
     """
     if ptr.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = tl.where(value != value, bits | 0x400000, rounded)  # keep NaN a NaN
-        tl.store(ptr + offs, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(ptr + offs, (bf16_bits(value) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)

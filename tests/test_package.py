@@ -1,0 +1,38 @@
+"""`import fusedopt as optim` is a one-line switch from `import torch.optim as optim`."""
+import inspect
+
+import torch
+
+import fusedopt as optim
+
+# Every optimizer class torch.optim exports.
+TORCH_OPTIMIZERS = sorted(name for name, obj in vars(torch.optim).items()
+                          if inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer)
+
+
+# Not fused yet: fusedopt exports torch's own class under the name (see fusedopt/__init__.py).
+TORCH_OWN = {"Adafactor", "Muon"}
+
+
+def test_every_torch_optimizer_has_a_fusedopt_class():
+    assert TORCH_OPTIMIZERS, "found no torch optimizers to compare with"
+    for name in TORCH_OPTIMIZERS:
+        ours = getattr(optim, name)
+        if name in TORCH_OWN:
+            assert ours is getattr(torch.optim, name)
+            continue
+        assert issubclass(ours, torch.optim.Optimizer) and issubclass(ours, optim.Optimizer), name
+        assert ours.__module__.startswith("fusedopt."), f"{name} comes from {ours.__module__}"
+
+
+def test_torch_module_names_work():
+    model = torch.nn.Linear(3, 2)
+    opt = optim.AdamW(model.parameters(), lr=0.1)
+    sched = optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    swa_model = optim.swa_utils.AveragedModel(model)
+    swalr = optim.swa_utils.SWALR(opt, swa_lr=0.05)
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+    assert isinstance(swalr, torch.optim.lr_scheduler.LRScheduler)
+    assert type(sched).__module__.startswith("fusedopt.") and type(swa_model).__module__.startswith("fusedopt.")
+    for name in ("LRScheduler", "StepLR", "OneCycleLR", "ReduceLROnPlateau", "SequentialLR", "CyclicLR"):
+        assert hasattr(optim.lr_scheduler, name), name
