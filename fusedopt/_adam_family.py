@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from ._flat import memory_order
 from .kernels import adam as kernels
 from .optimizer import Optimizer, _as_float
 
@@ -44,12 +43,6 @@ class AdamFamily(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
-        if bucket.path == "native":
-            views = {k: [bucket.segment(k, i) for i in batch.index] for k in state}
-            kernels.adam_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
-                                views["exp_avg"], views["exp_avg_sq"], views.get("max_exp_avg_sq", []),
-                                [bucket.steps[i] for i in batch.index], o)
-            return
         self._advance_scalars(bucket, batch, o)
         kernels.step_bucket(bucket, batch, state, o)
 

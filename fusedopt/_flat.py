@@ -20,7 +20,10 @@ their real view, so a complex64 bucket is a float32 bucket of twice the elements
 """
 from __future__ import annotations
 
+import operator
+import sys
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -28,6 +31,8 @@ from torch import Tensor
 # 16 elements is 16 bytes or more for every dtype we run, so segment starts keep the
 # 16-byte alignment the compiler needs for vectorised (128-bit) loads and stores.
 SEGMENT_ALIGN = 16
+
+_layout = operator.attrgetter("layout")
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,6 +58,48 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def dtensor_class():
+    """torch's DTensor class if it is in use, else None.
+
+    A DTensor can only exist once torch.distributed.tensor is imported, so looking it up in
+    sys.modules keeps `import fusedopt` from paying for that import (half a second).
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor the kernels work on: a DTensor's local shard, any other tensor itself.
+
+    A DTensor's own ``data_ptr()`` is 0, and its shape is the global one, so buckets are laid
+    out over, and kernels run on, local shards (which may be empty).
+    """
+    cls = dtensor_class()
+    return t.to_local() if cls is not None and isinstance(t, cls) else t
+
+
+def shard_like(value: Tensor, like: Tensor) -> Tensor:
+    """`value`, to be copied into the local state of `like` (a parameter or its state).
+
+    For a DTensor `like`, a DTensor value is redistributed to like's placements and a plain
+    tensor of like's global shape is cut to this rank's shard (no communication); a
+    DTensor value for a plain `like` is gathered. Anything else is returned as it is.
+    """
+    cls = dtensor_class()
+    if cls is None:
+        return value
+    if isinstance(like, cls):
+        if isinstance(value, cls):
+            if value.device_mesh != like.device_mesh or tuple(value.placements) != tuple(like.placements):
+                value = value.redistribute(like.device_mesh, like.placements)
+            return value.to_local()
+        if value.shape == like.shape:
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None).to_local()
+        return value
+    return value.full_tensor() if isinstance(value, cls) else value
+
+
 def memory_order(t: Tensor) -> Tensor:
     """A 1-D view of a dense tensor's elements in memory order (real view for complex)."""
     if t.is_complex():
@@ -75,12 +122,25 @@ class Batch:
     grads: list[Tensor]
     everyone: bool                  # every parameter of the bucket has a gradient
     writeback: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    # (grad_scale, multiplier, found_inf) on the bucket's device when the optimizer unscales
+    # (GradScaler with fused=True) or clips inside the kernel; see kernels/_launch.load_grad.
+    grad_ops: Tensor | None = None
     _index_tensor: Tensor | None = None
 
     def index_tensor(self) -> Tensor:
         if self._index_tensor is None:
             self._index_tensor = torch.tensor(self.index, dtype=torch.long)
         return self._index_tensor
+
+    def skipped(self) -> bool:
+        """GradScaler found inf/NaN: the step changes nothing (reference path; syncs)."""
+        return self.grad_ops is not None and bool(self.grad_ops[2] != 0)
+
+    def prepare_grad(self, g: Tensor) -> Tensor:
+        """The reference path's version of the kernels' gradient prologue."""
+        if self.grad_ops is None:
+            return g
+        return g / self.grad_ops[0].to(g.dtype) * self.grad_ops[1].to(g.dtype)
 
     def finish(self) -> None:
         """Copy staged parameters back into the user's tensors."""
@@ -92,18 +152,25 @@ class Bucket:
     """The parameters of one group that share a device and a dtype, and their flat state."""
 
     def __init__(self, params: list[Tensor], positions: list[int], *, scalar_device=None):
-        p0 = params[0]
+        # Layout, pointers and kernels use local shards; `params` stay the user's tensors
+        # (the keys of opt.state), and `specs` say how to show state as DTensors like them.
+        cls = dtensor_class()
+        self.specs = [(p.device_mesh, p.placements, p.shape, p.stride()) if cls is not None and isinstance(p, cls)
+                      else None for p in params]
+        self.sharded = any(s is not None for s in self.specs)
+        shards = [local(p) for p in params] if self.sharded else params
+        p0 = shards[0]
         self.device = p0.device
         self.dtype = p0.dtype
         self.real_dtype = real_dtype(p0.dtype)
         self.is_complex = p0.is_complex()
         self.params = params
         self.positions = positions          # index of each parameter in group["params"]
-        self.shapes = [p.shape for p in params]
-        self.strides = [state_strides(p) for p in params]
-        self.contiguous = [p.is_contiguous() for p in params]
+        self.shapes = [p.shape for p in shards]
+        self.strides = [state_strides(p) for p in shards]
+        self.contiguous = [p.is_contiguous() for p in shards]
         # Element counts of the real view: what the kernel iterates over.
-        self.numels = [p.numel() * (2 if self.is_complex else 1) for p in params]
+        self.numels = [p.numel() * (2 if self.is_complex else 1) for p in shards]
         offsets, total = [], 0
         for n in self.numels:
             offsets.append(total)
@@ -119,7 +186,7 @@ class Bucket:
         self.scalars: dict[str, Tensor] = {}
         self.initialized = [False] * len(params)
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        self._ptrs = [p.data_ptr() for p in params]
+        self._ptrs = [p.data_ptr() for p in shards]
         self._anchor: Tensor | None = None
 
     def __len__(self) -> int:
@@ -142,6 +209,16 @@ class Bucket:
         if self.is_complex:
             seg = torch.view_as_complex(seg.view(-1, 2))
         return seg.as_strided(self.shapes[i], self.strides[i])
+
+    def state_view(self, name: str, i: int) -> Tensor:
+        """What opt.state[p] shows: the view, as a DTensor with p's placements when p is one
+        (torch's optimizers give `zeros_like(p)`, a DTensor); its local tensor is the view."""
+        view = self.view(name, i)
+        spec = self.specs[i]
+        if spec is None:
+            return view
+        mesh, placements, shape, stride = spec
+        return dtensor_class().from_local(view, mesh, placements, run_check=False, shape=shape, stride=stride)
 
     def scalar(self, name: str) -> Tensor:
         """The float32 vector of one per-parameter scalar kind, allocated on first use."""
@@ -168,17 +245,27 @@ class Bucket:
         the new address every step); anything else would silently desynchronise the flat
         state, so it raises. The optimizer rebuilds its buckets instead where it can.
         """
-        ptrs = [p.data_ptr() for p in self.params]
+        shards = [local(p) for p in self.params] if self.sharded else self.params
+        ptrs = list(map(Tensor.data_ptr, shards))
         if ptrs == self._ptrs:
             return
-        for i, (p, old, new) in enumerate(zip(self.params, self._ptrs, ptrs)):
+        for i, (p, old, new) in enumerate(zip(shards, self._ptrs, ptrs)):
             if old != new and (p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device):
                 raise StaleLayout(i)
         self._ptrs = ptrs
-        self.contiguous = [p.is_contiguous() for p in self.params]
+        self.contiguous = [p.is_contiguous() for p in shards]
 
     def collect(self, error_on_sparse: str | None = None) -> Batch | None:
         """Gather the parameters that have a gradient this step, in kernel-ready form."""
+        if not (self.sharded or self.is_complex) and all(self.contiguous):
+            # The common case in one pass of cheap checks (thousands of tiny tensors make
+            # the per-tensor cost count): every parameter has a dense gradient like itself.
+            # (map over C callables: no Python frame per tensor)
+            grads = [p.grad for p in self.params]
+            if (not any(map(operator.is_, grads, repeat(None)))
+                    and all(map(operator.is_, map(_layout, grads), repeat(torch.strided)))
+                    and all(map(Tensor.is_contiguous, grads))):
+                return Batch(list(range(len(grads))), list(self.params), grads, True)
         index, params, grads, writeback = [], [], [], []
         for i, p in enumerate(self.params):
             g = p.grad
@@ -186,6 +273,14 @@ class Bucket:
                 continue
             if g.layout is not torch.strided:
                 raise RuntimeError(error_on_sparse or f"{type(self).__name__} does not support sparse gradients")
+            if self.sharded:
+                spec = self.specs[i]
+                if spec is not None and tuple(getattr(g, "placements", ())) != tuple(spec[1]):
+                    # Another sharding (or a pending Partial sum) would pair the wrong elements.
+                    raise RuntimeError(
+                        f"a DTensor parameter with placements {tuple(spec[1])} has a gradient with placements "
+                        f"{tuple(getattr(g, 'placements', ()))}; redistribute the gradient to the parameter's placements")
+                p, g = local(p), local(g)
             if not (self.contiguous[i] and g.is_contiguous()):
                 p, g = self._conform(i, p, g, writeback)
             if self.is_complex:
@@ -279,7 +374,7 @@ def split_group(params: list[Tensor]) -> list[tuple[list[Tensor], list[int]]]:
     """Split a group's parameters into (device, dtype) buckets, in order of appearance."""
     buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for pos, p in enumerate(params):
-        members, positions = buckets.setdefault((p.device, p.dtype), ([], []))
+        members, positions = buckets.setdefault((local(p).device, p.dtype), ([], []))
         members.append(p)
         positions.append(pos)
     return list(buckets.values())

@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from ._flat import memory_order
 from .kernels import _launch
 from .kernels import adagrad as kernels
 from .optimizer import Optimizer, _as_float, refuse_differentiable
@@ -69,6 +68,11 @@ class Adagrad(Optimizer):
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, backend=backend)
+        if fused:
+            # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf
+            # and the kernel unscales and skips on the device. Off by default, because
+            # frameworks (Lightning) refuse to clip gradients for such optimizers.
+            self._step_supports_amp_scaling = True
         # torch creates every parameter's state here, not at its first step.
         for gi, group in enumerate(self.param_groups):
             for bucket in self._group_buckets(gi):
@@ -104,11 +108,6 @@ class Adagrad(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
-        if bucket.path == "native":
-            kernels.adagrad_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
-                                   [bucket.segment("sum", i) for i in batch.index],
-                                   [bucket.steps[i] for i in batch.index], o)
-            return
         table = _launch.scalar_table(kernels.scalars(bucket.steps, o), len(bucket),
                                      _launch.compute_dtype(bucket.real_dtype), bucket.device)
         run = kernels.adagrad_triton if bucket.path == "triton" else kernels.adagrad_reference

@@ -68,6 +68,11 @@ class Adam(AdamFamily):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend)
+        if fused:
+            # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf
+            # and the kernel unscales and skips on the device. Off by default, because
+            # frameworks (Lightning) refuse to clip gradients for such optimizers.
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)

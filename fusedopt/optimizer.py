@@ -10,8 +10,8 @@ it replaces is where state lives and how a step runs:
   writes into it (ZeRO, DCP and frameworks assign state directly) land in the buffers.
 * `step()` runs one update per bucket, on one of three paths chosen at bucket build:
   'triton' (the fused kernel), 'reference' (plain torch ops on the flat buffers, which
-  validates the kernel), or 'native' (torch's own fused CPU kernel on the flat-state
-  views, where torch has one: the fastest correct path on CPU).
+  validates the kernel), or 'native' (torch's own CPU implementation, its fused kernel
+  where torch has one, on the flat state: the fastest correct path on CPU; `_native.py`).
 
 A subclass declares its flat state kinds and supplies `_update`, which receives the
 bucket, the batch of tensors that have gradients, and the path.
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _flat
+from . import _flat, _native
 from .kernels import _launch
 from .kernels._triton import AVAILABLE as TRITON_AVAILABLE
 
@@ -65,7 +65,7 @@ class _ParamState(dict):
             if value.shape != current.shape:
                 raise ValueError(
                     f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
-            current.copy_(value)
+            _flat.local(current).copy_(_flat.shard_like(value, current))
             return
         super().__setitem__(key, value)
 
@@ -104,12 +104,13 @@ class Optimizer(torch.optim.Optimizer):
     #: torch keeps scalar state on the CPU for most algorithms, on the parameter's device
     #: for a few (ASGD)
     _scalars_on_param_device = False
-    #: whether torch has a fused CPU kernel for this algorithm (the 'native' path)
+    #: whether torch has a fused CPU kernel for this algorithm, which the 'native' path
+    #: then runs (otherwise it runs torch's foreach implementation)
     _native = False
-    #: dtypes for which torch's fused CPU kernels are trusted. In torch 2.13 `SGD(fused=True)`
-    #: on CPU leaves bf16 and fp16 parameters unchanged, silently; fp32 and fp64 match the
-    #: for-loop exactly for every fused CPU op (tests/test_backend.py pins both facts).
-    _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+    #: dtypes for which torch's fused CPU kernels are trusted: fp32 and fp64 match the
+    #: for-loop for every fused CPU op; bf16 is right for Adam, AdamW and Adagrad (their
+    #: fused math runs in fp32) but not SGD's, which overrides this.
+    _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16)
     _sparse_error: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto"):
@@ -160,7 +161,10 @@ class Optimizer(torch.optim.Optimizer):
         carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
         buckets = []
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
-            scalar_device = params[0].device if self._scalars_on_param_device else None
+            # torch keeps `step` on the parameter's device for fused and capturable groups
+            # (so a GradScaler-skipped step can be taken back without a host sync).
+            on_device = self._scalars_on_param_device or group.get("fused") or group.get("capturable")
+            scalar_device = _flat.local(params[0]).device if on_device else None
             bucket = _flat.Bucket(params, positions, scalar_device=scalar_device)
             bucket.path = self._choose_path(bucket.device, bucket.dtype)
             for i, p in enumerate(params):
@@ -178,10 +182,10 @@ class Optimizer(torch.optim.Optimizer):
             _launch.check_runnable(device)
             return "triton"
         # auto: the kernel on GPUs (CUDA and ROCm both report 'cuda'), the fastest
-        # correct path on CPU: torch's fused CPU kernel where one exists.
+        # correct path on CPU: torch's own implementation on the flat state.
         if device.type == "cuda" and TRITON_AVAILABLE:
             return "triton"
-        if device.type == "cpu" and self._native and (dtype is None or dtype in self._native_dtypes):
+        if device.type == "cpu" and _native.implementation(type(self)) is not None:
             return "native"
         return "reference"
 
@@ -214,8 +218,12 @@ class Optimizer(torch.optim.Optimizer):
             elif key in self._flat_state and isinstance(value, Tensor):
                 bucket.buffer(key)
                 view = bucket.view(key, i)
+                value = _flat.shard_like(value, p) if bucket.sharded else value
+                if bucket.sharded and value.shape != view.shape:
+                    raise ValueError(f"state '{key}' has a local shard of shape {tuple(value.shape)}; "
+                                     f"this rank's shard of the parameter has shape {tuple(view.shape)}")
                 view.copy_(value)
-                dict.__setitem__(state, key, view)
+                dict.__setitem__(state, key, bucket.state_view(key, i))
                 flat = True
             else:
                 dict.__setitem__(state, key, value)
@@ -255,7 +263,7 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     bucket.buffer(key)
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
-                    dict.__setitem__(state, key, bucket.view(key, i))
+                    dict.__setitem__(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
 
     def _state_keys(self, group: dict) -> list[str]:
@@ -303,17 +311,44 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync_state()
+        amp = self._amp_inputs()
         for gi, group in enumerate(self.param_groups):
             for bucket in self._group_buckets(gi):
                 batch = bucket.collect(self._sparse_error)
                 if batch is None:
                     continue
-                fresh = [i for i in batch.index if not bucket.initialized[i]]
+                fresh = [] if all(bucket.initialized) else [i for i in batch.index if not bucket.initialized[i]]
                 if fresh:
                     self._init_state(group, bucket, fresh)
-                self._update(group, bucket, batch, fresh)
+                if amp is not None:
+                    batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *amp)
+                if not (bucket.path == "native" and _native.step(self, group, bucket, batch, fresh)):
+                    self._update(group, bucket, batch, fresh)
+                if amp is not None and amp[1] is not None:
+                    self._undo_steps(bucket, batch, amp[1])
                 batch.finish()
         return loss
+
+    def _amp_inputs(self) -> tuple[Tensor | None, Tensor | None] | None:
+        """GradScaler's (grad_scale, found_inf), which it sets on optimizers that declare
+        `_step_supports_amp_scaling` (fused=True) before calling `step()`."""
+        if not getattr(self, "_step_supports_amp_scaling", False):
+            return None
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        return None if grad_scale is None and found_inf is None else (grad_scale, found_inf)
+
+    @staticmethod
+    def _undo_steps(bucket: _flat.Bucket, batch: _flat.Batch, found_inf: Tensor) -> None:
+        """A skipped step must not count: take back the increment, on the device, no sync
+        (torch's fused optimizers do the same)."""
+        if "step" not in bucket.scalars:
+            return
+        steps = bucket.steps
+        back = found_inf.to(device=steps.device, dtype=steps.dtype, non_blocking=True).reshape(())
+        if batch.everyone:
+            steps.sub_(back)
+        else:
+            steps[batch.index_tensor().to(steps.device)] -= back
 
     def _update(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list[int]) -> None:
         raise NotImplementedError

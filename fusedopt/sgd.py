@@ -5,7 +5,6 @@ import torch
 from torch import Tensor
 
 from . import _flat
-from ._flat import memory_order
 from .kernels import _launch
 from .kernels import sgd as kernels
 from .optimizer import Optimizer, _as_float, refuse_differentiable
@@ -31,6 +30,9 @@ class SGD(Optimizer):
 
     _flat_state = ("momentum_buffer",)
     _native = True
+    # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
+    # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.
+    _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -53,6 +55,11 @@ class SGD(Optimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
         super().__init__(params, defaults, backend=backend)
+        if fused:
+            # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf
+            # and the kernel unscales and skips on the device. Off by default, because
+            # frameworks (Lightning) refuse to clip gradients for such optimizers.
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -75,12 +82,6 @@ class SGD(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         # A momentum buffer starts as a copy of the gradient on its parameter's first step.
-        fresh_set = set(fresh)
-        if bucket.path == "native":
-            bufs = [bucket.segment("momentum_buffer", i) for i in batch.index] if o.momentum != 0 else []
-            kernels.sgd_native([memory_order(p) for p in batch.params], [memory_order(g) for g in batch.grads],
-                               bufs, [i in fresh_set for i in batch.index], o)
-            return
         first = torch.zeros(len(bucket), dtype=torch.float64)
         if fresh:
             first[torch.tensor(fresh)] = 1.0

@@ -73,3 +73,43 @@ def test_grad_scaler_matches_torch_and_skips_inf_steps(torch_cls, fused_cls, opt
     assert a == b
     for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
         assert_close(f"param {i}", q.detach(), p.detach())
+
+
+FUSED = [
+    pytest.param(torch.optim.AdamW, fusedopt.AdamW, dict(lr=1e-2, amsgrad=True), id="AdamW"),
+    pytest.param(torch.optim.Adam, fusedopt.Adam, dict(lr=1e-2, weight_decay=0.1, maximize=True), id="Adam"),
+    pytest.param(torch.optim.SGD, fusedopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True), id="SGD"),
+    pytest.param(torch.optim.Adagrad, fusedopt.Adagrad, dict(lr=1e-2, weight_decay=0.1), id="Adagrad"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("torch_cls,fused_cls,options", FUSED)
+def test_fused_true_unscales_in_the_kernel_like_torch_fused(torch_cls, fused_cls, options, backend):
+    """fused=True: GradScaler hands grad_scale/found_inf to step(), as to torch's fused optimizers."""
+    model, x, y = model_and_data()
+    twin = copy.deepcopy(model)
+    ref = torch_cls(model.parameters(), fused=True, **options)
+    opt = fused_cls(twin.parameters(), fused=True, backend=backend, **options)
+    assert opt._step_supports_amp_scaling and ref._step_supports_amp_scaling
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    s_new = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    a = train(model, ref, s_ref, x, y, 3)
+    b = train(twin, opt, s_new, x, y, 3)
+    params_before = [p.detach().clone() for p in twin.parameters()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    a += train(model, ref, s_ref, x, y, 1, inf_at=(0,))
+    b += train(twin, opt, s_new, x, y, 1, inf_at=(0,))
+    assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), params_before)), "a skipped step moved params"
+    for k, entry in state_before.items():
+        for key, value in entry.items():
+            assert torch.equal(opt.state_dict()["state"][k][key], value), f"{key} of param {k} changed on a skipped step"
+    a += train(model, ref, s_ref, x, y, 3)
+    b += train(twin, opt, s_new, x, y, 3)
+    assert a == b
+    for (i, (p, q)), (k, entry) in zip(enumerate(zip(model.parameters(), twin.parameters())), ref.state_dict()["state"].items()):
+        assert_close(f"param {i}", q.detach(), p.detach())
+        for key, value in entry.items():
+            got = opt.state_dict()["state"][k][key]
+            assert got.device == value.device and got.dtype == value.dtype, key
+            assert_close(f"{key} of param {k}", got, value)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt import _native
 from _compare import assert_close
 
 
@@ -85,11 +86,12 @@ def test_import_and_step_without_triton_installed():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_auto_on_cpu_avoids_torch_fused_kernels_for_low_precision(dtype):
     """torch 2.13's fused CPU SGD leaves bf16/fp16 parameters unchanged without a word.
-    fusedopt must not inherit that: 'auto' takes the reference path for those dtypes."""
+    fusedopt must not inherit that: 'auto' runs torch's foreach SGD for those dtypes."""
     p = torch.nn.Parameter(torch.randn(64).to(dtype))
     p.grad = torch.ones(64, dtype=dtype)
     opt = fusedopt.SGD([p], lr=0.5)
-    assert paths(opt) == ["reference"]
+    assert paths(opt) == ["native"]
+    assert not _native.uses_fused(opt, dtype)
     before = p.detach().clone()
     opt.step()
     assert torch.equal(p.detach(), before - 0.5)

@@ -117,20 +117,46 @@ def grid_tables(bucket: _flat.Bucket, batch: _flat.Batch, block: int):
 
 
 def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers: list[torch.Tensor],
-           table: torch.Tensor, **flags) -> None:
+           table: torch.Tensor, grad_ops: torch.Tensor | None = None, **flags) -> None:
     """Launch a flat-state kernel once over every stepped tensor of the bucket.
 
     Every such kernel takes the layout arguments first (see `locate`), then its state
     buffers, then the per-tensor scalar table, then BLOCK, ALIGN, NUM_SCALARS and its own
-    constexpr flags.
+    constexpr flags. Kernels with a gradient prologue (see `load_grad`) also take the
+    `grad_ops` tensor after the table and the GRAD_OPS flag.
     """
     block, num_warps = block_config(bucket)
     offsets, align = pointer_table(bucket, batch)
     segments, numels, block_tensor, block_start = grid_tables(bucket, batch, block)
+    extra = ()
+    if "GRAD_OPS" in kernel.arg_names:
+        extra = (table if grad_ops is None else grad_ops,)  # never read without GRAD_OPS
+        flags["GRAD_OPS"] = grad_ops is not None
+    elif grad_ops is not None:
+        raise RuntimeError(f"fusedopt: the {name} kernel cannot unscale or clip gradients itself")
     kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start, *buffers, table,
+        bucket.anchor(), offsets, segments, numels, block_tensor, block_start, *buffers, table, *extra,
         BLOCK=block, ALIGN=align, NUM_SCALARS=table.shape[1], **flags, num_warps=num_warps)
     record_launch(name)
+
+
+def grad_ops_tensor(device: torch.device, grad_scale: torch.Tensor | None = None,
+                    found_inf: torch.Tensor | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
+    """(grad_scale, multiplier, found_inf) as one fp32 tensor on `device`, with no host sync:
+    GradScaler's scale and found_inf stay where they are computed until the kernel reads them."""
+    one = torch.ones((), dtype=torch.float32, device=device)
+    parts = [t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(()) if t is not None else z
+             for t, z in ((grad_scale, one), (multiplier, one), (found_inf, torch.zeros_like(one)))]
+    return torch.stack(parts)
+
+
+def native_amp_args(grad_ops: torch.Tensor | None) -> dict:
+    """grad_scale/found_inf keyword arguments for torch's fused CPU ops (which cannot clip)."""
+    if grad_ops is None:
+        return {}
+    if bool(grad_ops[1] != 1):
+        raise RuntimeError("fusedopt: torch's fused CPU kernels cannot clip; this bucket needs another path")
+    return {"grad_scale": grad_ops[0:1], "found_inf": grad_ops[2:3]}
 
 
 def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -139,7 +165,11 @@ def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype
     Columns are per-tensor float64 vectors computed on the host (bias corrections, step
     sizes) or group-wide floats, broadcast. One copy to the device per step and bucket.
     """
-    cols = [c if isinstance(c, torch.Tensor) else torch.full((n,), float(c), dtype=torch.float64) for c in columns]
+    # Built where the per-tensor columns live: on the CPU, or on the device when the
+    # scalar state is kept there (fused/capturable), so no value crosses to the host.
+    home = next((c.device for c in columns if isinstance(c, torch.Tensor)), torch.device("cpu"))
+    cols = [c.to(torch.float64) if isinstance(c, torch.Tensor) else torch.full((n,), float(c), dtype=torch.float64, device=home)
+            for c in columns]
     return torch.stack(cols, dim=1).to(dtype).to(device, non_blocking=True)
 
 
@@ -161,6 +191,26 @@ def locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, bl
     p_off = tl.multiple_of(tl.load(table_ptr + 2 * t), ALIGN)
     g_off = tl.multiple_of(tl.load(table_ptr + 2 * t + 1), ALIGN)
     return t, start, numel, seg, anchor_ptr + p_off, anchor_ptr + g_off
+
+
+@triton.jit
+def skipped(grad_ops_ptr, GRAD_OPS: tl.constexpr):
+    """True when GradScaler found inf/NaN gradients: the step must change nothing."""
+    if GRAD_OPS:
+        return tl.load(grad_ops_ptr + 2) != 0
+    return False
+
+
+@triton.jit
+def load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE: tl.constexpr, GRAD_OPS: tl.constexpr):
+    """The gradient in the compute dtype: unscaled (divided by GradScaler's scale, as
+    torch's fused kernels do), multiplied by a clip coefficient, and negated to maximize."""
+    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    if GRAD_OPS:
+        g = g / tl.load(grad_ops_ptr).to(cdt) * tl.load(grad_ops_ptr + 1).to(cdt)
+    if MAXIMIZE:
+        g = -g
+    return g
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate, store_as
+from ._launch import load_grad, locate, skipped, store_as
 from ._triton import tl, triton
 
 
@@ -45,18 +45,16 @@ def scalars(steps: torch.Tensor, o: AdagradOptions) -> list[torch.Tensor | float
 # ------------------------------------------------------------------------- Triton kernel
 
 @triton.jit
-def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr,
-                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr, grad_ops_ptr,
+                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
     neg_clr = tl.load(s_ptr + 0)
     eps = tl.load(s_ptr + 1)
     weight_decay = tl.load(s_ptr + 2)
     cdt = neg_clr.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
     state_sum = tl.load(sum_ptr + offs, mask=mask).to(cdt)
-    if MAXIMIZE:
-        g = -g
     if WEIGHT_DECAY:
         g = g + weight_decay * p
     state_sum = state_sum + g * g
@@ -69,25 +67,28 @@ def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr,
 
 @triton.jit
 def adagrad_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                   sum_ptr, scalars_ptr,
+                   sum_ptr, scalars_ptr, grad_ops_ptr,
                    BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
     s_ptr = scalars_ptr + t * NUM_SCALARS
     acc_ptr = sum_ptr + seg
+    if skipped(grad_ops_ptr, GRAD_OPS):
+        return
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, None, s_ptr, grad_ops_ptr, MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
     else:
-        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, offs < numel, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, offs < numel, s_ptr, grad_ops_ptr, MAXIMIZE, WEIGHT_DECAY,
+                        GRAD_OPS)
 
 
 def adagrad_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                    table: torch.Tensor, o: AdagradOptions) -> None:
     """Launch one Adagrad kernel over every stepped tensor of the bucket."""
     _launch.launch(adagrad_kernel, "adagrad", bucket, batch, [state["sum"]], table,
-                   MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0)
+                   MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0, grad_ops=batch.grad_ops)
 
 
 # ------------------------------------------------------------------------- reference
@@ -95,11 +96,13 @@ def adagrad_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
 def adagrad_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                       table: torch.Tensor, o: AdagradOptions) -> None:
     """The same update in plain torch ops over the same flat buffers."""
+    if batch.skipped():
+        return
     cdt = table.dtype
     s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
     stepped = bucket.stepped_elements(batch)
     p = bucket.gather(batch.params, batch.index, cdt)
-    g = bucket.gather(batch.grads, batch.index, cdt)
+    g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
     state_sum = state["sum"].to(cdt)
 
     if o.maximize:
@@ -115,13 +118,14 @@ def adagrad_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
 
 # ------------------------------------------------------------------------- native CPU
 
-def adagrad_native(params, grads, sums, steps, o: AdagradOptions) -> None:
+def adagrad_native(params, grads, sums, steps, o: AdagradOptions, grad_ops: torch.Tensor | None = None) -> None:
     """torch's own fused CPU kernel on fusedopt's flat-state views (the 'auto' CPU path).
 
     `steps` must already count this step, as torch's caller increments them first.
     """
     torch._fused_adagrad_(params, grads, sums, steps, lr=o.lr, lr_decay=o.lr_decay,
-                          weight_decay=o.weight_decay, eps=o.eps, maximize=o.maximize)
+                          weight_decay=o.weight_decay, eps=o.eps, maximize=o.maximize,
+                          **_launch.native_amp_args(grad_ops))
 
 
 # ------------------------------------------------------------------------- AOT variants
@@ -130,13 +134,13 @@ def _variants():
     from ._aot import Variant, layout_pointers
 
     out = []
-    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)}
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "amp": dict(GRAD_OPS=True)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False)
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MAXIMIZE=False, WEIGHT_DECAY=False)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
-            pointers.update(sum_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            pointers.update(sum_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
             out.append(Variant(f"adagrad-{label}-{str(dtype)[6:]}", adagrad_kernel, pointers, constexprs,
                                loads=3, stores=2, dtype=dtype))
     return out

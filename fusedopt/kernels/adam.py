@@ -40,7 +40,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate, store_as
+from ._launch import load_grad, locate, skipped, store_as
 from ._triton import tl, triton
 
 
@@ -144,9 +144,9 @@ def _div(x, y):
 
 
 @triton.jit
-def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr,
+def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr, grad_ops_ptr,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                 DECOUPLED: tl.constexpr, VARIANT: tl.constexpr):
+                 DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr):
     step_size = tl.load(s_ptr + 0)
     bc2_sqrt = tl.load(s_ptr + 1)
     one_minus_beta1 = tl.load(s_ptr + 2)
@@ -158,10 +158,8 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr,
     cdt = step_size.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
     exp_avg = tl.load(m_ptr + offs, mask=mask).to(cdt)
-    if MAXIMIZE:
-        g = -g
     if WEIGHT_DECAY:
         if DECOUPLED:
             p = p * decay
@@ -209,10 +207,10 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr,
 
 @triton.jit
 def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scalars_ptr,
+                exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scalars_ptr, grad_ops_ptr,
                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                DECOUPLED: tl.constexpr, VARIANT: tl.constexpr):
+                DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr):
     # exp_avg_sq_ptr is the second state stream: Adamax's exp_inf.
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
@@ -223,12 +221,14 @@ def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
     vmax_ptr = max_exp_avg_sq_ptr + seg
     # Whole blocks go unmasked: a mask the compiler cannot prove uniform over 4 lanes
     # would cost the 128-bit accesses. Only a tensor's last block pays for the mask.
+    if skipped(grad_ops_ptr, GRAD_OPS):
+        return
     if start + BLOCK <= numel:
-        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, s_ptr,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT)
+        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, s_ptr, grad_ops_ptr,
+                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS)
     else:
-        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, s_ptr,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT)
+        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, s_ptr, grad_ops_ptr,
+                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS)
 
 
 def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -239,7 +239,7 @@ def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch
     max_exp_avg_sq = state["max_exp_avg_sq"] if o.amsgrad else exp_avg_sq
     _launch.launch(adam_kernel, o.variant, bucket, batch, [exp_avg, exp_avg_sq, max_exp_avg_sq], table,
                    AMSGRAD=o.amsgrad, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
-                   DECOUPLED=o.decoupled, VARIANT=o.variant)
+                   DECOUPLED=o.decoupled, VARIANT=o.variant, grad_ops=batch.grad_ops)
 
 
 # ------------------------------------------------------------------------- reference
@@ -247,11 +247,13 @@ def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch
 def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                    table: torch.Tensor, o: AdamOptions) -> None:
     """The same update in plain torch ops over the same flat buffers."""
+    if batch.skipped():
+        return
     cdt = table.dtype
     s = {name: bucket.expand(table[:, j]) for j, name in enumerate(columns(o.variant))}
     stepped = bucket.stepped_elements(batch)
     p = bucket.gather(batch.params, batch.index, cdt)
-    g = bucket.gather(batch.grads, batch.index, cdt)
+    g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
     exp_avg = state["exp_avg"].to(cdt)
 
     if o.maximize:
@@ -303,11 +305,13 @@ def step_bucket(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch
 
 # ------------------------------------------------------------------------- native CPU
 
-def adam_native(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, o: AdamOptions) -> None:
+def adam_native(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, o: AdamOptions,
+                grad_ops: torch.Tensor | None = None) -> None:
     """torch's own fused CPU kernel, run on fusedopt's flat-state views (the 'auto' CPU path)."""
     op = torch._fused_adamw_ if o.decoupled else torch._fused_adam_
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=o.lr, beta1=o.beta1,
-       beta2=o.beta2, weight_decay=o.weight_decay, eps=o.eps, amsgrad=o.amsgrad, maximize=o.maximize)
+       beta2=o.beta2, weight_decay=o.weight_decay, eps=o.eps, amsgrad=o.amsgrad, maximize=o.maximize,
+       **_launch.native_amp_args(grad_ops))
 
 
 # ------------------------------------------------------------------------- AOT variants
@@ -318,6 +322,7 @@ def _variants():
     out = []
     flag_sets = {
         "adam": {"plain": {}, "amsgrad": dict(AMSGRAD=True), "l2": dict(WEIGHT_DECAY=True),
+                 "amp-amsgrad": dict(AMSGRAD=True, GRAD_OPS=True),
                  "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True)},
         "adamax": {"plain": {}, "l2-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)},
         "nadam": {"plain": {}, "l2": dict(WEIGHT_DECAY=True),
@@ -328,12 +333,12 @@ def _variants():
     for variant, sets in flag_sets.items():
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             for label, flags in sets.items():
-                constexprs = dict(NUM_SCALARS=len(columns(variant)), AMSGRAD=False, MAXIMIZE=False,
+                constexprs = dict(NUM_SCALARS=len(columns(variant)), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
                                   WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant)
                 constexprs.update(flags)
                 pointers = layout_pointers(dtype)
                 pointers.update(exp_avg_ptr=dtype, exp_avg_sq_ptr=dtype, max_exp_avg_sq_ptr=dtype,
-                                scalars_ptr=_launch.compute_dtype(dtype))
+                                scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
                 amsgrad = constexprs["AMSGRAD"]
                 out.append(Variant(f"{variant}-{label}-{str(dtype)[6:]}", adam_kernel, pointers, constexprs,
                                    loads=4 + amsgrad, stores=3 + amsgrad, dtype=dtype))

@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate, store_as
+from ._launch import load_grad, locate, skipped, store_as
 from ._triton import tl, triton
 
 
@@ -44,9 +44,9 @@ def scalars(first: torch.Tensor, o: SGDOptions) -> list[torch.Tensor | float]:
 # ------------------------------------------------------------------------- Triton kernel
 
 @triton.jit
-def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr,
+def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr, grad_ops_ptr,
                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                WEIGHT_DECAY: tl.constexpr):
+                WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
     first = tl.load(s_ptr + 0)
     lr = tl.load(s_ptr + 1)
     momentum = tl.load(s_ptr + 2)
@@ -55,9 +55,7 @@ def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr,
     cdt = lr.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
-    if MAXIMIZE:
-        g = -g
+    g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
     if WEIGHT_DECAY:
         g = g + weight_decay * p
     if MOMENTUM:
@@ -76,20 +74,23 @@ def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr,
 
 @triton.jit
 def sgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-               momentum_buffer_ptr, scalars_ptr,
+               momentum_buffer_ptr, scalars_ptr, grad_ops_ptr,
                BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               WEIGHT_DECAY: tl.constexpr):
+               WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
     s_ptr = scalars_ptr + t * NUM_SCALARS
     buf_ptr = momentum_buffer_ptr + seg
+    if skipped(grad_ops_ptr, GRAD_OPS):
+        return
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, None, s_ptr, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY)
+        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, None, s_ptr, grad_ops_ptr, MOMENTUM, NESTEROV, MAXIMIZE,
+                    WEIGHT_DECAY, GRAD_OPS)
     else:
-        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, offs < numel, s_ptr, MOMENTUM, NESTEROV, MAXIMIZE,
-                    WEIGHT_DECAY)
+        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, offs < numel, s_ptr, grad_ops_ptr, MOMENTUM, NESTEROV,
+                    MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
 
 
 def sgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -99,7 +100,7 @@ def sgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.
     momentum_buffer = state["momentum_buffer"] if o.momentum != 0 else bucket.anchor()
     _launch.launch(sgd_kernel, "sgd", bucket, batch, [momentum_buffer], table,
                    MOMENTUM=o.momentum != 0, NESTEROV=o.nesterov, MAXIMIZE=o.maximize,
-                   WEIGHT_DECAY=o.weight_decay != 0)
+                   WEIGHT_DECAY=o.weight_decay != 0, grad_ops=batch.grad_ops)
 
 
 # ------------------------------------------------------------------------- reference
@@ -107,11 +108,13 @@ def sgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.
 def sgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
                   table: torch.Tensor, o: SGDOptions) -> None:
     """The same update in plain torch ops over the same flat buffers."""
+    if batch.skipped():
+        return
     cdt = table.dtype
     s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
     stepped = bucket.stepped_elements(batch)
     p = bucket.gather(batch.params, batch.index, cdt)
-    g = bucket.gather(batch.grads, batch.index, cdt)
+    g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
 
     if o.maximize:
         g = -g
@@ -128,21 +131,25 @@ def sgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, tor
 
 # ------------------------------------------------------------------------- native CPU
 
-def sgd_native(params, grads, momentum_buffers, first: list[bool], o: SGDOptions) -> None:
+def sgd_native(params, grads, momentum_buffers, first: list[bool], o: SGDOptions,
+               grad_ops: torch.Tensor | None = None) -> None:
     """torch's own fused CPU kernel on fusedopt's flat-state views (the 'auto' CPU path).
 
     torch's op takes one `is_first_step` for all tensors; tensors whose momentum buffer
     starts now and those continuing one go in two calls.
     """
+    bufs = momentum_buffers if o.momentum != 0 else []
     for is_first in (True, False):
-        pick = [i for i, f in enumerate(first) if f == is_first]
-        if not pick:
+        if is_first not in first:
             continue
-        bufs = [momentum_buffers[i] for i in pick] if o.momentum != 0 else []
-        torch._fused_sgd_([params[i] for i in pick], [grads[i] for i in pick], bufs,
+        ps, gs, bs = params, grads, bufs  # one call when all agree: every step but the first
+        if not all(f == is_first for f in first):
+            pick = [i for i, f in enumerate(first) if f == is_first]
+            ps, gs, bs = [params[i] for i in pick], [grads[i] for i in pick], [bufs[i] for i in pick] if bufs else []
+        torch._fused_sgd_(ps, gs, bs,
                           weight_decay=o.weight_decay, momentum=o.momentum, lr=o.lr,
                           dampening=o.dampening, nesterov=o.nesterov, maximize=o.maximize,
-                          is_first_step=is_first)
+                          is_first_step=is_first, **_launch.native_amp_args(grad_ops))
 
 
 # ------------------------------------------------------------------------- AOT variants
@@ -151,15 +158,15 @@ def _variants():
     from ._aot import Variant, layout_pointers
 
     out = []
-    flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True),
+    flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True), "amp-momentum": dict(MOMENTUM=True, GRAD_OPS=True),
                  "nesterov-wd-maximize": dict(MOMENTUM=True, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=True)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), MOMENTUM=False, NESTEROV=False, MAXIMIZE=False,
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MOMENTUM=False, NESTEROV=False, MAXIMIZE=False,
                               WEIGHT_DECAY=False)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
-            pointers.update(momentum_buffer_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            pointers.update(momentum_buffer_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
             momentum = constexprs["MOMENTUM"]
             # The momentum buffer is not read on a tensor's first step, so only the
             # continuing branch streams it: count the loads of that branch.

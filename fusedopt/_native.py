@@ -1,0 +1,425 @@
+"""The 'native' path: torch's own CPU implementation of an algorithm, run on fusedopt's
+flat state. It is what `backend='auto'` takes on a CPU.
+
+On a CPU the fastest correct step is torch's own code: its fused kernel where torch has
+one that is right for the dtype (Adam, AdamW and Adagrad in fp32, fp64 and bf16; SGD in
+fp32 and fp64, see `Optimizer._native_dtypes`), its multi-tensor (foreach) implementation
+otherwise. The numbers are therefore torch's, to the rounding in which torch's own paths
+differ from each other. What the flat layout adds is fewer, larger tensors:
+
+* a large tensor is handed to torch as itself, with views of its state segments in its
+  own shape and strides (nothing is copied);
+* a run of consecutive small tensors is handed over as one tensor: its parameters and
+  gradients are gathered by one `torch.cat` with the zero padding between segments, so
+  the gathered tensor lines up with the run's slice of each flat state buffer, which is
+  passed as it is; after the step one `_foreach_copy_` returns the parameters.
+
+torch's multi-tensor CPU paths pay per tensor and per op (a dispatch, a loop over the
+list), so a run of a thousand tiny tensors costs one tensor's overhead plus a gather and a
+scatter. Its fused kernels and its SGD cost less per tensor than that: they get no runs,
+only the flat state (and one op for every tensor's step count instead of one each). A run
+shares one step count (and NAdam's `mu_product`, ASGD's `eta` and `mu`): runs stop where
+those differ, or where a tensor has no gradient this step, and the run's first tensor's
+scalars stand for it, copied to the others after the step. Padding elements compute on
+zeros and stay finite; nothing reads them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+# The functional API of each algorithm (torch.optim imports only some of these modules).
+from torch.optim import adadelta, adagrad, adam, adamax, asgd, nadam, radam, rmsprop, rprop, sgd
+
+from . import _flat
+from .kernels import adagrad as adagrad_kernels
+from .kernels import adam as adam_kernels
+from .kernels import sgd as sgd_kernels
+
+# Tensors smaller than this (elements) join runs. torch's multi-tensor implementations pay
+# a dispatch per tensor per op, ten to twenty ops a step, which a gather and a scatter (a
+# copy each way) undercut up to tens of thousands of elements. Its fused kernels cost less
+# per tensor (0.6 us for Adam on this CPU) than the copies would: no runs for them.
+RUN_BELOW = {"fused": 0, "foreach": 16384}
+# A run costs two torch.cat calls a step plus a share of one scatter, about what eight
+# tensors' dispatches save: shorter sequences of small tensors (a LayerNorm's weight and
+# bias between two matrices) go as tensors of their own.
+MIN_RUN = 8
+# Which of torch's two non-fused implementations runs an entry: the multi-tensor one (an
+# op over every entry, then the next op: one dispatch per op) or the for-loop (every op on
+# one entry, then the next: the entry's tensors stay in the core's cache between ops).
+# Measured on this project's 2-core CPU (2 MB of L2 per core), four fp32 tensors each
+# way, the for-loop took 80-90% of the multi-tensor time for tensors of 128 KB to 1 MB
+# (NAdam) or 2 MB (Adamax, RMSprop; Adadelta at every size above), and as much or more
+# outside (dispatches below, L3 traffic alike above); for ASGD, whose multi-tensor code
+# makes more passes, it wins at every size. Entries whose bytes fall in an algorithm's
+# [low, high) window take the for-loop; the rest, and every entry of an unlisted
+# algorithm, the multi-tensor code. RAdam's for-loop does more work, Rprop's and SGD's
+# gain too little to pay for a second call.
+LOOP_WINDOW = {"ASGD": (0, None), "NAdam": (1 << 17, 1 << 20), "Adamax": (1 << 17, 1 << 21),
+               "Adadelta": (1 << 17, None), "RMSprop": (1 << 17, 1 << 21)}
+
+
+@dataclass(frozen=True)
+class Native:
+    """How torch runs one algorithm: its per-tensor scalar state and its two entry points."""
+
+    scalars: tuple[str, ...]        # per-tensor scalar kinds passed as 0-dim tensors
+    fused: Callable | None          # torch's fused CPU kernel, or None
+    foreach: Callable               # torch's functional API (multi-tensor or for-loop)
+    # Whether runs pay off: not for SGD, whose one or three foreach ops a step cost less
+    # per tensor than a gather and a scatter do.
+    runs: bool = True
+
+
+# ----------------------------------------------------------------------------- algorithms
+# Each function takes the entries (params, grads), the state lists by key, the scalar lists
+# by kind, the bucket indices the entries start at, the algorithm's options, and the
+# step's context (fresh tensors, GradScaler's grad_ops). torch's functional API advances
+# the step counts itself; its fused kernels read them already advanced.
+
+def _adam_fused(params, grads, state, scalars, reps, o, ctx):
+    adam_kernels.adam_native(params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []),
+                             scalars["step"], o, ctx.grad_ops)
+
+
+def _adam_foreach(params, grads, state, scalars, reps, o, ctx):
+    adam.adam(params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []),
+              scalars["step"], foreach=ctx.foreach, decoupled_weight_decay=o.decoupled, amsgrad=o.amsgrad,
+              beta1=o.beta1, beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps,
+              maximize=o.maximize)
+
+
+def _nadam(params, grads, state, scalars, reps, o, ctx):
+    nadam.nadam(params, grads, state["exp_avg"], state["exp_avg_sq"], scalars["mu_product"],
+                scalars["step"], decoupled_weight_decay=o.decoupled, foreach=ctx.foreach, maximize=o.maximize,
+                beta1=o.beta1, beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay,
+                momentum_decay=o.momentum_decay, eps=o.eps)
+
+
+def _radam(params, grads, state, scalars, reps, o, ctx):
+    radam.radam(params, grads, state["exp_avg"], state["exp_avg_sq"], scalars["step"],
+                decoupled_weight_decay=o.decoupled, foreach=ctx.foreach, maximize=o.maximize, beta1=o.beta1,
+                beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
+
+
+def _adamax(params, grads, state, scalars, reps, o, ctx):
+    adamax.adamax(params, grads, state["exp_avg"], state["exp_inf"], scalars["step"], foreach=ctx.foreach,
+                  maximize=o.maximize, eps=o.eps, beta1=o.beta1, beta2=o.beta2, lr=o.lr,
+                  weight_decay=o.weight_decay)
+
+
+def _adagrad_fused(params, grads, state, scalars, reps, o, ctx):
+    adagrad_kernels.adagrad_native(params, grads, state["sum"], scalars["step"], o, ctx.grad_ops)
+
+
+def _adagrad_foreach(params, grads, state, scalars, reps, o, ctx):
+    adagrad.adagrad(params, grads, state["sum"], scalars["step"], foreach=ctx.foreach, lr=o.lr,
+                    weight_decay=o.weight_decay, lr_decay=o.lr_decay, eps=o.eps, maximize=o.maximize)
+
+
+def _sgd_fused(params, grads, state, scalars, reps, o, ctx):
+    first = [i in ctx.fresh for i in reps] if ctx.fresh else [False] * len(reps)
+    sgd_kernels.sgd_native(params, grads, state.get("momentum_buffer", []), first, o, ctx.grad_ops)
+
+
+def _sgd_foreach(params, grads, state, scalars, reps, o, ctx):
+    bufs = state.get("momentum_buffer")
+    # torch starts a momentum buffer as a copy of the gradient, in a tensor of its own
+    # that it puts in the list: a fresh tensor's None is replaced, and copied home after.
+    given = [None if i in ctx.fresh else b for i, b in zip(reps, bufs)] if bufs is not None else []
+    sgd.sgd(params, grads, given, foreach=ctx.foreach, weight_decay=o.weight_decay, momentum=o.momentum,
+            lr=o.lr, dampening=o.dampening, nesterov=o.nesterov, maximize=o.maximize)
+    if bufs is not None:
+        for home, made in zip(bufs, given):
+            if made is not home:
+                home.copy_(made)
+
+
+def _adadelta(params, grads, state, scalars, reps, o, ctx):
+    adadelta.adadelta(params, grads, state["square_avg"], state["acc_delta"], scalars["step"],
+                      foreach=ctx.foreach, lr=o.lr, rho=o.rho, eps=o.eps, weight_decay=o.weight_decay,
+                      maximize=o.maximize)
+
+
+def _rmsprop(params, grads, state, scalars, reps, o, ctx):
+    rmsprop.rmsprop(params, grads, state["square_avg"], state.get("grad_avg", []),
+                    state.get("momentum_buffer", []), scalars["step"], foreach=ctx.foreach, maximize=o.maximize,
+                    lr=o.lr, alpha=o.alpha, eps=o.eps, weight_decay=o.weight_decay,
+                    momentum=o.momentum, centered=o.centered)
+
+
+def _rprop(params, grads, state, scalars, reps, o, ctx):
+    rprop.rprop(params, grads, state["prev"], state["step_size"], scalars["step"], foreach=ctx.foreach,
+                maximize=o.maximize, step_size_min=o.step_size_min, step_size_max=o.step_size_max,
+                etaminus=o.etaminus, etaplus=o.etaplus)
+
+
+def _asgd(params, grads, state, scalars, reps, o, ctx):
+    asgd.asgd(params, grads, state["ax"], scalars["mu"], scalars["eta"], scalars["step"], foreach=ctx.foreach,
+              maximize=o.maximize, lambd=o.lambd, lr=o.lr, t0=o.t0, alpha=o.alpha,
+              weight_decay=o.weight_decay)
+
+
+_ADAM = Native(("step",), _adam_fused, _adam_foreach)
+IMPLEMENTATIONS = {
+    "Adam": _ADAM,
+    "AdamW": _ADAM,
+    "NAdam": Native(("step", "mu_product"), None, _nadam),
+    "RAdam": Native(("step",), None, _radam),
+    "Adamax": Native(("step",), None, _adamax),
+    "Adagrad": Native(("step",), _adagrad_fused, _adagrad_foreach),
+    "SGD": Native((), _sgd_fused, _sgd_foreach, runs=False),
+    "Adadelta": Native(("step",), None, _adadelta),
+    "RMSprop": Native(("step",), None, _rmsprop),
+    "Rprop": Native(("step",), None, _rprop),
+    "ASGD": Native(("step", "eta", "mu"), None, _asgd),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(cls: type) -> Native | None:
+    """torch's implementation of a fusedopt optimizer class (or of the fusedopt class it
+    derives from); None where there is none to run on flat state (SparseAdam, LBFGS)."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("fusedopt") and klass.__name__ in IMPLEMENTATIONS:
+            return IMPLEMENTATIONS[klass.__name__]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_window(cls: type) -> tuple[int, int | None] | None:
+    return next((LOOP_WINDOW[k.__name__] for k in cls.__mro__ if k.__name__ in LOOP_WINDOW), None)
+
+
+def uses_fused(opt, dtype: torch.dtype | None) -> bool:
+    """Whether torch's fused kernel runs this optimizer's buckets of `dtype`."""
+    impl = implementation(type(opt))
+    return (impl is not None and impl.fused is not None and getattr(opt, "_native", False)
+            and (dtype is None or dtype in opt._native_dtypes))
+
+
+# ----------------------------------------------------------------------------- the step
+
+class _Context(NamedTuple):
+    fresh: frozenset
+    grad_ops: Tensor | None
+    foreach: bool           # torch's multi-tensor implementation, or its for-loop
+
+
+def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list[int]) -> bool:
+    """Step one bucket with torch's implementation. False when it cannot (the caller then
+    takes the reference path): GradScaler's unscaling needs torch's fused kernel."""
+    setup = bucket.__dict__.get("_native_setup")
+    if setup is None:
+        setup = bucket._native_setup = _Setup(opt, bucket)
+    impl = setup.impl
+    if impl is None or (batch.grad_ops is not None and not setup.fused):
+        return False
+    o = opt._options(group)
+    state_keys = [k for k in opt._state_keys(group) if k not in opt._scalar_state]
+    if state_keys:
+        opt._buffers(group, bucket, batch)  # checks that every stepped tensor has them
+    fresh_set = frozenset(fresh)
+    # With GradScaler, torch's kernel writes the unscaled gradients back, which must reach
+    # the user's own tensors: no runs then.
+    run_below = setup.run_below if batch.grad_ops is None else 0
+    plan = _plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(), run_below)
+    params, grads = plan.gather(batch)
+    state = {k: plan.state_views(bucket, k) for k in state_keys}
+    scalars = {k: plan.scalar_views(bucket, k) for k in impl.scalars}
+    if setup.fused and "step" in impl.scalars:
+        # One op on the bucket's step vector, where torch's fused wrapper adds to each
+        # tensor's step in turn (2000 tiny tensors: 3 ms on this CPU).
+        opt._advance_steps(bucket, batch)
+    call = impl.fused if setup.fused else impl.foreach
+    if setup.loop_window is None:
+        call(params, grads, state, scalars, plan.reps, o, _Context(fresh_set, batch.grad_ops, True))
+    else:
+        for foreach, pick in plan.split(setup.loop_window):
+            if pick is None:
+                call(params, grads, state, scalars, plan.reps, o, _Context(fresh_set, batch.grad_ops, foreach))
+                continue
+
+            def sub(xs):
+                return [xs[e] for e in pick]
+            call(sub(params), sub(grads), {k: sub(v) for k, v in state.items()},
+                 {k: sub(v) for k, v in scalars.items()}, sub(plan.reps), o, _Context(fresh_set, batch.grad_ops, foreach))
+    plan.scatter(bucket, impl.scalars)
+    return True
+
+
+class _Setup:
+    """What stays fixed for a bucket: torch's implementation and how the native path runs it."""
+
+    def __init__(self, opt, bucket: _flat.Bucket):
+        self.impl = implementation(type(opt))
+        self.fused = uses_fused(opt, bucket.dtype)
+        # torch's SGD starts a momentum buffer on a tensor's first step, one flag per call.
+        self.split_fresh = self.impl is not None and self.impl.foreach is _sgd_foreach
+        run_below = RUN_BELOW["fused" if self.fused or not (self.impl and self.impl.runs) else "foreach"]
+        self.run_below = run_below if any(n < run_below for n in bucket.numels) else 0
+        window = None if self.fused else _loop_window(type(opt))
+        itemsize = torch.empty((), dtype=bucket.real_dtype).element_size()
+        if window is not None and window != (0, None) and itemsize < 4:
+            # bf16/fp16 math is bound by conversions, not memory: the for-loop's cache
+            # gains nothing there (measured), ASGD's fewer passes still do.
+            window = None
+        self.loop_window = None if window is None else tuple(None if w is None else w // itemsize for w in window)
+
+
+def _one_d(t: Tensor) -> Tensor:
+    # A 1-D tensor of a batch is already in memory order (a stride on a one-element
+    # dimension does not matter).
+    return t if t.dim() == 1 else _flat.memory_order(t)
+
+
+def _plan(bucket: _flat.Bucket, batch: _flat.Batch, kinds: tuple[str, ...], split: frozenset, run_below: int):
+    """The bucket's cached plan for this step's batch, rebuilt when what decides the runs changed."""
+    breaks: set[int] = set()
+    if not run_below:
+        key = (None if batch.everyone else tuple(batch.index), (), 0)
+    else:
+        for kind in kinds:
+            vec = bucket.scalars.get(kind)
+            if vec is not None and len(vec) > 1 and not torch.equal(vec[1:], vec[:-1]):
+                breaks.update((torch.nonzero(vec[1:] != vec[:-1]).flatten() + 1).tolist())
+        for i in split:
+            if i - 1 not in split:
+                breaks.add(i)
+            if i + 1 not in split:
+                breaks.add(i + 1)
+        key = (None if batch.everyone else tuple(batch.index), tuple(sorted(breaks)), run_below)
+    cached = bucket.__dict__.get("_native_plan")
+    if cached is None or cached.key != key:
+        cached = bucket._native_plan = _Plan(bucket, batch.index, breaks, run_below, key)
+    return cached
+
+
+class _Plan:
+    """Which tensors of a bucket go to torch as themselves and which as runs, and the views
+    and buffers that serve every step with the same batch and breaks.
+
+    A tensor of its own goes as it is, with state views of its shape and strides (a batch's
+    tensors are dense in their state's layout; complex ones come as real views). A run goes
+    as 1-D gather buffers and 1-D slices of the state buffers.
+    """
+
+    def __init__(self, bucket: _flat.Bucket, index: list[int], breaks: set[int], run_below: int, key):
+        self.key = key
+        self.entries: list[tuple[int, int]] = []     # [j0, j1) positions in the batch
+        n, j = len(index), 0
+        while j < n:
+            k = j + 1
+            if bucket.numels[index[j]] < run_below:
+                while (k < n and index[k] == index[k - 1] + 1 and bucket.numels[index[k]] < run_below
+                       and index[k] not in breaks):
+                    k += 1
+            if k - j < MIN_RUN:
+                self.entries += [(m, m + 1) for m in range(j, k)]
+            else:
+                self.entries.append((j, k))
+            j = k
+        self.reps = [index[j0] for j0, _ in self.entries]
+        self.spans = [(bucket.offsets[index[j0]], bucket.offsets[index[j1 - 1]] + bucket.numels[index[j1 - 1]])
+                      for j0, j1 in self.entries]
+        self.runs = [e for e, (j0, j1) in enumerate(self.entries) if j1 - j0 > 1]
+        # Per run: a gather buffer for params and one for grads, torch.cat's inputs with
+        # the zero padding between segments (empty pads left out: cat takes a slow path
+        # for them), and the views of the params' places in the gather buffer.
+        zeros = torch.zeros(_flat.SEGMENT_ALIGN, dtype=bucket.real_dtype, device=bucket.device)
+        self.buffers, self.templates, self.homes = {}, {}, []
+        members, reps_of = [], []
+        for e in self.runs:
+            j0, j1 = self.entries[e]
+            start, end = self.spans[e]
+            p_buf, g_buf = (torch.empty(end - start, dtype=bucket.real_dtype, device=bucket.device) for _ in range(2))
+            self.buffers[e] = (p_buf, g_buf)
+            template, places = [], []
+            for j in range(j0, j1):
+                i = index[j]
+                places.append(len(template))
+                template.append(None)
+                pad = bucket.offsets[i + 1] - bucket.offsets[i] - bucket.numels[i] if j < j1 - 1 else 0
+                if pad:
+                    template.append(zeros[:pad])
+                self.homes.append(p_buf[bucket.offsets[i] - start:bucket.offsets[i] - start + bucket.numels[i]])
+            self.templates[e] = (template, places)
+            members += index[j0 + 1:j1]
+            reps_of += [index[j0]] * (j1 - j0 - 1)
+        self.members = torch.tensor(members, dtype=torch.long)
+        self.reps_of = torch.tensor(reps_of, dtype=torch.long)
+        self._views: dict[str, tuple[tuple[int, int], list[Tensor]]] = {}
+        self._splits: dict[tuple, list] = {}
+        self._params: list[Tensor] = []
+
+    def split(self, window: tuple[int, int | None]) -> list[tuple[bool, list[int] | None]]:
+        """(foreach, entries) pairs: entries whose elements fall in the window for the
+        for-loop, the rest for foreach; None for all of them."""
+        parts = self._splits.get(window)
+        if parts is None:
+            low, high = window
+            loop = [low <= b - a and (high is None or b - a < high) for a, b in self.spans]
+            picks = ((False, [e for e, x in enumerate(loop) if x]), (True, [e for e, x in enumerate(loop) if not x]))
+            parts = [(foreach, None if len(pick) == len(self.spans) else pick) for foreach, pick in picks if pick]
+            self._splits[window] = parts
+        return parts
+
+    def gather(self, batch: _flat.Batch) -> tuple[list[Tensor], list[Tensor]]:
+        if not self.runs:
+            return batch.params, batch.grads
+        ps, gs = batch.params, batch.grads
+        params, grads, scattered = [], [], []
+        for e, (j0, j1) in enumerate(self.entries):
+            if j1 - j0 == 1:
+                params.append(ps[j0])
+                grads.append(gs[j0])
+                continue
+            p_buf, g_buf = self.buffers[e]
+            template, places = self.templates[e]
+            members = [_one_d(p) for p in ps[j0:j1]]
+            for src, dst in ((members, p_buf), (gs[j0:j1], g_buf)):
+                inputs = template.copy()
+                for place, t in zip(places, src):
+                    inputs[place] = _one_d(t)
+                torch.cat(inputs, out=dst)
+            params.append(p_buf)
+            grads.append(g_buf)
+            scattered += members
+        self._params = scattered
+        return params, grads
+
+    def state_views(self, bucket: _flat.Bucket, key: str) -> list[Tensor]:
+        buf = bucket.buffers[key]
+        cached = self._views.get(key)
+        if cached is None or cached[0] != (buf.data_ptr(), buf.numel()):
+            views = []
+            for (a, b), (j0, j1), i in zip(self.spans, self.entries, self.reps):
+                if j1 - j0 > 1:
+                    views.append(buf[a:b])
+                else:
+                    view = bucket.view(key, i)
+                    views.append(torch.view_as_real(view) if view.is_complex() else view)
+            cached = self._views[key] = ((buf.data_ptr(), buf.numel()), views)
+        return cached[1]
+
+    def scalar_views(self, bucket: _flat.Bucket, kind: str) -> list[Tensor]:
+        vec = bucket.scalar(kind)
+        cached = self._views.get("#" + kind)
+        if cached is None or cached[0] != (vec.data_ptr(), vec.numel()):
+            cached = self._views["#" + kind] = ((vec.data_ptr(), vec.numel()), [vec[i] for i in self.reps])
+        return cached[1]
+
+    def scatter(self, bucket: _flat.Bucket, kinds: tuple[str, ...]) -> None:
+        """The runs' parameters back to the user's tensors; the runs' scalars to every member."""
+        if not self.runs:
+            return
+        torch._foreach_copy_(self._params, self.homes)
+        self._params = []
+        for kind in kinds:
+            vec = bucket.scalar(kind)
+            members, reps_of = self.members.to(vec.device), self.reps_of.to(vec.device)
+            vec[members] = vec[reps_of]

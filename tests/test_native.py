@@ -1,0 +1,64 @@
+"""The 'native' CPU path (`fusedopt/_native.py`): torch's own implementation on the flat
+state, with runs of small tensors stepped as one tensor.
+
+Runs must give torch's numbers whatever breaks them: tensors without a gradient this
+step, tensors whose step counts differ (their first step came later), SGD momentum
+buffers starting mid-run, complex and channels_last tensors, bf16.
+"""
+import pytest
+import torch
+
+from _compare import assert_same_run, run_side_by_side
+from fusedopt import _native
+from optim_db import OPTIMIZERS
+
+# Forty small tensors (runs) around two large ones (entries of their own; the second in
+# the window where `_native.LOOP_WINDOW` sends tensors to torch's for-loop), with the
+# awkward ones of the parity table among them.
+SMALL_SHAPES = [(n,) for n in (1, 3, 16, 17, 5, 31, 64, 2, 9, 100)] * 4
+SHAPES = SMALL_SHAPES[:12] + [(70, 300)] + SMALL_SHAPES[12:30] + ["channels_last", (), (0,)] + \
+    [(70000,)] + SMALL_SHAPES[30:]
+# No gradient: tensor 3 on its first step (its step count lags behind its run's for good),
+# 13 and 14 on step 2, the large one on step 1; 20 never before step 3.
+MISSING = {(0, 3), (2, 13), (2, 14), (1, 12)} | {(s, 20) for s in range(3)}
+
+
+def native_cases():
+    return [pytest.param(info, config, id=f"{info.name}-{i}") for info in OPTIMIZERS
+            if _native.IMPLEMENTATIONS.get(info.name) for i, config in enumerate(info.configs)
+            if i in (0, len(info.configs) - 1)]
+
+
+@pytest.mark.parametrize("info,config", native_cases())
+def test_runs_match_torch_whatever_breaks_them(info, config, monkeypatch):
+    # torch's fused kernels take no runs by default (cheap enough per tensor); force them,
+    # so the gather path is checked under every algorithm.
+    monkeypatch.setitem(_native.RUN_BELOW, "fused", _native.RUN_BELOW["foreach"])
+    run = run_side_by_side(info, config, "auto", shapes=SHAPES, missing=MISSING, steps=max(info.steps, 5))
+    assert_same_run(*run, rtol=info.rtol32)
+    opt = run[3]
+    plans = [b._native_plan for _, buckets in opt._buckets.values() for b in buckets]
+    assert all(b.path == "native" for _, buckets in opt._buckets.values() for b in buckets)
+    assert any(plan.runs for plan in plans), "no run was formed: the gather path went untested"
+
+
+@pytest.mark.parametrize("info,config", native_cases())
+def test_bf16_matches_torch(info, config):
+    run = run_side_by_side(info, config, "auto", dtype=torch.bfloat16, shapes=SHAPES, missing=MISSING, steps=4)
+    assert_same_run(*run)
+
+
+def test_complex_parameters_run_through_their_real_view():
+    info = next(i for i in OPTIMIZERS if i.name == "AdamW")
+    gen = torch.Generator().manual_seed(0)
+    made = [torch.randn(n, dtype=torch.complex64, generator=gen) for n in (3, 5, 200)]
+    p_ref = [torch.nn.Parameter(t.clone()) for t in made]
+    p_new = [torch.nn.Parameter(t.clone()) for t in made]
+    opt_ref, opt_new = info.torch(p_ref, lr=0.1, foreach=False), info.fused(p_new, lr=0.1)
+    for step in range(3):
+        for a, b in zip(p_ref, p_new):
+            g = torch.randn(a.shape, dtype=a.dtype, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt_new.step()
+    assert_same_run(p_ref, opt_ref, p_new, opt_new)
