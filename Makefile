@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 
-.PHONY: demo test test-long bench check clean
+.PHONY: demo test test-integrations test-long bench check clean
 
 $(READY): pyproject.toml tools/bootstrap.py
 	python3 tools/bootstrap.py $(VENV)
@@ -16,15 +16,30 @@ demo: $(READY)
 test: $(READY)
 	$(PY) -m pytest -q
 
+# Lightning and Transformers' Trainer: installs the `integrations` extra into the venv.
+INTEGRATIONS := $(VENV)/.integrations
+
+$(INTEGRATIONS): $(READY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[integrations]"
+	touch $(INTEGRATIONS)
+
+test-integrations: $(INTEGRATIONS)
+	$(PY) -m pytest -q tests/integrations
+
 # The property tests with many more examples than CI draws.
 test-long: $(READY)
 	FUSEDOPT_HYPOTHESIS_EXAMPLES=500 $(PY) -m pytest -q tests/test_property.py
 
+# The runner (every algorithm and AveragedModel against torch's for-loop, foreach and fused
+# paths: a table, bench-results/results.json and results.png; a few minutes on 2 CPU
+# cores), then the pytest-benchmark suites in benchmarks/. `python -m fusedopt.bench -h`.
 bench: $(READY)
-	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds --benchmark-group-by=param:case
+	$(PY) -m fusedopt.bench --out bench-results
+	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds \
+		--benchmark-group-by=group --benchmark-max-time=0.5
 
 check: $(READY)
 	$(PY) -m fusedopt.kernels --check
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) .pytest_cache .benchmarks bench-results
