@@ -1,0 +1,68 @@
+"""The benchmark runner's smoke run: `python -m fusedopt.bench --quick` on tiny shapes
+writes the rows and fields it promises. Nothing here looks at timings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedopt import bench
+
+ALGORITHMS = ["Adam", "SGD-momentum", "NAdam", "AveragedModel-EMA"]
+DTYPES = ["fp32", "bf16"]
+
+
+def test_bytes_per_element_is_what_each_algorithm_must_move():
+    fp32 = {"SGD": 12, "SGD-momentum": 20, "Adam": 28, "AdamW": 28, "NAdam": 28, "RAdam": 28, "Adamax": 28,
+            "Adadelta": 28, "Rprop": 28, "Adam-amsgrad": 36, "Adagrad": 20, "RMSprop": 20,
+            "RMSprop-momentum": 28, "RMSprop-centered": 36, "ASGD": 20}
+    for a in bench.ALGORITHMS:
+        assert bench.bytes_per_element(a.cls, a.options, torch.float32) == fp32[a.name], a.name
+        # bf16 parameters with bf16 state (torch's and fusedopt's choice) move half
+        assert bench.bytes_per_element(a.cls, a.options, torch.bfloat16) == fp32[a.name] // 2, a.name
+    # bf16 parameters with fp32 state: p, g read and p written in bf16, state in fp32
+    assert bench.bytes_per_element("Adam", {}, torch.bfloat16, torch.float32) == 3 * 2 + 4 * 4
+    assert bench.bytes_per_element("AveragedModel", {}, torch.float32) == 12
+
+
+def test_quick_run_writes_every_row_and_field(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "fusedopt.bench", "--quick", "--device", "cpu", "--no-progress",
+         "--algorithms", ",".join(ALGORITHMS), "--dtypes", ",".join(DTYPES), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, FUSEDOPT_BACKEND=""))
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    meta = results["meta"]
+    for field in ("device", "device_name", "torch", "triton", "threads", "command", "copy_gbps", "settings"):
+        assert field in meta, field
+    assert meta["copy_gbps"] > 0
+    algorithms = [a for a in ALGORITHMS if meta["averaged_model"] or not a.startswith("AveragedModel")]
+    rows = {(r["case"], r["algorithm"], r["dtype"]): r for r in results["rows"]}
+    expected = {(c, a, d) for c in ("few_large", "gpt2_like", "resnet50_like", "tiny_many") for a in algorithms
+                for d in ("float32", "bfloat16")}
+    assert set(rows) == expected
+    for key, r in rows.items():
+        for field in ("tensors", "elements", "bytes_per_element", "paths", "torch_best", "torch_best_ms", "ratio",
+                      "gbps", "fusedopt_path"):
+            assert field in r, (key, field)
+        assert set(r["paths"]) == {"forloop", "foreach", "fused", "fusedopt"}
+        assert r["paths"]["fusedopt"]["ms"] > 0 and r["paths"]["fusedopt"]["agrees"], key
+        assert r["ratio"] is not None and r["gbps"] > 0, key
+        if r["algorithm"].startswith("AveragedModel"):
+            continue
+        assert r["fusedopt_path"] == "native", key      # 'auto' on a CPU
+        assert r["paths"]["forloop"]["agrees"], key
+    assert rows[("tiny_many", "Adam", "float32")]["bytes_per_element"] == 28
+    assert rows[("tiny_many", "Adam", "bfloat16")]["bytes_per_element"] == 14
+    assert rows[("tiny_many", "Adam", "float32")]["tensors"] == 200
+    # torch's fused SGD leaves bf16 parameters where they were (torch 2.13): the runner
+    # must not count it as torch's fastest.
+    sgd_bf16 = rows[("few_large", "SGD-momentum", "bfloat16")]
+    if sgd_bf16["paths"]["fused"].get("ms") is not None and not sgd_bf16["paths"]["fused"]["agrees"]:
+        assert sgd_bf16["torch_best"] != "fused"
+    assert "vs fastest" in out.stdout
+    assert "| Adam |" in (tmp_path / "results.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "results.png").stat().st_size > 0
