@@ -18,7 +18,6 @@ bucket, the batch of tensors that have gradients, and the path.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -27,19 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _flat, _native
+from . import _backend, _flat, _native
 from .kernels import _launch
-from .kernels._triton import AVAILABLE as TRITON_AVAILABLE
-
-BACKENDS = ("auto", "triton", "reference")
-
-
-def _resolve_backend(backend: str) -> str:
-    chosen = os.environ.get("FUSEDOPT_BACKEND") or backend
-    if chosen not in BACKENDS:
-        raise ValueError(f"Invalid backend: {chosen!r} (expected one of {', '.join(BACKENDS)})")
-    return chosen
-
 
 def refuse_differentiable(differentiable: bool) -> None:
     """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
@@ -114,7 +102,7 @@ class Optimizer(torch.optim.Optimizer):
     _sparse_error: str | None = None
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto"):
-        self.backend = _resolve_backend(backend)
+        self.backend = _backend.resolve(backend)
         self._buckets: dict[int, tuple[tuple[int, ...], list[_flat.Bucket]]] = {}
         self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
         super().__init__(params, defaults)
@@ -176,18 +164,9 @@ class Optimizer(torch.optim.Optimizer):
         return buckets
 
     def _choose_path(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
-        if self.backend == "reference":
-            return "reference"
-        if self.backend == "triton":
-            _launch.check_runnable(device)
-            return "triton"
-        # auto: the kernel on GPUs (CUDA and ROCm both report 'cuda'), the fastest
-        # correct path on CPU: torch's own implementation on the flat state.
-        if device.type == "cuda" and TRITON_AVAILABLE:
-            return "triton"
-        if device.type == "cpu" and _native.implementation(type(self)) is not None:
-            return "native"
-        return "reference"
+        # On the CPU, 'auto' runs torch's own implementation on the flat state (_native.py).
+        native = "native" if _native.implementation(type(self)) is not None else None
+        return _backend.choose_path(self.backend, device, cpu_fast_path=native)
 
     def _slot(self, p: Tensor) -> tuple[int, _flat.Bucket, int] | None:
         slot = self._slots.get(id(p))
@@ -216,7 +195,7 @@ class Optimizer(torch.optim.Optimizer):
                 dict.__setitem__(state, key, vec[i])
                 flat = True
             elif key in self._flat_state and isinstance(value, Tensor):
-                bucket.buffer(key)
+                bucket.buffer(key, self._buffer_dtype(bucket, key))
                 view = bucket.view(key, i)
                 value = _flat.shard_like(value, p) if bucket.sharded else value
                 if bucket.sharded and value.shape != view.shape:
@@ -261,7 +240,7 @@ class Optimizer(torch.optim.Optimizer):
                     vec[i] = self._initial_scalar(group, key)
                     dict.__setitem__(state, key, vec[i])
                 else:
-                    bucket.buffer(key)
+                    bucket.buffer(key, self._buffer_dtype(bucket, key))
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
                     dict.__setitem__(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
@@ -278,12 +257,16 @@ class Optimizer(torch.optim.Optimizer):
         """The value a flat state kind starts at (0; Adagrad's `sum`, Rprop's `step_size` differ)."""
         return 0.0
 
+    def _buffer_dtype(self, bucket: _flat.Bucket, key: str) -> torch.dtype | None:
+        """The dtype of a flat state kind's buffer; None: the parameters' real dtype (torch's)."""
+        return None
+
     def _buffers(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch) -> dict[str, Tensor]:
         """The flat buffers the update reads, checking the stepped tensors have them."""
         all_keys = self._state_keys(group)
         keys = [k for k in all_keys if k not in self._scalar_state]
         if tuple(all_keys) == getattr(bucket, "state_keys", None):
-            return {k: bucket.buffer(k) for k in keys}
+            return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in keys}
         for i in batch.index:
             state = dict.get(self.state, bucket.params[i], {})
             missing = [k for k in keys if not isinstance(state.get(k), Tensor)]
@@ -291,7 +274,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise KeyError(
                     f"parameter {self._global_index(bucket.params[i])} has no optimizer state {missing[0]!r}, which "
                     f"this group's options need (was an option such as amsgrad turned on after the first step?)")
-        return {k: bucket.buffer(k) for k in keys}
+        return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in keys}
 
     # ------------------------------------------------------------------ step
 
