@@ -78,13 +78,8 @@ class Adagrad(Optimizer):
             for bucket in self._group_buckets(gi):
                 self._init_state(group, bucket, list(range(len(bucket))))
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
+    # Keys older checkpoints may lack, filled in on load as torch's __setstate__ does.
+    _group_defaults = {"foreach": None, "maximize": False, "differentiable": False, "fused": None}
 
     def share_memory(self) -> None:
         """Move the flat ``sum`` buffers (what every ``state[p]['sum']`` views) to shared memory."""

@@ -74,16 +74,11 @@ class Adam(AdamFamily):
             # frameworks (Lightning) refuse to clip gradients for such optimizers.
             self._step_supports_amp_scaling = True
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
+    # Keys older checkpoints may lack, filled in on load as torch's __setstate__ does.
+    _group_defaults = {
+        "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "decoupled_weight_decay": False, "fused": None,
+    }
 
     def _state_keys(self, group):
         return ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])

@@ -61,14 +61,11 @@ class NAdam(AdamFamily):
                         capturable=capturable, differentiable=differentiable)
         super().__init__(params, defaults, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
+    # Keys older checkpoints may lack, filled in on load as torch's __setstate__ does.
+    _group_defaults = {
+        "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "decoupled_weight_decay": False,
+    }
 
     def _state_keys(self, group):
         return ["step", "mu_product", "exp_avg", "exp_avg_sq"]

@@ -100,6 +100,8 @@ class Optimizer(torch.optim.Optimizer):
     #: fused math runs in fp32) but not SGD's, which overrides this.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16)
     _sparse_error: str | None = None
+    #: group keys torch's __setstate__ fills in for checkpoints that predate them
+    _group_defaults: dict = {}
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto"):
         self.backend = _backend.resolve(backend)
@@ -442,6 +444,9 @@ class Optimizer(torch.optim.Optimizer):
         foreign = state.pop("state", {})
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
+        for group in self.param_groups:
+            for key, value in self._group_defaults.items():
+                group.setdefault(key, value)
         self._buckets, self._slots = {}, {}
         self.state = foreign if not isinstance(foreign, _State) else dict(foreign)
         self._sync_state()

@@ -60,14 +60,11 @@ class RAdam(AdamFamily):
                         differentiable=differentiable)
         super().__init__(params, defaults, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("capturable", False)
+    # Keys older checkpoints may lack, filled in on load as torch's __setstate__ does.
+    _group_defaults = {
+        "foreach": None, "maximize": False, "differentiable": False, "decoupled_weight_decay": False,
+        "capturable": False,
+    }
 
     def _state_keys(self, group):
         return ["step", "exp_avg", "exp_avg_sq"]

@@ -64,15 +64,11 @@ class RMSprop(Optimizer):
                         differentiable=differentiable)
         super().__init__(params, defaults, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
+    # Keys older checkpoints may lack, filled in on load as torch's __setstate__ does.
+    _group_defaults = {
+        "momentum": 0, "centered": False, "foreach": None, "maximize": False, "differentiable": False,
+        "capturable": False,
+    }
 
     def _state_keys(self, group):
         return (["step", "square_avg"] + (["momentum_buffer"] if group["momentum"] > 0 else [])

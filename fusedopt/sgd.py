@@ -61,14 +61,10 @@ class SGD(Optimizer):
             # frameworks (Lightning) refuse to clip gradients for such optimizers.
             self._step_supports_amp_scaling = True
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
+    # Keys older checkpoints may lack, filled in on load as torch's __setstate__ does.
+    _group_defaults = {
+        "nesterov": False, "maximize": False, "foreach": None, "differentiable": False, "fused": False,
+    }
 
     def _state_keys(self, group):
         return ["momentum_buffer"] if group["momentum"] != 0 else []

@@ -219,3 +219,20 @@ def test_global_step_hooks_run_too():
     finally:
         handle.remove()
     assert seen == ["SGD"]
+
+
+@pytest.mark.parametrize("info,config", ROWS)
+def test_old_checkpoints_without_optional_group_keys_load_as_in_torch(info, config):
+    """torch's __setstate__ fills in keys older checkpoints lack (maximize, foreach, ...)."""
+    p_ref, p_new = make_params(), make_params()
+    ref = info.torch(groups(p_ref, info, config), **config)
+    new = info.fused(groups(p_new, info, config), **config)
+    sd = ref.state_dict()
+    required = {"params", "lr", "param_names"} | {k for k in info.torch.__init__.__code__.co_varnames
+                                                  if k in ("betas", "momentum", "rho", "alpha", "etas")}
+    for group in sd["param_groups"]:
+        for key in [k for k in group if k not in required]:
+            del group[key]
+    ref.load_state_dict(copy.deepcopy(sd))
+    new.load_state_dict(copy.deepcopy(sd))
+    assert new.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
