@@ -2,11 +2,19 @@
 Adam's kernel (kernels/adam.py) with the class's VARIANT."""
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from torch import Tensor
 
 from . import _flat
+from .kernels import _launch
 from .kernels import adam as kernels
 from .optimizer import Optimizer, _as_float
+
+#: parameter dtypes that get an fp32 master copy under master_weights=True
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_arguments(lr, betas, eps, weight_decay) -> None:
@@ -30,6 +38,90 @@ class AdamFamily(Optimizer):
 
     _variant = "adam"
     _native = False  # torch has a fused CPU kernel for Adam and AdamW only
+    _clips = True
+    # fusedopt-only precision options. They are optimizer attributes, not group entries,
+    # so that state_dict()'s param_groups stay torch's and torch.optim loads them.
+    master_weights = False
+    state_dtype: torch.dtype | None = None
+    stochastic_rounding = False
+    #: the base of stochastic rounding's per-step seeds; a step's random bits depend only
+    #: on it, the bucket, the tensor's position and its step count
+    sr_seed = 0
+
+    def _set_precision(self, master_weights: bool, state_dtype: torch.dtype | None,
+                       stochastic_rounding: bool = False) -> None:
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (expected one of "
+                             f"{', '.join(map(str, STATE_DTYPES))}, or None for the parameters' dtype)")
+        if master_weights and stochastic_rounding:
+            raise ValueError("master_weights and stochastic_rounding exclude each other: with an fp32 master "
+                             "copy nothing is lost in rounding the parameter")
+        self.master_weights = bool(master_weights)
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = bool(stochastic_rounding)
+
+    def _rounds_stochastically(self, bucket: _flat.Bucket) -> bool:
+        return self.stochastic_rounding and not bucket.is_complex and bucket.real_dtype == torch.bfloat16
+
+    def _has_master(self, bucket: _flat.Bucket) -> bool:
+        return self.master_weights and not bucket.is_complex and bucket.real_dtype in LOW_PRECISION
+
+    def _buffer_dtype(self, bucket: _flat.Bucket, key: str) -> torch.dtype | None:
+        if key == "master_param":
+            return torch.float32
+        # A complex view of a low-precision buffer does not exist: complex state keeps torch's dtype.
+        if self.state_dtype is not None and not bucket.is_complex:
+            return self.state_dtype
+        # Master weights without a state_dtype: the moments are fp32 as well, as mixed
+        # precision training keeps them; bf16 moments are what state_dtype asks for.
+        return torch.float32 if self._has_master(bucket) else None
+
+    def _choose_path(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        path = super()._choose_path(device, dtype)
+        # torch's CPU implementation knows neither a master copy nor state of another dtype.
+        if path == "native" and dtype is not None and not dtype.is_complex and (
+                (self.master_weights and dtype in LOW_PRECISION)
+                or (self.stochastic_rounding and dtype == torch.bfloat16)
+                or (self.state_dtype is not None and self.state_dtype != dtype)):
+            return "reference"
+        return path
+
+    def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:
+        super()._init_state(group, bucket, fresh)
+        if self._has_master(bucket):
+            self._init_master(bucket, fresh)
+
+    def _init_master(self, bucket: _flat.Bucket, indices) -> None:
+        """The master copy starts as the parameter's value (exact: fp32 holds bf16/fp16)."""
+        bucket.buffer("master_param", torch.float32)
+        for i in indices:
+            bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]))
+            dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
+
+    def _adopt(self, p: Tensor, entries: dict) -> None:
+        super()._adopt(p, entries)
+        # State from an optimizer without master weights (torch's, or fusedopt's without
+        # the option): the master copy starts from the parameter, as on a first step.
+        slot = self._slot(p) if isinstance(p, Tensor) and isinstance(entries, dict) else None
+        if slot is not None and "master_param" not in entries:
+            _, bucket, i = slot
+            if self._has_master(bucket) and bucket.initialized[i]:
+                self._init_master(bucket, [i])
+
+    def _cast(self, p: Tensor, key, value):
+        # torch casts floating state to the parameter's dtype: that would round the master
+        # copy and fp32 moments of a bf16 parameter. With a precision option, flat state
+        # keeps its dtype here and is rounded once, to its buffer's dtype, when copied in.
+        if (key in self._flat_state and isinstance(value, Tensor) and value.is_floating_point()
+                and (self.master_weights or self.state_dtype is not None)):
+            return value.to(device=p.device)
+        return Optimizer._cast(p, key, value)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(master_weights=self.master_weights, state_dtype=self.state_dtype,
+                     stochastic_rounding=self.stochastic_rounding, sr_seed=self.sr_seed)
+        return state
 
     def _options(self, group) -> kernels.AdamOptions:
         beta1, beta2 = group["betas"]
@@ -42,8 +134,15 @@ class AdamFamily(Optimizer):
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
+        if self._has_master(bucket):
+            o = dataclasses.replace(o, master=True)
+            state["master_param"] = bucket.buffers["master_param"]
         self._advance_steps(bucket, batch)
         self._advance_scalars(bucket, batch, o)
+        if self._rounds_stochastically(bucket):
+            o = dataclasses.replace(o, stochastic_rounding=True)
+            gi, bi, _ = self._slots[id(bucket.params[0])]
+            state["sr_seeds"] = _launch.step_seeds(self.sr_seed, gi << 16 | bi, bucket.steps).to(bucket.device)
         kernels.step_bucket(bucket, batch, state, o)
 
     def _advance_scalars(self, bucket: _flat.Bucket, batch: _flat.Batch, o: kernels.AdamOptions) -> None:

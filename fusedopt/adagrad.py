@@ -6,7 +6,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import adagrad as kernels
-from .optimizer import Optimizer, _as_float, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_max_grad_norm, refuse_differentiable
 
 
 class Adagrad(Optimizer):
@@ -34,6 +34,8 @@ class Adagrad(Optimizer):
         foreach, fused: accepted for compatibility; every path here is fused.
         differentiable: must be False: the fused update is not differentiable.
         backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        max_grad_norm (default None): fusedopt only; clips the global gradient norm inside
+            the step, see :class:`fusedopt.Adam`.
 
     Note:
         Sparse gradients, which torch.optim.Adagrad accepts, are not supported.
@@ -42,13 +44,14 @@ class Adagrad(Optimizer):
     _flat_state = ("sum",)
     _scalar_state = ("step",)
     _native = True
+    _clips = True
     _sparse_error = ("fusedopt.Adagrad does not support sparse gradients. "
                      "help: use torch.optim.Adagrad for sparse gradients")
 
     def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", max_grad_norm: float | None = None):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -67,6 +70,7 @@ class Adagrad(Optimizer):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         super().__init__(params, defaults, backend=backend)
         if fused:
             # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf

@@ -1,10 +1,11 @@
 """Adam: torch.optim.Adam's signature, defaults, validation and numbers, fused."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._adam_family import AdamFamily, check_arguments
-from .optimizer import refuse_differentiable
+from .optimizer import check_max_grad_norm, refuse_differentiable
 
 
 def _to_scalar(x):
@@ -33,13 +34,31 @@ class Adam(AdamFamily):
         capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
         differentiable: must be False: the fused update is not differentiable.
         backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        master_weights (default False): fusedopt only. bf16/fp16 parameters get an fp32 copy,
+            ``state[p]["master_param"]``, which the step updates (in fp32, with fp32 moments
+            unless ``state_dtype`` says otherwise) and rounds into the parameter in the same
+            pass. The copy is the truth: write new values into it, not only into the
+            parameter. state_dict() and load_state_dict() keep it fp32.
+        state_dtype (default None: the parameter's dtype): fusedopt only. The dtype of the
+            moment buffers (torch.bfloat16 halves their memory); the math stays fp32 and
+            each store rounds to nearest even. Complex parameters keep torch's dtype.
+        stochastic_rounding (default False): fusedopt only. bf16 parameters (without a master
+            copy) take the fp32 result rounded up or down at random, with the probability
+            that makes the rounding unbiased, so updates smaller than half an ulp move the
+            parameter in expectation instead of vanishing. The random bits are a hash of
+            (``opt.sr_seed``, bucket, tensor, its step count, element): a step is reproducible.
+        max_grad_norm (default None): fusedopt only. Clip the global norm of every gradient
+            this step updates to this value, as ``torch.nn.utils.clip_grad_norm_`` followed
+            by ``step()`` would, inside the step: one reduction launch per bucket and the
+            coefficient applied in the update kernel, without writing the gradients or a
+            host sync. Under GradScaler it is the norm of the unscaled gradients.
 
     Note:
         Numbers equal torch's to float rounding: the kernel keeps torch's order of operations
         and rounds state to its dtype where torch's in-place ops do.
     """
 
-    _flat_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _flat_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
     _scalar_state = ("step",)
     _variant = "adam"
     _native = True
@@ -48,7 +67,9 @@ class Adam(AdamFamily):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto"):
+                 fused: bool | None = None, decoupled_weight_decay: bool = False, backend: str = "auto",
+                 master_weights: bool = False, state_dtype: torch.dtype | None = None,
+                 max_grad_norm: float | None = None, stochastic_rounding: bool = False):
         if isinstance(lr, Tensor) and foreach and not capturable:
             raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         check_arguments(lr, betas, eps, weight_decay)
@@ -67,6 +88,8 @@ class Adam(AdamFamily):
         defaults = dict(lr=lr, betas=tuple(map(_to_scalar, betas)), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._set_precision(master_weights, state_dtype, stochastic_rounding)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         super().__init__(params, defaults, backend=backend)
         if fused:
             # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf

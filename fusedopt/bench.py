@@ -51,6 +51,8 @@ class Algorithm:
     name: str
     cls: str                        # the class name in torch.optim and in fusedopt
     options: dict
+    # fusedopt-only options (master_weights=, ...): given to fusedopt's class only
+    fused_options: dict = dataclasses.field(default_factory=dict)
 
 
 ALGORITHMS = [
@@ -69,6 +71,14 @@ ALGORITHMS = [
     Algorithm("RMSprop-centered", "RMSprop", dict(lr=1e-3, momentum=0.9, centered=True)),
     Algorithm("Rprop", "Rprop", dict(lr=1e-3)),
     Algorithm("ASGD", "ASGD", dict(lr=1e-2)),
+]
+# fusedopt-only modes, against torch's AdamW with the same options (the clipped mode's torch
+# paths run clip_grad_norm_ before each step, as a user would).
+MODES = [
+    Algorithm("AdamW-master", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(master_weights=True)),
+    Algorithm("AdamW-bf16-state", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(state_dtype=torch.bfloat16)),
+    Algorithm("AdamW-sr", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(stochastic_rounding=True)),
+    Algorithm("AdamW-clip", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(max_grad_norm=1.0)),
 ]
 # AveragedModel.update_parameters, against torch.optim.swa_utils: torch's per-tensor
 # average function is its 'for-loop', its multi-tensor one its 'foreach'; fusedopt gets
@@ -89,7 +99,7 @@ def state_streams(cls: str, options: dict) -> int:
 
 
 def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
-                      state_dtype: torch.dtype | None = None) -> int:
+                      state_dtype: torch.dtype | None = None, fused_options: dict | None = None) -> int:
     """The bytes one step must move per parameter element: read the parameter, its
     gradient and each state tensor, write the parameter and each state tensor, once each.
 
@@ -99,11 +109,21 @@ def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
     otherwise (as torch, fusedopt keeps bf16 state for bf16 parameters). An AveragedModel
     update ('AveragedModel') reads the average and the model's tensor and writes the average.
     """
+    fused_options = fused_options or {}
     p = torch.empty((), dtype=param_dtype).element_size()
-    s = torch.empty((), dtype=state_dtype or param_dtype).element_size()
+    low = param_dtype in (torch.bfloat16, torch.float16)
+    master = bool(fused_options.get("master_weights")) and low
+    # master weights keep fp32 moments unless state_dtype says otherwise
+    state_dtype = fused_options.get("state_dtype") or state_dtype or (torch.float32 if master else param_dtype)
+    s = torch.empty((), dtype=state_dtype).element_size()
     if cls == "AveragedModel":
         return 3 * p
-    return 3 * p + 2 * state_streams(cls, options) * s
+    total = 3 * p + 2 * state_streams(cls, options) * s
+    if master:  # the fp32 copy is read and written; the parameter is only written
+        total += 2 * 4 - p
+    if fused_options.get("max_grad_norm") is not None:  # the norm reads the gradient once more
+        total += p
+    return total
 
 
 # ----------------------------------------------------------------------------- timing
@@ -221,12 +241,13 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
              timer: Timer, s: Settings) -> dict:
     base = _bench_shapes.make(shapes, dtype, device)
     torch_cls, fused_cls = getattr(torch.optim, algo.cls), getattr(fusedopt, algo.cls)
+    max_norm = algo.fused_options.get("max_grad_norm")
     opts, params, notes = {}, {}, {}
     for name in IMPLS:
         ps = _clone(base)
         try:
             if name == "fusedopt":
-                opts[name] = fused_cls(ps, **algo.options)
+                opts[name] = fused_cls(ps, **algo.options, **algo.fused_options)
             else:
                 opts[name] = torch_cls(ps, **algo.options, **TORCH_PATHS[name])
         except (RuntimeError, ValueError, TypeError) as e:   # torch has no such path here
@@ -236,18 +257,24 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
     before = [p.detach().clone() for p in base]
     del base
     result = _row_header(case, algo.name, algo.cls, dtype, params["fusedopt"])
-    result["bytes_per_element"] = bytes_per_element(algo.cls, algo.options, dtype)
+    result["bytes_per_element"] = bytes_per_element(algo.cls, algo.options, dtype, fused_options=algo.fused_options)
+
+    def stepper(name, opt):
+        if max_norm is None or name == "fusedopt":
+            return opt.step
+        return lambda: (torch.nn.utils.clip_grad_norm_(params[name], max_norm, foreach=name != "forloop"), opt.step())
+
+    steps = {name: stepper(name, opt) for name, opt in opts.items()}
     # The first step of every path from the same start, compared with torch's for-loop.
-    for name, opt in list(opts.items()):
+    for name, step in list(steps.items()):
         try:
-            opt.step()
+            step()
         except RuntimeError as e:
             notes[name] = f"failed: {e}"
-            del opts[name]
+            del opts[name], steps[name]
     timer.sync()
     mismatch = {name: _mismatch(params[name], params["forloop"], before) for name in opts}
-    timings = measure({name: opt.step for name, opt in opts.items()}, timer,
-                      dataclasses.replace(s, warmup=max(s.warmup - 1, 0)))
+    timings = measure(steps, timer, dataclasses.replace(s, warmup=max(s.warmup - 1, 0)))
     result["fusedopt_path"] = ",".join(_paths(opts["fusedopt"]))
     return _finish(result, timings, mismatch, notes)
 
@@ -426,9 +453,9 @@ def plot(results: dict, path: Path) -> bool:
             if key == "ratio":
                 ax.axhline(1.0, color="black", linewidth=0.8)
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
-                ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
-                ax.tick_params(axis="y", which="minor", labelsize=6)
+                ax.yaxis.set_major_locator(ticker.FixedLocator([0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200]))
+                ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
                 ax.set_title(f"{dt}: below 1 = fusedopt faster")
             else:
                 ax.axhline(ceiling, color="black", linestyle="--", linewidth=0.8, label="copy ceiling")
@@ -519,7 +546,7 @@ def main(argv=None) -> dict:
         swa.AveragedModel  # noqa: B018 - the rows need it
     except (ImportError, AttributeError):
         swa = None
-    all_algos = [a.name for a in ALGORITHMS] + (list(AVERAGES) if swa is not None else [])
+    all_algos = [a.name for a in ALGORITHMS + MODES] + (list(AVERAGES) if swa is not None else [])
     algos = _select(all_algos, args.algorithms, "algorithm")
     case_names = _select(list(_bench_shapes.CASE_NAMES), args.cases, "case")
     dtype_names = _select(list(DTYPES), args.dtypes, "dtype")
@@ -543,7 +570,7 @@ def main(argv=None) -> dict:
     results = {"meta": meta, "rows": []}
     jobs = [(c, a, d) for c in case_names for a in algos for d in dtype_names]
     progress = _progress(len(jobs), disable=args.no_progress)
-    by_name = {a.name: a for a in ALGORITHMS}
+    by_name = {a.name: a for a in ALGORITHMS + MODES}
     for case, algo, dt in jobs:
         progress.set_description(f"{case} {algo} {dt}")
         if algo in by_name:

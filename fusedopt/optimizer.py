@@ -28,12 +28,22 @@ from torch import Tensor
 
 from . import _backend, _flat, _native
 from .kernels import _launch
+from .kernels import clip as _clip
 
 def refuse_differentiable(differentiable: bool) -> None:
     """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
     if differentiable:
         raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
                            "differentiable. help: use torch.optim for differentiable optimization")
+
+
+def check_max_grad_norm(max_grad_norm) -> float | None:
+    """fusedopt's `max_grad_norm=`: None (off) or a positive number."""
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
+        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a positive number, or None for no clipping)")
+    return float(max_grad_norm)
 
 
 def _as_float(x) -> float:
@@ -100,6 +110,10 @@ class Optimizer(torch.optim.Optimizer):
     #: fused math runs in fp32) but not SGD's, which overrides this.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16)
     _sparse_error: str | None = None
+    #: whether the kernels can clip gradients (their GRAD_OPS prologue): `max_grad_norm`
+    _clips = False
+    #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
+    max_grad_norm: float | None = None
     #: group keys torch's __setstate__ fills in for checkpoints that predate them
     _group_defaults: dict = {}
 
@@ -297,22 +311,49 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         self._sync_state()
         amp = self._amp_inputs()
+        clipped = self._clip_inputs(amp) if self.max_grad_norm is not None else None
         for gi, group in enumerate(self.param_groups):
             for bucket in self._group_buckets(gi):
-                batch = bucket.collect(self._sparse_error)
+                batch = bucket.collect(self._sparse_error) if clipped is None else clipped[0].get(id(bucket))
                 if batch is None:
                     continue
                 fresh = [] if all(bucket.initialized) else [i for i in batch.index if not bucket.initialized[i]]
                 if fresh:
                     self._init_state(group, bucket, fresh)
-                if amp is not None:
+                if clipped is not None:
+                    # In the compute dtype, so that an fp64 bucket's coefficient is not rounded to fp32.
+                    batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *(amp or (None, None)),
+                                                             multiplier=clipped[1],
+                                                             dtype=_launch.compute_dtype(bucket.real_dtype))
+                elif amp is not None:
                     batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *amp)
-                if not (bucket.path == "native" and _native.step(self, group, bucket, batch, fresh)):
+                # torch's CPU implementation cannot clip: clipped native buckets take the reference.
+                if not (bucket.path == "native" and clipped is None and _native.step(self, group, bucket, batch, fresh)):
                     self._update(group, bucket, batch, fresh)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])
                 batch.finish()
         return loss
+
+    def _clip_inputs(self, amp) -> tuple[dict[int, _flat.Batch], Tensor] | None:
+        """Every bucket's batch and the clip coefficient of `max_grad_norm`, on the device.
+
+        The norm is over every gradient this step updates, across groups and devices, as
+        `clip_grad_norm_(all the optimizer's parameters)` takes it.
+        """
+        if not self._clips:
+            raise RuntimeError(f"fusedopt: {type(self).__name__} cannot clip gradients inside its kernel "
+                               "(max_grad_norm). help: call torch.nn.utils.clip_grad_norm_ before step()")
+        batches, sums = {}, []
+        for gi in range(len(self.param_groups)):
+            for bucket in self._group_buckets(gi):
+                batch = bucket.collect(self._sparse_error)
+                if batch is not None:
+                    batches[id(bucket)] = batch
+                    sums.append(_clip.sum_of_squares(bucket, batch))
+        if not sums:
+            return None
+        return batches, _clip.clip_coefficient(sums, self.max_grad_norm, amp[0] if amp is not None else None)
 
     def _amp_inputs(self) -> tuple[Tensor | None, Tensor | None] | None:
         """GradScaler's (grad_scale, found_inf), which it sets on optimizers that declare
@@ -437,7 +478,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"defaults": self.defaults, "state": {p: dict(v) for p, v in self.state.items()},
-                "param_groups": self.param_groups, "backend": self.backend}
+                "param_groups": self.param_groups, "backend": self.backend, "max_grad_norm": self.max_grad_norm}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)

@@ -7,7 +7,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import sgd as kernels
-from .optimizer import Optimizer, _as_float, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_max_grad_norm, refuse_differentiable
 
 
 class SGD(Optimizer):
@@ -26,10 +26,16 @@ class SGD(Optimizer):
         foreach, fused: accepted for compatibility; every path here is fused.
         differentiable: must be False: the fused update is not differentiable.
         backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        max_grad_norm (default None): fusedopt only. Clip the global norm of every gradient
+            this step updates to this value, as ``torch.nn.utils.clip_grad_norm_`` followed
+            by ``step()`` would, inside the step: one reduction launch per bucket and the
+            coefficient applied in the update kernel, without writing the gradients or a
+            host sync. Under GradScaler it is the norm of the unscaled gradients.
     """
 
     _flat_state = ("momentum_buffer",)
     _native = True
+    _clips = True
     # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
     # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
@@ -37,7 +43,7 @@ class SGD(Optimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", max_grad_norm: float | None = None):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -54,6 +60,7 @@ class SGD(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         super().__init__(params, defaults, backend=backend)
         if fused:
             # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf

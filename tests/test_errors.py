@@ -21,6 +21,10 @@ BAD = [
 ]
 
 
+FUSEDOPT_ONLY = {"master_weights": False, "state_dtype": None, "max_grad_norm": None,
+                 "stochastic_rounding": False}
+
+
 def accepted(cls):
     return set(inspect.signature(cls.__init__).parameters)
 
@@ -31,6 +35,11 @@ def test_signature_and_defaults_equal_torch(info):
     ours = dict(inspect.signature(info.fused.__init__).parameters)
     backend = ours.pop("backend")
     assert backend.default == "auto" and backend.kind is inspect.Parameter.KEYWORD_ONLY
+    # fusedopt-only options (tests/test_extensions.py): keyword-only and off by default
+    for name, off in FUSEDOPT_ONLY.items():
+        if name in ours:
+            extra = ours.pop(name)
+            assert extra.default == off and extra.kind is inspect.Parameter.KEYWORD_ONLY, name
     assert list(ours) == list(theirs)
     for name, p in theirs.items():
         assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name

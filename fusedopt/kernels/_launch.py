@@ -141,11 +141,13 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
 
 
 def grad_ops_tensor(device: torch.device, grad_scale: torch.Tensor | None = None,
-                    found_inf: torch.Tensor | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
-    """(grad_scale, multiplier, found_inf) as one fp32 tensor on `device`, with no host sync:
-    GradScaler's scale and found_inf stay where they are computed until the kernel reads them."""
-    one = torch.ones((), dtype=torch.float32, device=device)
-    parts = [t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(()) if t is not None else z
+                    found_inf: torch.Tensor | None = None, multiplier: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(grad_scale, multiplier, found_inf) as one tensor on `device` (fp32 unless `dtype`
+    says otherwise), with no host sync: GradScaler's scale and found_inf stay where they
+    are computed until the kernel reads them."""
+    one = torch.ones((), dtype=dtype, device=device)
+    parts = [t.to(device=device, dtype=dtype, non_blocking=True).reshape(()) if t is not None else z
              for t, z in ((grad_scale, one), (multiplier, one), (found_inf, torch.zeros_like(one)))]
     return torch.stack(parts)
 
@@ -232,3 +234,76 @@ def store_as(ptr, offs, value, mask):
         tl.store(ptr + offs, (bf16_bits(value) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+# -- stochastic rounding ------------------------------------------------------------------
+# A counter-based generator: the random bits of an element are a hash of (seed, index), so
+# the kernel and the reference draw the same bits without a generator state, and a step is
+# reproducible from its seed. The hash is MurmurHash3's 32-bit finaliser, applied to the
+# index and again to the seed mixed in: consecutive indices give independent-looking bits.
+_M1, _M2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B1
+
+
+@triton.jit
+def _fmix32(x):
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def random_bits(seed, index):
+    """32 random bits per element: `seed` a per-tensor int32, `index` the element's position."""
+    return _fmix32(_fmix32(index.to(tl.uint32)) ^ (seed.to(tl.uint32, bitcast=True) * 0x9E3779B1))
+
+
+@triton.jit
+def store_sr(ptr, offs, value, mask, seed, index):
+    """Store an fp32 value as bf16 rounded stochastically: up with probability equal to the
+    fraction of an ulp it lies above the lower neighbour, so the stored value is unbiased.
+    Adding 16 random bits below the bf16 mantissa and truncating does exactly that; NaN
+    stays NaN, and infinities stay infinite (their low bits are zero)."""
+    bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+    noise = random_bits(seed, index) & 0xFFFF
+    rounded = tl.where(value != value, bits | 0x400000, bits + noise) & 0xFFFF0000
+    tl.store(ptr + offs, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _fmix32_torch(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _M1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def random_bits_torch(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`random_bits` in torch ops (int64 tensors holding uint32 values): the reference's."""
+    return _fmix32_torch(_fmix32_torch(index & 0xFFFFFFFF) ^ _mul32(seed & 0xFFFFFFFF, _GOLDEN))
+
+
+def round_sr_torch(value: torch.Tensor, seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`store_sr` in torch ops: fp32 `value` to bf16, stochastically, with the same bits."""
+    bits = value.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    noise = random_bits_torch(seed, index) & 0xFFFF
+    rounded = torch.where(value != value, bits | 0x400000, bits + noise) & 0xFFFF0000
+    return (rounded >> 16).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def step_seeds(base: int, salt: int, steps: torch.Tensor) -> torch.Tensor:
+    """Per-tensor int32 seeds for a step: a hash of the optimizer's seed, the bucket (`salt`),
+    the tensor's position and its step count, on the steps' device (no host sync)."""
+    steps = steps.to(torch.int64)
+    position = torch.arange(steps.numel(), dtype=torch.int64, device=steps.device)
+    key = _fmix32_torch(_fmix32_torch(torch.full_like(steps, (base * 0x27D4EB2F + salt) & 0xFFFFFFFF)) ^ position)
+    seed = _fmix32_torch(key ^ (steps & 0xFFFFFFFF))
+    return torch.where(seed >= 2 ** 31, seed - 2 ** 32, seed).to(torch.int32)

@@ -31,6 +31,11 @@ with ``step_size = lr / (1 - beta1**t)``, ``bc2_sqrt = sqrt(1 - beta2**t)``; NAd
 
 Each line keeps torch's order of operations and its rounding points: each of torch's
 in-place ops rounds to the state dtype, and so do the stores here.
+
+fusedopt-only flags: ``MASTER`` reads ``p`` from the fp32 master copy and stores it there
+and, rounded, into the parameter; ``SR`` stores the bf16 parameter stochastically rounded
+(``_launch.store_sr``). State buffers may be of another dtype than the parameter
+(``state_dtype``): loads widen to the compute dtype, stores round to nearest even.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad, locate, skipped, store_as
+from ._launch import load_grad, locate, skipped, store_as, store_sr
 from ._triton import tl, triton
 
 
@@ -56,6 +61,11 @@ class AdamOptions:
     decoupled: bool
     variant: str = "adam"
     momentum_decay: float = 0.0     # NAdam's psi
+    # fp32 master weights (state "master_param"): the update reads and writes the fp32
+    # copy and stores the parameter as its rounding. Only bf16/fp16 buckets have one.
+    master: bool = False
+    # bf16 parameters rounded stochastically (state "sr_seeds" holds per-tensor seeds)
+    stochastic_rounding: bool = False
 
 
 # Columns of the per-tensor scalar table: the ones every variant's table starts with ...
@@ -144,9 +154,10 @@ def _div(x, y):
 
 
 @triton.jit
-def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr, grad_ops_ptr,
+def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr, grad_ops_ptr, seed, seg,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                 DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr):
+                 DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr,
+                 MASTER: tl.constexpr, SR: tl.constexpr):
     step_size = tl.load(s_ptr + 0)
     bc2_sqrt = tl.load(s_ptr + 1)
     one_minus_beta1 = tl.load(s_ptr + 2)
@@ -157,7 +168,11 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr, grad_o
     decay = tl.load(s_ptr + 7)
     cdt = step_size.dtype
 
-    p = tl.load(p_ptr + offs, mask=mask).to(cdt)
+    if MASTER:
+        # The low-precision parameter is only written: the fp32 copy is the truth.
+        p = tl.load(w_ptr + offs, mask=mask).to(cdt)
+    else:
+        p = tl.load(p_ptr + offs, mask=mask).to(cdt)
     g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
     exp_avg = tl.load(m_ptr + offs, mask=mask).to(cdt)
     if WEIGHT_DECAY:
@@ -202,15 +217,22 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, s_ptr, grad_o
                 store_as(vmax_ptr, offs, exp_avg_sq, mask)
             denom = _div(_sqrt(exp_avg_sq), bc2_sqrt) + eps
             p = p + _div(-step_size * exp_avg, denom)
-    store_as(p_ptr, offs, p, mask)
+    if MASTER:
+        store_as(w_ptr, offs, p, mask)
+    if SR:
+        # the element's position in the bucket's flat layout: unique, and the reference's
+        store_sr(p_ptr, offs, p, mask, seed, seg + offs)
+    else:
+        store_as(p_ptr, offs, p, mask)
 
 
 @triton.jit
 def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, scalars_ptr, grad_ops_ptr,
+                exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, seeds_ptr, scalars_ptr, grad_ops_ptr,
                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr):
+                DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr,
+                MASTER: tl.constexpr, SR: tl.constexpr):
     # exp_avg_sq_ptr is the second state stream: Adamax's exp_inf.
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
@@ -219,16 +241,21 @@ def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
     m_ptr = exp_avg_ptr + seg
     v_ptr = exp_avg_sq_ptr + seg
     vmax_ptr = max_exp_avg_sq_ptr + seg
+    w_ptr = master_ptr + seg
+    if SR:
+        seed = tl.load(seeds_ptr + t)
+    else:
+        seed = 0
     # Whole blocks go unmasked: a mask the compiler cannot prove uniform over 4 lanes
     # would cost the 128-bit accesses. Only a tensor's last block pays for the mask.
     if skipped(grad_ops_ptr, GRAD_OPS):
         return
     if start + BLOCK <= numel:
-        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, None, s_ptr, grad_ops_ptr,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS)
+        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, None, s_ptr, grad_ops_ptr, seed, seg,
+                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS, MASTER, SR)
     else:
-        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, s_ptr, grad_ops_ptr,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS)
+        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, offs < numel, s_ptr, grad_ops_ptr, seed, seg,
+                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS, MASTER, SR)
 
 
 def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -237,9 +264,12 @@ def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch
     exp_avg = state["exp_avg"]
     exp_avg_sq = state["exp_inf"] if o.variant == "adamax" else state["exp_avg_sq"]
     max_exp_avg_sq = state["max_exp_avg_sq"] if o.amsgrad else exp_avg_sq
-    _launch.launch(adam_kernel, o.variant, bucket, batch, [exp_avg, exp_avg_sq, max_exp_avg_sq], table,
-                   AMSGRAD=o.amsgrad, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
-                   DECOUPLED=o.decoupled, VARIANT=o.variant, grad_ops=batch.grad_ops)
+    master = state["master_param"] if o.master else exp_avg  # never read without MASTER
+    seeds = state["sr_seeds"] if o.stochastic_rounding else table  # never read without SR
+    _launch.launch(adam_kernel, o.variant, bucket, batch, [exp_avg, exp_avg_sq, max_exp_avg_sq, master, seeds],
+                   table, AMSGRAD=o.amsgrad, MAXIMIZE=o.maximize, WEIGHT_DECAY=o.weight_decay != 0,
+                   DECOUPLED=o.decoupled, VARIANT=o.variant, MASTER=o.master, SR=o.stochastic_rounding,
+                   grad_ops=batch.grad_ops)
 
 
 # ------------------------------------------------------------------------- reference
@@ -252,7 +282,7 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     cdt = table.dtype
     s = {name: bucket.expand(table[:, j]) for j, name in enumerate(columns(o.variant))}
     stepped = bucket.stepped_elements(batch)
-    p = bucket.gather(batch.params, batch.index, cdt)
+    p = state["master_param"].to(cdt) if o.master else bucket.gather(batch.params, batch.index, cdt)
     g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
     exp_avg = state["exp_avg"].to(cdt)
 
@@ -290,6 +320,11 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
                 _flat.commit(state["max_exp_avg_sq"], exp_avg_sq, stepped)
             denom = exp_avg_sq.sqrt() / s["bc2_sqrt"] + s["eps"]
             p = p + (-s["step_size"] * exp_avg) / denom
+    if o.master:
+        _flat.commit(state["master_param"], p, stepped)
+    if o.stochastic_rounding:
+        seeds = bucket.expand(state["sr_seeds"].to(torch.int64))
+        p = _launch.round_sr_torch(p, seeds, torch.arange(bucket.size, device=p.device))
     bucket.scatter(p, batch.params, batch.index)
 
 
@@ -334,14 +369,39 @@ def _variants():
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             for label, flags in sets.items():
                 constexprs = dict(NUM_SCALARS=len(columns(variant)), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
-                                  WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant)
+                                  WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant, MASTER=False, SR=False)
                 constexprs.update(flags)
                 pointers = layout_pointers(dtype)
-                pointers.update(exp_avg_ptr=dtype, exp_avg_sq_ptr=dtype, max_exp_avg_sq_ptr=dtype,
-                                scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
+                pointers.update(exp_avg_ptr=dtype, exp_avg_sq_ptr=dtype, max_exp_avg_sq_ptr=dtype, master_ptr=dtype,
+                                seeds_ptr=torch.int32, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
                 amsgrad = constexprs["AMSGRAD"]
                 out.append(Variant(f"{variant}-{label}-{str(dtype)[6:]}", adam_kernel, pointers, constexprs,
                                    loads=4 + amsgrad, stores=3 + amsgrad, dtype=dtype))
+    # master_weights and state_dtype: streams of another width than the parameter's.
+    # Variant.loads/stores count streams of the parameter's width, so an fp32 stream
+    # beside bf16 parameters counts 2 and a bf16 one beside fp32 parameters 1/2.
+    mixed = {
+        # bf16 parameters, fp32 master and state: reads g, master, m, v; writes master, p, m, v
+        "master-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True), 1 + 2 * 3, 2 * 3 + 1),
+        "master-amsgrad-amp-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True, AMSGRAD=True, GRAD_OPS=True),
+                                    1 + 2 * 4, 2 * 4 + 1),
+        # bf16 parameters, fp32 master, bf16 state
+        "master-bf16state-bf16": (torch.bfloat16, torch.bfloat16, dict(MASTER=True), 1 + 2 + 2, 2 + 1 + 2),
+        # fp32 parameters, bf16 state: p, g whole; m, v half
+        "bf16state-float32": (torch.float32, torch.bfloat16, {}, 3, 2),
+        # bf16 parameters and state, stochastic rounding of the parameter
+        "sr-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True), 4, 3),
+        "sr-amsgrad-amp-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True, AMSGRAD=True, GRAD_OPS=True), 5, 4),
+    }
+    for label, (dtype, state_dtype, flags, loads, stores) in mixed.items():
+        constexprs = dict(NUM_SCALARS=len(columns("adam")), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
+                          WEIGHT_DECAY=True, DECOUPLED=True, VARIANT="adam", MASTER=False, SR=False)
+        constexprs.update(flags)
+        pointers = layout_pointers(dtype)
+        pointers.update(exp_avg_ptr=state_dtype, exp_avg_sq_ptr=state_dtype, max_exp_avg_sq_ptr=state_dtype,
+                        master_ptr=torch.float32 if flags.get("MASTER") else state_dtype, seeds_ptr=torch.int32,
+                        scalars_ptr=torch.float32, grad_ops_ptr=torch.float32)
+        out.append(Variant(f"adamw-{label}", adam_kernel, pointers, constexprs, loads=loads, stores=stores, dtype=dtype))
     return out
 
 

@@ -1,0 +1,459 @@
+"""fusedopt-only options beyond torch.optim: fp32 master weights and low-precision state.
+
+Each mode is compared with a float64 run in plain torch of what the mode promises (master
+weights: the fp32 trajectory; bf16 state: Adam whose moments are rounded to bf16 after
+every step), on the kernel (Triton's interpreter) and on the reference path.
+"""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import fusedopt
+from _compare import assert_close, gradients, make_params
+from fusedopt.kernels._launch import BLOCK
+from optim_db import SHAPES
+
+PATHS = ["triton", "reference"]
+ADAMS = [pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), id="Adam-l2"),
+         pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), id="AdamW"),
+         pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True),
+                      id="AdamW-amsgrad-maximize")]
+SHAPES_REAL = [s for s in SHAPES if s != "channels_last"] + ["channels_last"]
+# (step, parameter) pairs that get no gradient that step
+MISSING = {(1, 2), (3, 4)}
+BLOCK_PLUS = BLOCK + 1
+
+
+def _grads(params, step):
+    """Gradients of the parameters' dtype, the same for every run of a test."""
+    return gradients(params, step)
+
+
+def _run(opt, params, steps, twins=()):
+    """Step `opt` on `params` and each (torch optimizer, its params) twin with the same
+    gradients, given to the twins as exact float64/float32 copies."""
+    for step in range(steps):
+        grads = _grads(params, step)
+        for j, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (step, j) in MISSING else g.clone()
+            for _, twin in twins:
+                twin[j].grad = None if (step, j) in MISSING else g.to(twin[j].dtype)
+        opt.step()
+        for ref, _ in twins:
+            ref.step()
+
+
+# ------------------------------------------------------------------------ master weights
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused_cls,torch_cls,options", ADAMS)
+def test_master_weights_follow_the_fp32_trajectory(fused_cls, torch_cls, options, dtype, backend):
+    params = make_params(dtype, shapes=SHAPES_REAL)
+    exact = [p.detach().double().requires_grad_() for p in params]
+    opt = fused_cls(params, backend=backend, master_weights=True, **options)
+    ref = torch_cls(exact, **options)
+    _run(opt, params, 5, [(ref, exact)])
+    for j, (p, e) in enumerate(zip(params, exact)):
+        master = opt.state[p]["master_param"]
+        assert master.dtype == torch.float32 and master.shape == p.shape
+        # fp32 math against float64 math on the same (low-precision) gradients
+        assert_close(f"master {j}", master.double(), e.detach(), rtol=1e-5, atol=1e-6)
+        # the parameter is the master copy rounded to nearest
+        assert torch.equal(p.detach(), master.to(dtype)), f"param {j} is not its master copy rounded"
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].dtype == torch.float32
+            assert_close(f"{key} {j}", opt.state[p][key].double(), ref.state[e][key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused_cls,torch_cls,options", ADAMS)
+def test_master_weights_kernel_equals_reference(fused_cls, torch_cls, options):
+    runs = []
+    for backend in PATHS:
+        params = make_params(torch.bfloat16, shapes=SHAPES_REAL)
+        opt = fused_cls(params, backend=backend, master_weights=True, state_dtype=torch.bfloat16, **options)
+        _run(opt, params, 4)
+        runs.append((params, opt))
+    (p_k, o_k), (p_r, o_r) = runs
+    for j, (a, b) in enumerate(zip(p_k, p_r)):
+        assert torch.equal(a, b), f"param {j}"
+        for key, value in o_r.state[b].items():
+            assert_close(f"{key} {j}", o_k.state[a][key], value, rtol=1e-6, atol=1e-7)
+        assert o_k.state[a]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_plain_bf16_loses_what_master_weights_keep():
+    """Updates below half a bf16 ulp vanish from a bf16 parameter; the master copy keeps them."""
+    plain = torch.full((64,), 1.0, dtype=torch.bfloat16, requires_grad=True)
+    mastered = plain.detach().clone().requires_grad_()
+    opts = [fusedopt.Adam([plain], lr=1e-4, backend="reference"),
+            fusedopt.Adam([mastered], lr=1e-4, backend="reference", master_weights=True)]
+    for _ in range(100):
+        for p, opt in zip((plain, mastered), opts):
+            p.grad = torch.ones_like(p)
+            opt.step()
+    assert torch.all(plain == 1.0)                       # Adam's 1e-4 steps round away
+    master = opts[1].state[mastered]["master_param"]
+    assert_close("master", master.double(), torch.full((64,), 1.0 - 100e-4, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert torch.equal(mastered.detach(), master.bfloat16()) and torch.all(mastered < 1.0)
+
+
+@pytest.mark.parametrize("backend", PATHS + ["auto"])
+def test_master_copy_survives_state_dict_without_loss(backend):
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    opt = fusedopt.AdamW(params, lr=1e-3, backend=backend, master_weights=True)
+    _run(opt, params, 2)
+    saved = opt.state_dict()
+    masters = [saved["state"][j]["master_param"] for j in range(len(params))]
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all(not torch.equal(m, m.bfloat16().float()) for m in masters), "the test needs masters off the bf16 grid"
+    # through torch.save, into a fresh optimizer over copies of the parameters
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    loaded_sd = torch.load(buf)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    other = fusedopt.AdamW(twins, lr=1e-3, backend=backend, master_weights=True)
+    other.load_state_dict(loaded_sd)
+    for j, (t, m) in enumerate(zip(twins, masters)):
+        got = other.state[t]["master_param"]
+        assert got.dtype == torch.float32 and torch.equal(got, m), f"master {j} changed in load_state_dict"
+        for key in ("exp_avg", "exp_avg_sq"):  # fp32 moments beside a bf16 parameter: no loss either
+            assert torch.equal(other.state[t][key], loaded_sd["state"][j][key]), f"{key} {j} changed"
+    # and both continue identically
+    _run(opt, params, 2)
+    _run(other, twins, 2)
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["master_param"], other.state[b]["master_param"])
+
+
+def test_state_dict_interchange_with_torch():
+    """The options are optimizer attributes: param_groups stay torch's, torch.optim loads
+    the state dict (ignoring the master copy), and a torch state dict starts the master
+    copy from the parameter."""
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (9,)])
+    opt = fusedopt.AdamW(params, lr=1e-3, backend="reference", master_weights=True, state_dtype=torch.bfloat16)
+    _run(opt, params, 2)
+    saved = opt.state_dict()
+    assert "master_weights" not in saved["param_groups"][0] and "state_dtype" not in saved["param_groups"][0]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.AdamW(twins, lr=1e-3)
+    plain.load_state_dict(saved)
+    _run(plain, twins, 1)
+    # torch -> fusedopt with master weights
+    back = [p.detach().clone().requires_grad_() for p in twins]
+    fresh = fusedopt.AdamW(back, lr=1e-3, backend="reference", master_weights=True)
+    torch_sd = plain.state_dict()
+    for entry in torch_sd["state"].values():
+        entry.pop("master_param", None)
+    fresh.load_state_dict(torch_sd)
+    for p in back:
+        assert torch.equal(fresh.state[p]["master_param"], p.detach().float())
+        assert fresh.state[p]["exp_avg"].dtype == torch.float32
+    _run(fresh, back, 1)
+
+
+def test_options_survive_pickle_and_deepcopy():
+    params = make_params(torch.bfloat16, shapes=[(5, 7)])
+    opt = fusedopt.Adam(params, backend="reference", master_weights=True, state_dtype=torch.bfloat16)
+    _run(opt, params, 1)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.master_weights and clone.state_dtype == torch.bfloat16
+        (p,) = clone.param_groups[0]["params"]
+        assert clone.state[p]["master_param"].dtype == torch.float32
+        assert clone.state[p]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_master_weights_leave_fp32_parameters_alone():
+    p = torch.randn(10, requires_grad=True)
+    opt = fusedopt.Adam([p], master_weights=True)
+    p.grad = torch.randn(10)
+    opt.step()
+    assert "master_param" not in opt.state[p]
+    assert opt._buckets[0][1][0].path == "native"  # torch's CPU kernel still runs fp32 buckets
+
+
+def test_auto_takes_the_reference_path_on_cpu_for_extended_buckets():
+    p = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(10, requires_grad=True)
+    for opt in (fusedopt.Adam([p], master_weights=True), fusedopt.Adam([q], state_dtype=torch.bfloat16)):
+        opt.param_groups[0]["params"][0].grad = torch.ones(10, dtype=opt.param_groups[0]["params"][0].dtype)
+        opt.step()
+        assert opt._buckets[0][1][0].path == "reference"
+
+
+# ------------------------------------------------------------------------ low-precision state
+
+def _adam_bf16_state_reference(params, steps, lr, betas=(0.9, 0.999), eps=1e-8):
+    """Adam in float64 whose moments are stored as bf16 after every step, as the kernel
+    stores them; the update itself uses the unrounded moments, as the kernel does."""
+    ps = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p, dtype=torch.bfloat16) for p in ps]
+    v = [torch.zeros_like(p, dtype=torch.bfloat16) for p in ps]
+    count = [0] * len(ps)
+    for step in range(steps):
+        grads = _grads(params, step)
+        for j, g in enumerate(grads):
+            if (step, j) in MISSING:
+                continue
+            count[j] += 1
+            t = count[j]
+            g = g.double()
+            m_new = torch.lerp(m[j].double(), g, 1 - betas[0])
+            v_new = v[j].double() * betas[1] + (1 - betas[1]) * g * g
+            m[j], v[j] = m_new.bfloat16(), v_new.bfloat16()
+            denom = v_new.sqrt() / (1 - betas[1] ** t) ** 0.5 + eps
+            ps[j] = ps[j] - lr / (1 - betas[0] ** t) * m_new / denom
+    return ps, m, v
+
+
+@pytest.mark.parametrize("backend", PATHS + ["auto"])
+def test_bf16_state_matches_float64_reference(backend):
+    params = make_params(torch.float32, shapes=SHAPES_REAL)
+    opt = fusedopt.Adam(params, lr=1e-2, backend=backend, state_dtype=torch.bfloat16)
+    _run(opt, params, 5)
+    ps, m, v = _adam_bf16_state_reference(make_params(torch.float32, shapes=SHAPES_REAL), 5, 1e-2)
+    for j, p in enumerate(params):
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+        # A moment whose fp32 and float64 values straddle a bf16 rounding boundary may
+        # round one ulp apart; that moves the parameter by up to lr * 2**-8.
+        assert_close(f"param {j}", p.detach().double(), ps[j], rtol=1e-5, atol=1e-4)
+        assert_close(f"exp_avg {j}", st["exp_avg"], m[j], rtol=2 ** -7, atol=1e-6)
+        assert_close(f"exp_avg_sq {j}", st["exp_avg_sq"], v[j], rtol=2 ** -7, atol=1e-8)
+
+
+def test_bf16_state_halves_state_memory():
+    params = make_params(torch.float32, shapes=[(1024,), (33,)])
+    opts = [fusedopt.Adam(params, backend="reference"),
+            fusedopt.Adam(params, backend="reference", state_dtype=torch.bfloat16)]
+    for opt in opts:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    nbytes = [sum(b.numel() * b.element_size() for b in opt._buckets[0][1][0].buffers.values()) for opt in opts]
+    assert nbytes[1] * 2 == nbytes[0]
+
+
+def test_invalid_state_dtype():
+    with pytest.raises(ValueError, match="Invalid state_dtype"):
+        fusedopt.Adam([torch.zeros(1, requires_grad=True)], state_dtype=torch.int8)
+
+
+# ------------------------------------------------------------------------ fused clipping
+
+CLIPPERS = [pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), id="AdamW"),
+            pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True, maximize=True), id="Adam-amsgrad"),
+            pytest.param(fusedopt.SGD, torch.optim.SGD, dict(lr=1e-1, momentum=0.9, nesterov=True), id="SGD-nesterov"),
+            pytest.param(fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, weight_decay=0.1), id="Adagrad")]
+
+
+def _clipped_run(fused_cls, torch_cls, options, backend, dtype, max_norm, steps=4):
+    """fusedopt with max_grad_norm against torch's clip_grad_norm_ then step, in `dtype`
+    and in float64; two groups, and a group whose second half is float64 (two buckets)."""
+    params = make_params(dtype, shapes=SHAPES_REAL)
+    params[-2] = params[-2].detach().double().requires_grad_()  # another bucket in the same norm
+    copies = {d: [p.detach().to(d if p.dtype != torch.float64 else torch.float64).clone().requires_grad_()
+                  for p in params] for d in (dtype, torch.float64)}
+    half = len(params) // 2
+
+    def groups(ps):
+        return [dict(params=ps[:half]), dict(params=ps[half:], lr=options["lr"] / 2)]
+
+    opt = fused_cls(groups(params), backend=backend, max_grad_norm=max_norm, **options)
+    refs = {d: torch_cls(groups(ps), **options) for d, ps in copies.items()}
+    for step in range(steps):
+        grads = [g * 3 for g in _grads(params, step)]
+        for j, g in enumerate(grads):
+            missing = (step, j) in MISSING
+            params[j].grad = None if missing else g.clone()
+            for ps in copies.values():
+                ps[j].grad = None if missing else g.to(ps[j].dtype)
+        kept = [None if p.grad is None else p.grad.clone() for p in params]
+        opt.step()
+        for p, k in zip(params, kept):  # the gradients are read, never written
+            assert (p.grad is None and k is None) or torch.equal(p.grad, k)
+        for d, ref in refs.items():
+            torch.nn.utils.clip_grad_norm_(copies[d], max_norm)
+            ref.step()
+    return params, copies
+
+
+@pytest.mark.parametrize("backend", PATHS + ["auto"])
+@pytest.mark.parametrize("fused_cls,torch_cls,options", CLIPPERS)
+def test_max_grad_norm_equals_clip_grad_norm_then_step(fused_cls, torch_cls, options, backend):
+    params, copies = _clipped_run(fused_cls, torch_cls, options, backend, torch.float32, max_norm=1.0)
+    for j, p in enumerate(params):
+        # torch's own fp32 answer to fp32 rounding, and the float64 one to fp32 precision
+        assert_close(f"param {j}", p, copies[torch.float32][j], rtol=1e-5, atol=1e-6)
+        assert_close(f"param {j} (fp64)", p.detach().double(), copies[torch.float64][j].detach().double(),
+                     rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", PATHS)
+def test_max_grad_norm_in_float64(backend):
+    params, copies = _clipped_run(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), backend, torch.float64, 0.5)
+    for j, p in enumerate(params):
+        assert_close(f"param {j}", p, copies[torch.float64][j], rtol=1e-10, atol=1e-12)
+
+
+def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it():
+    from fusedopt.kernels._launch import count_launches
+    params = make_params(torch.float32, shapes=[(100,), (7,)]) + make_params(torch.float64, shapes=[(5,)])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = fusedopt.AdamW(params, backend="triton", max_grad_norm=1e6)
+    plain = fusedopt.AdamW(twins, backend="triton")
+    for ps in (params, twins):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+    with count_launches() as c:
+        opt.step()
+    assert dict(c) == {"sumsq": 2, "adam": 2}
+    plain.step()
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)  # coefficient 1: the same numbers as no clipping
+
+
+@pytest.mark.parametrize("backend", PATHS + ["auto"])
+def test_max_grad_norm_with_grad_scaler_clips_the_unscaled_gradient(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = fusedopt.AdamW(twin.parameters(), lr=1e-2, fused=True, max_grad_norm=0.1, backend=backend)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) for _ in range(2)]
+    for step in range(4):
+        for net, o, scaler in ((model, ref, scalers[0]), (twin, opt, scalers[1])):
+            o.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+            if step == 2:
+                next(net.parameters()).grad[0, 0] = float("inf")
+            if o is ref:
+                scaler.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
+            scaler.step(o)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 7
+    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"param {j}", b, a, rtol=1e-5, atol=1e-6)
+        assert float(opt.state[b]["step"]) == float(ref.state[a]["step"]) == 3
+
+
+def test_max_grad_norm_errors():
+    with pytest.raises(ValueError, match="Invalid max_grad_norm"):
+        fusedopt.SGD([torch.zeros(1, requires_grad=True)], max_grad_norm=0.0)
+    p = torch.zeros(3, requires_grad=True)
+    opt = fusedopt.RMSprop([p])
+    opt.max_grad_norm = 1.0
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="RMSprop cannot clip gradients inside its kernel"):
+        opt.step()
+
+
+def test_max_grad_norm_survives_pickle():
+    opt = fusedopt.SGD([torch.zeros(1, requires_grad=True)], max_grad_norm=2.0)
+    assert pickle.loads(pickle.dumps(opt)).max_grad_norm == 2.0
+    assert copy.deepcopy(opt).max_grad_norm == 2.0
+    assert "max_grad_norm" not in opt.state_dict()["param_groups"][0]
+
+
+# ------------------------------------------------------------------------ stochastic rounding
+
+def _constant_gradient_run(backend, steps, **options):
+    """Adam on 4096 bf16 parameters at 1 with a constant gradient: every step moves each by
+    lr (Adam's normalised step), far below half a bf16 ulp (2**-9 just below 1)."""
+    p = torch.ones(4096, dtype=torch.bfloat16, requires_grad=True)
+    opt = fusedopt.Adam([p], lr=1e-4, backend=backend, **options)
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("backend", PATHS + ["auto"])
+def test_stochastic_rounding_tracks_the_fp32_trajectory_where_bf16_stalls(backend):
+    steps = 40
+    plain, _ = _constant_gradient_run(backend, steps)
+    assert torch.all(plain == 1.0), "plain bf16 loses every update: the parameter never moves"
+    rounded, _ = _constant_gradient_run(backend, steps, stochastic_rounding=True)
+    # float64 reference: the fp32 trajectory (Adam's step with a constant gradient is lr)
+    exact = 1.0 - steps * 1e-4
+    mean = rounded.double().mean().item()
+    # each element is a bf16 neighbour of the trajectory; their mean is unbiased. The
+    # spread of one element's walk is at most ulp * sqrt(steps / 4), over 4096 elements.
+    spread = 2 ** -8 * (steps / 4) ** 0.5 / 4096 ** 0.5
+    assert abs(mean - exact) < 5 * spread, (mean, exact, spread)
+    assert rounded.unique().numel() > 1
+
+
+def test_stochastic_rounding_kernel_equals_reference_and_is_reproducible():
+    runs = []
+    for backend in ("triton", "reference", "triton"):
+        params = make_params(torch.bfloat16, shapes=SHAPES_REAL)
+        opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, stochastic_rounding=True)
+        _run(opt, params, 3)
+        runs.append(params)
+    for j, (a, b, c) in enumerate(zip(*runs)):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"param {j}: kernel != reference"
+        assert torch.equal(a, c), f"param {j}: not reproducible"
+    # another seed draws other bits: each of the 3 steps may round the other way (an ulp,
+    # 2**-7 relative at most), and the moments respond a little to the changed parameter
+    params = make_params(torch.bfloat16, shapes=SHAPES_REAL)
+    opt = fusedopt.AdamW(params, lr=1e-2, backend="reference", stochastic_rounding=True)
+    opt.sr_seed = 1
+    _run(opt, params, 3)
+    assert any(not torch.equal(a, b) for a, b in zip(params, runs[0]))
+    for j, (a, b) in enumerate(zip(params, runs[0])):
+        assert_close(f"param {j}", a, b, rtol=4 * 2 ** -7, atol=1e-2)
+
+
+def test_stochastic_rounding_options():
+    with pytest.raises(ValueError, match="exclude each other"):
+        fusedopt.Adam([torch.zeros(1, requires_grad=True)], master_weights=True, stochastic_rounding=True)
+    # fp32 parameters are unaffected, and keep torch's CPU kernel
+    p = torch.randn(10, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opts = [fusedopt.Adam([p], stochastic_rounding=True), torch.optim.Adam([q])]
+    for t, o in zip((p, q), opts):
+        t.grad = torch.ones(10)
+        o.step()
+    assert torch.equal(p, q) and opts[0]._buckets[0][1][0].path == "native"
+    clone = pickle.loads(pickle.dumps(opts[0]))
+    assert clone.stochastic_rounding
+
+
+@pytest.mark.parametrize("backend", PATHS)
+def test_master_weights_under_grad_scaler_skip_and_unscale(backend):
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    exact = [p.detach().double().requires_grad_() for p in params]
+    opt = fusedopt.AdamW(params, lr=1e-2, fused=True, backend=backend, master_weights=True)
+    ref = torch.optim.AdamW(exact, lr=1e-2)
+    scale = torch.tensor(2.0 ** 10)
+    for step in range(3):
+        grads = _grads(params, step)
+        for p, e, g in zip(params, exact, grads):
+            p.grad = (g.float() * scale).bfloat16()     # exact: a power of two
+            e.grad = g.double()
+        opt.grad_scale, opt.found_inf = scale, torch.tensor(1.0 if step == 1 else 0.0)
+        opt.step()
+        if step != 1:
+            ref.step()
+    for j, (p, e) in enumerate(zip(params, exact)):
+        assert_close(f"master {j}", opt.state[p]["master_param"].double(), e.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(p.detach(), opt.state[p]["master_param"].bfloat16())
+        assert float(opt.state[p]["step"]) == 2
+
+
+def test_low_precision_state_takes_assigned_tensors():
+    p = torch.randn(6, requires_grad=True)
+    opt = fusedopt.Adam([p], backend="reference", state_dtype=torch.bfloat16)
+    p.grad = torch.ones(6)
+    opt.step()
+    opt.state[p]["exp_avg"] = torch.full((6,), 0.3)
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(opt._buckets[0][1][0].buffers["exp_avg"][:6], torch.full((6,), 0.3).bfloat16())
