@@ -357,6 +357,18 @@ class Bucket:
         return self.expand(mask)
 
 
+def reference_inputs(bucket: Bucket, batch: Batch, table: Tensor, columns) -> tuple[dict, Tensor, Tensor, Tensor]:
+    """What every reference update starts from, in the scalar table's compute dtype: the
+    per-tensor scalars expanded per element (by column name), the mask of the stepped
+    tensors' elements, and the gathered parameters and gradients (unscaled and clipped as
+    the kernels' gradient prologue does)."""
+    cdt = table.dtype
+    scalars = {name: bucket.expand(table[:, j]) for j, name in enumerate(columns)}
+    params = bucket.gather(batch.params, batch.index, cdt)
+    grads = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
+    return scalars, bucket.stepped_elements(batch), params, grads
+
+
 def commit(buffer: Tensor, value: Tensor, stepped: Tensor) -> None:
     """Write `value` into the stepped tensors' segments of a flat buffer, nowhere else."""
     buffer.copy_(torch.where(stepped, value.to(buffer.dtype), buffer))

@@ -99,10 +99,7 @@ def adagrad_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
     if batch.skipped():
         return
     cdt = table.dtype
-    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
-    stepped = bucket.stepped_elements(batch)
-    p = bucket.gather(batch.params, batch.index, cdt)
-    g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
+    s, stepped, p, g = _flat.reference_inputs(bucket, batch, table, COLUMNS)
     state_sum = state["sum"].to(cdt)
 
     if o.maximize:

@@ -280,10 +280,9 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     if batch.skipped():
         return
     cdt = table.dtype
-    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(columns(o.variant))}
-    stepped = bucket.stepped_elements(batch)
-    p = state["master_param"].to(cdt) if o.master else bucket.gather(batch.params, batch.index, cdt)
-    g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
+    s, stepped, p, g = _flat.reference_inputs(bucket, batch, table, columns(o.variant))
+    if o.master:
+        p = state["master_param"].to(cdt)
     exp_avg = state["exp_avg"].to(cdt)
 
     if o.maximize:

@@ -127,10 +127,7 @@ def rmsprop_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
                       table: torch.Tensor, o: RMSpropOptions) -> None:
     """The same update in plain torch ops over the same flat buffers."""
     cdt = table.dtype
-    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
-    stepped = bucket.stepped_elements(batch)
-    p = bucket.gather(batch.params, batch.index, cdt)
-    g = bucket.gather(batch.grads, batch.index, cdt)
+    s, stepped, p, g = _flat.reference_inputs(bucket, batch, table, COLUMNS)
     square_avg = state["square_avg"].to(cdt)
 
     if o.maximize:

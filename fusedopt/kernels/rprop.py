@@ -120,10 +120,7 @@ def rprop_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, t
                     table: torch.Tensor, o: RpropOptions) -> None:
     """The same update in plain torch ops over the same flat buffers."""
     cdt = table.dtype
-    sc = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
-    stepped = bucket.stepped_elements(batch)
-    p = bucket.gather(batch.params, batch.index, cdt)
-    g = bucket.gather(batch.grads, batch.index, cdt)
+    sc, stepped, p, g = _flat.reference_inputs(bucket, batch, table, COLUMNS)
     prev = state["prev"]
     step_size = state["step_size"].to(cdt)
 

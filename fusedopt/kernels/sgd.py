@@ -111,10 +111,7 @@ def sgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, tor
     if batch.skipped():
         return
     cdt = table.dtype
-    s = {name: bucket.expand(table[:, j]) for j, name in enumerate(COLUMNS)}
-    stepped = bucket.stepped_elements(batch)
-    p = bucket.gather(batch.params, batch.index, cdt)
-    g = batch.prepare_grad(bucket.gather(batch.grads, batch.index, cdt))
+    s, stepped, p, g = _flat.reference_inputs(bucket, batch, table, COLUMNS)
 
     if o.maximize:
         g = -g
