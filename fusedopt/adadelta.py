@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from .kernels import _launch
 from .kernels import adadelta as kernels
 from .optimizer import Optimizer, _as_float, refuse_differentiable
 
@@ -67,7 +66,5 @@ class Adadelta(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
-        table = _launch.scalar_table(kernels.scalars(o), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.adadelta_triton if bucket.path == "triton" else kernels.adadelta_reference
-        run(bucket, batch, state, table, o)
+        self._run_path(bucket, batch, state, kernels.scalars(o), o,
+                       kernels.adadelta_triton, kernels.adadelta_reference)

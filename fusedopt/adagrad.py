@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from .kernels import _launch
 from .kernels import adagrad as kernels
 from .optimizer import Optimizer, _as_float, check_max_grad_norm, refuse_differentiable
 
@@ -107,7 +106,5 @@ class Adagrad(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
-        table = _launch.scalar_table(kernels.scalars(bucket.steps, o), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.adagrad_triton if bucket.path == "triton" else kernels.adagrad_reference
-        run(bucket, batch, state, table, o)
+        self._run_path(bucket, batch, state, kernels.scalars(bucket.steps, o), o,
+                       kernels.adagrad_triton, kernels.adagrad_reference)

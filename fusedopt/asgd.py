@@ -5,7 +5,6 @@ import torch
 from torch import Tensor
 
 from . import _flat
-from .kernels import _launch
 from .kernels import asgd as kernels
 from .optimizer import Optimizer, _as_float, refuse_differentiable
 
@@ -77,10 +76,8 @@ class ASGD(Optimizer):
         state = self._buffers(group, bucket, batch)
         eta, mu = bucket.scalar("eta"), bucket.scalar("mu")
         # The per-tensor scalars come to the host: torch reads them with .item() too.
-        table = _launch.scalar_table(kernels.scalars(eta.cpu(), mu.cpu(), o), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.asgd_triton if bucket.path == "triton" else kernels.asgd_reference
-        run(bucket, batch, state, table, o)
+        self._run_path(bucket, batch, state, kernels.scalars(eta.cpu(), mu.cpu(), o), o,
+                       kernels.asgd_triton, kernels.asgd_reference)
         self._advance_steps(bucket, batch)
         index = batch.index_tensor()
         new_eta, new_mu = kernels.next_eta_mu(bucket.steps.cpu()[index].tolist(), o)

@@ -380,6 +380,14 @@ class Optimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @staticmethod
+    def _run_path(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, Tensor], columns, o,
+                  triton, reference) -> None:
+        """Turn the host-computed scalar columns into the bucket's table and run its path:
+        the kernel launcher or the reference, which take the same arguments."""
+        table = _launch.scalar_table(columns, len(bucket), _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        (triton if bucket.path == "triton" else reference)(bucket, batch, state, table, o)
+
+    @staticmethod
     def _advance_steps(bucket: _flat.Bucket, batch: _flat.Batch) -> None:
         steps = bucket.steps
         if batch.everyone:

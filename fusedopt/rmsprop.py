@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from .kernels import _launch
 from .kernels import rmsprop as kernels
 from .optimizer import Optimizer, _as_float, refuse_differentiable
 
@@ -83,7 +82,5 @@ class RMSprop(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
-        table = _launch.scalar_table(kernels.scalars(o), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.rmsprop_triton if bucket.path == "triton" else kernels.rmsprop_reference
-        run(bucket, batch, state, table, o)
+        self._run_path(bucket, batch, state, kernels.scalars(o), o,
+                       kernels.rmsprop_triton, kernels.rmsprop_reference)

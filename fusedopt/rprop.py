@@ -4,7 +4,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _flat
-from .kernels import _launch
 from .kernels import rprop as kernels
 from .optimizer import Optimizer, _as_float, refuse_differentiable
 
@@ -73,7 +72,5 @@ class Rprop(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         self._advance_steps(bucket, batch)
-        table = _launch.scalar_table(kernels.scalars(o, bucket.real_dtype), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.rprop_triton if bucket.path == "triton" else kernels.rprop_reference
-        run(bucket, batch, state, table, o)
+        self._run_path(bucket, batch, state, kernels.scalars(o, bucket.real_dtype), o,
+                       kernels.rprop_triton, kernels.rprop_reference)

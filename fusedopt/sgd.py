@@ -5,7 +5,6 @@ import torch
 from torch import Tensor
 
 from . import _flat
-from .kernels import _launch
 from .kernels import sgd as kernels
 from .optimizer import Optimizer, _as_float, check_max_grad_norm, refuse_differentiable
 
@@ -88,7 +87,5 @@ class SGD(Optimizer):
         first = torch.zeros(len(bucket), dtype=torch.float64)
         if fresh:
             first[torch.tensor(fresh)] = 1.0
-        table = _launch.scalar_table(kernels.scalars(first, o), len(bucket),
-                                     _launch.compute_dtype(bucket.real_dtype), bucket.device)
-        run = kernels.sgd_triton if bucket.path == "triton" else kernels.sgd_reference
-        run(bucket, batch, state, table, o)
+        self._run_path(bucket, batch, state, kernels.scalars(first, o), o,
+                       kernels.sgd_triton, kernels.sgd_reference)
