@@ -216,6 +216,17 @@ def load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE: tl.constexpr, GRAD
 
 
 @triton.jit
+def load_grad_l2(g_ptr, offs, mask, grad_ops_ptr, p, weight_decay, cdt, MAXIMIZE: tl.constexpr,
+                 WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
+    """`load_grad`, then torch's L2 weight decay (`grad + weight_decay * param`), which
+    every algorithm without decoupled decay applies in this order."""
+    g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    return g
+
+
+@triton.jit
 def bf16_bits(value):
     """The fp32 bit pattern of `value` rounded to bf16, nearest even, NaN kept a NaN."""
     bits = value.to(tl.float32).to(tl.uint32, bitcast=True)

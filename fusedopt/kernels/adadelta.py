@@ -17,7 +17,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate, store_as
+from ._launch import load_grad_l2, locate, store_as
 from ._triton import tl, triton
 
 
@@ -50,13 +50,9 @@ def _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, mask, s_ptr,
     cdt = neg_lr.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    g = load_grad_l2(g_ptr, offs, mask, s_ptr, p, weight_decay, cdt, MAXIMIZE, WEIGHT_DECAY, False)
     square_avg = tl.load(sq_ptr + offs, mask=mask).to(cdt)
     acc_delta = tl.load(acc_ptr + offs, mask=mask).to(cdt)
-    if MAXIMIZE:
-        g = -g
-    if WEIGHT_DECAY:
-        g = g + weight_decay * p
     square_avg = square_avg * rho + one_minus_rho * g * g
     store_as(sq_ptr, offs, square_avg, mask)
     std = tl.sqrt(square_avg + eps)

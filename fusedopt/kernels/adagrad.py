@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad, locate, skipped, store_as
+from ._launch import load_grad_l2, locate, skipped, store_as
 from ._triton import tl, triton
 
 
@@ -53,10 +53,8 @@ def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr, grad_ops_ptr,
     cdt = neg_clr.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
+    g = load_grad_l2(g_ptr, offs, mask, grad_ops_ptr, p, weight_decay, cdt, MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
     state_sum = tl.load(sum_ptr + offs, mask=mask).to(cdt)
-    if WEIGHT_DECAY:
-        g = g + weight_decay * p
     state_sum = state_sum + g * g
     store_as(sum_ptr, offs, state_sum, mask)
     std = tl.sqrt(state_sum) + eps

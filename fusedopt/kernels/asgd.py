@@ -24,7 +24,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate, store_as
+from ._launch import load_grad_l2, locate, store_as
 from ._triton import tl, triton
 
 
@@ -66,11 +66,7 @@ def _asgd_update(p_ptr, g_ptr, ax_ptr, offs, mask, s_ptr,
     cdt = decay.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
-    if MAXIMIZE:
-        g = -g
-    if WEIGHT_DECAY:
-        g = g + weight_decay * p
+    g = load_grad_l2(g_ptr, offs, mask, s_ptr, p, weight_decay, cdt, MAXIMIZE, WEIGHT_DECAY, False)
     p = p * decay
     p = p + neg_eta * g
     store_as(p_ptr, offs, p, mask)

@@ -20,7 +20,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate, store_as
+from ._launch import load_grad_l2, locate, store_as
 from ._triton import tl, triton
 
 
@@ -63,12 +63,8 @@ def _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, mask, s_ptr,
     cdt = neg_lr.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = tl.load(g_ptr + offs, mask=mask).to(cdt)
+    g = load_grad_l2(g_ptr, offs, mask, s_ptr, p, weight_decay, cdt, MAXIMIZE, WEIGHT_DECAY, False)
     square_avg = tl.load(sq_ptr + offs, mask=mask).to(cdt)
-    if MAXIMIZE:
-        g = -g
-    if WEIGHT_DECAY:
-        g = g + weight_decay * p
     square_avg = square_avg * alpha + one_minus_alpha * g * g
     store_as(sq_ptr, offs, square_avg, mask)
     if CENTERED:

@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad, locate, skipped, store_as
+from ._launch import load_grad_l2, locate, skipped, store_as
 from ._triton import tl, triton
 
 
@@ -55,9 +55,7 @@ def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr, grad_ops_ptr,
     cdt = lr.dtype
 
     p = tl.load(p_ptr + offs, mask=mask).to(cdt)
-    g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
-    if WEIGHT_DECAY:
-        g = g + weight_decay * p
+    g = load_grad_l2(g_ptr, offs, mask, grad_ops_ptr, p, weight_decay, cdt, MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
     if MOMENTUM:
         if first != 0:
             buf = g
