@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import adam as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -19,18 +19,13 @@ STATE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_arguments(lr, betas, eps, weight_decay) -> None:
     """torch's checks for the Adam family's shared arguments, in torch's order."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+    check_lr(lr)
+    check_nonnegative(eps=eps)
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    check_nonnegative(weight_decay=weight_decay)
 
 
 class AdamFamily(Optimizer):

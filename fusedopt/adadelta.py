@@ -5,7 +5,7 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import adadelta as kernels
-from .optimizer import Optimizer, _as_float, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative, refuse_differentiable
 
 
 class Adadelta(Optimizer):
@@ -24,10 +24,8 @@ class Adadelta(Optimizer):
         params: iterable of parameters or of dicts defining parameter groups.
         lr (float or Tensor, default 1.0), rho (default 0.9), eps (default 1e-6),
         weight_decay (default 0), maximize (default False): as in torch.optim.Adadelta.
-        foreach: accepted for compatibility; every path here is fused.
-        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
     """
 
     _flat_state = ("square_avg", "acc_delta")
@@ -37,16 +35,10 @@ class Adadelta(Optimizer):
     def __init__(self, params, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,
                  maximize: bool = False, differentiable: bool = False, backend: str = "auto"):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_nonnegative(eps=eps, weight_decay=weight_decay)
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
                         capturable=capturable, foreach=foreach, differentiable=differentiable)

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import adagrad as kernels
-from .optimizer import Optimizer, _as_float, check_max_grad_norm, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_lr, check_max_grad_norm, check_nonnegative, refuse_differentiable
 
 
 class Adagrad(Optimizer):
@@ -30,9 +30,8 @@ class Adagrad(Optimizer):
         lr (float or Tensor, default 1e-2), lr_decay (default 0), weight_decay (default 0),
         initial_accumulator_value (default 0), eps (default 1e-10), maximize (default False):
             as in torch.optim.Adagrad.
-        foreach, fused: accepted for compatibility; every path here is fused.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, fused, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
         max_grad_norm (default None): fusedopt only; clips the global gradient norm inside
             the step, see :class:`fusedopt.Adam`.
 
@@ -51,18 +50,9 @@ class Adagrad(Optimizer):
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
                  backend: str = "auto", max_grad_norm: float | None = None):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= lr_decay:
-            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= initial_accumulator_value:
-            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
+        check_lr(lr)
+        check_nonnegative(lr_decay=lr_decay, weight_decay=weight_decay,
+                          initial_accumulator_value=initial_accumulator_value, eps=eps)
         refuse_differentiable(differentiable)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

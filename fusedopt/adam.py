@@ -29,11 +29,8 @@ class Adam(AdamFamily):
         lr (float or Tensor, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
         weight_decay (default 0), amsgrad (default False), maximize (default False),
         decoupled_weight_decay (default False): as in torch.optim.Adam.
-        foreach, fused: accepted for compatibility; every path here is fused, so they change
-            nothing (they are kept in the param groups, as torch keeps them).
-        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, fused, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
         master_weights (default False): fusedopt only. bf16/fp16 parameters get an fp32 copy,
             ``state[p]["master_param"]``, which the step updates (in fp32, with fp32 moments
             unless ``state_dtype`` says otherwise) and rounds into the parameter in the same

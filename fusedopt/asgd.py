@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import asgd as kernels
-from .optimizer import Optimizer, _as_float, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative, refuse_differentiable
 
 
 class ASGD(Optimizer):
@@ -32,11 +32,9 @@ class ASGD(Optimizer):
         lr (float or Tensor, default 1e-2), lambd (default 1e-4), alpha (default 0.75),
         t0 (default 1e6), weight_decay (default 0), maximize (default False):
             as in torch.optim.ASGD.
-        foreach: accepted for compatibility; every path here is fused.
-        capturable: accepted; eta and mu are computed on the host as in torch's
-            non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`. ``eta`` and ``mu`` are computed on the
+            host, as on torch's non-capturable path.
     """
 
     _flat_state = ("ax",)
@@ -47,12 +45,8 @@ class ASGD(Optimizer):
     def __init__(self, params, lr: float | Tensor = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
                  t0: float = 1e6, weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False, *, backend: str = "auto"):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_lr(lr)
+        check_nonnegative(weight_decay=weight_decay)
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable)

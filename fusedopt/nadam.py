@@ -35,12 +35,8 @@ class NAdam(AdamFamily):
         weight_decay (default 0), momentum_decay (:math:`\psi`, default 4e-3),
         decoupled_weight_decay (default False), maximize (default False): as in
         torch.optim.NAdam.
-        foreach: accepted for compatibility (every path here is fused) and kept in the
-            param groups, as torch keeps it.
-        capturable: accepted; ``step`` and ``mu_product`` are kept on the CPU as for
-            torch's non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
     """
 
     _variant = "nadam"

@@ -30,6 +30,22 @@ from . import _backend, _flat, _native
 from .kernels import _launch
 from .kernels import clip as _clip
 
+def check_lr(lr) -> None:
+    """torch's learning-rate checks: a 1-element tensor, and not negative (NaN fails)."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_nonnegative(**values) -> None:
+    """torch's `Invalid <name> value: <value>` for the first negative (or NaN) keyword, in
+    the order given, which is torch's order for each class."""
+    for name, value in values.items():
+        if not 0.0 <= value:
+            raise ValueError(f"Invalid {'epsilon' if name == 'eps' else name} value: {value}")
+
+
 def refuse_differentiable(differentiable: bool) -> None:
     """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
     if differentiable:
@@ -92,7 +108,22 @@ class _State(defaultdict):
 
 
 class Optimizer(torch.optim.Optimizer):
-    """Base class of fusedopt's optimizers. See the module docstring."""
+    """Base class of fusedopt's optimizers. See the module docstring.
+
+    Every subclass takes torch's keywords for its algorithm, with torch's defaults, and keeps
+    them in the param groups as torch does (checkpoints stay interchangeable). torch's
+    implementation flags mean here:
+
+    * ``foreach``: changes nothing; torch's validation of it is kept.
+    * ``fused``: on Adam, AdamW, SGD and Adagrad (torch's fused algorithms) ``True`` declares
+      ``_step_supports_amp_scaling``: GradScaler's unscaling and inf-skip happen in the kernel.
+      ``step`` then lives on the parameter's device, as in torch.
+    * ``capturable``: ``step`` lives on the parameter's device, as in torch; CUDA-graph capture
+      of a step is not supported yet.
+    * ``differentiable``: ``True`` raises: a fused update is not differentiable.
+    * ``backend`` (fusedopt's own): 'auto', 'triton' or 'reference', overridden for a process by
+      ``FUSEDOPT_BACKEND``; see ``fusedopt/_backend.py``.
+    """
 
     #: state keys that live in flat buffers, in torch's order ("step" is the step vector)
     _flat_state: tuple[str, ...] = ()
@@ -305,10 +336,7 @@ class Optimizer(torch.optim.Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         self._sync_state()
         amp = self._amp_inputs()
         clipped = self._clip_inputs(amp) if self.max_grad_norm is not None else None
@@ -354,6 +382,14 @@ class Optimizer(torch.optim.Optimizer):
         if not sums:
             return None
         return batches, _clip.clip_coefficient(sums, self.max_grad_norm, amp[0] if amp is not None else None)
+
+    @staticmethod
+    def _evaluate(closure):
+        """torch's closure protocol: re-evaluate the loss with gradients enabled."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _amp_inputs(self) -> tuple[Tensor | None, Tensor | None] | None:
         """GradScaler's (grad_scale, found_inf), which it sets on optimizers that declare

@@ -37,11 +37,8 @@ class RAdam(AdamFamily):
         lr (float or Tensor, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
         weight_decay (default 0), decoupled_weight_decay (default False), maximize (default
         False): as in torch.optim.RAdam.
-        foreach: accepted for compatibility (every path here is fused) and kept in the
-            param groups, as torch keeps it.
-        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
     """
 
     _variant = "radam"

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import rmsprop as kernels
-from .optimizer import Optimizer, _as_float, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative, refuse_differentiable
 
 
 class RMSprop(Optimizer):
@@ -31,10 +31,8 @@ class RMSprop(Optimizer):
         lr (float or Tensor, default 1e-2), alpha (default 0.99), eps (default 1e-8),
         weight_decay (default 0), momentum (default 0), centered (default False),
         maximize (default False): as in torch.optim.RMSprop.
-        foreach: accepted for compatibility; every path here is fused.
-        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
     """
 
     _flat_state = ("square_avg", "momentum_buffer", "grad_avg")
@@ -45,18 +43,8 @@ class RMSprop(Optimizer):
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
                  backend: str = "auto"):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not 0.0 <= alpha:
-            raise ValueError(f"Invalid alpha value: {alpha}")
+        check_lr(lr)
+        check_nonnegative(eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
         refuse_differentiable(differentiable)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,

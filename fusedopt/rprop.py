@@ -5,7 +5,7 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import rprop as kernels
-from .optimizer import Optimizer, _as_float, refuse_differentiable
+from .optimizer import Optimizer, _as_float, check_lr, refuse_differentiable
 
 
 class Rprop(Optimizer):
@@ -27,10 +27,8 @@ class Rprop(Optimizer):
         params: iterable of parameters or of dicts defining parameter groups.
         lr (float or Tensor, default 1e-2), etas (default (0.5, 1.2)), step_sizes (default
         (1e-6, 50)), maximize (default False): as in torch.optim.Rprop.
-        foreach: accepted for compatibility; every path here is fused.
-        capturable: accepted; ``step`` is kept on the CPU as for torch's non-capturable path.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
     """
 
     _flat_state = ("prev", "step_size")
@@ -41,10 +39,7 @@ class Rprop(Optimizer):
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
                  backend: str = "auto"):
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
+        check_lr(lr)
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
         refuse_differentiable(differentiable)

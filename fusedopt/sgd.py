@@ -22,9 +22,8 @@ class SGD(Optimizer):
         lr (float or Tensor, default 1e-3), momentum (default 0), dampening (default 0),
         weight_decay (default 0), nesterov (default False), maximize (default False):
             as in torch.optim.SGD.
-        foreach, fused: accepted for compatibility; every path here is fused.
-        differentiable: must be False: the fused update is not differentiable.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        foreach, fused, differentiable, backend: torch's flags and fusedopt's path, as for every
+            optimizer here; see :class:`fusedopt.Optimizer`.
         max_grad_norm (default None): fusedopt only. Clip the global norm of every gradient
             this step updates to this value, as ``torch.nn.utils.clip_grad_norm_`` followed
             by ``step()`` would, inside the step: one reduction launch per bucket and the

@@ -29,7 +29,7 @@ class SparseAdam(Optimizer):
         params: iterable of parameters or of dicts defining parameter groups.
         lr (float or Tensor, default 1e-3), betas (default (0.9, 0.999)), eps (default 1e-8),
         maximize (default False): as in torch.optim.SparseAdam.
-        backend ('auto', 'triton' or 'reference'): the path; see :class:`fusedopt.Optimizer`.
+        backend: the path, as for every optimizer here; see :class:`fusedopt.Optimizer`.
 
     Note:
         torch checks gradients one by one and raises on a dense gradient after it has
@@ -90,6 +90,8 @@ class SparseAdam(Optimizer):
         return kernels.SparseAdamOptions(lr=lr, beta1=_as_float(beta1), beta2=_as_float(beta2),
                                          eps=group["eps"], maximize=group.get("maximize", False))
 
+    # As Optimizer.step: the host work is not traceable, so dynamo runs it eagerly.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -97,10 +99,7 @@ class SparseAdam(Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         self._sync_state()
         for gi, group in enumerate(self.param_groups):
             if any(p.grad is not None and not p.grad.is_sparse for p in group["params"]):

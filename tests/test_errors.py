@@ -18,6 +18,8 @@ BAD = [
     dict(alpha=-1.0), dict(lambd=-1.0), dict(t0=-1.0), dict(momentum_decay=-1.0),
     dict(etas=(1.5, 1.2)), dict(etas=(0.5, 0.9)), dict(step_sizes=(1e-6, 50)),
     dict(fused=True, foreach=True),
+    # NaN: most torch classes test `not 0.0 <= x` (NaN fails), SGD tests `x < 0.0` (NaN passes)
+    dict(lr=float("nan")), dict(eps=float("nan")), dict(weight_decay=float("nan")), dict(momentum=float("nan")),
 ]
 
 

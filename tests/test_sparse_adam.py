@@ -164,13 +164,15 @@ def test_embedding_model(backend):
     for _ in range(4):
         batch = torch.randint(0, 30, (6, 5), generator=gen)  # repeats within and across bags
         target = torch.randn(6, 16, generator=gen)
+        losses = []
         for model, opt in ((ref, opt_ref), (new, opt_new)):
             def closure(model=model, opt=opt):
                 opt.zero_grad()
                 loss = (model(batch) - target).pow(2).mean()
                 loss.backward()
                 return loss
-            loss = opt.step(closure)
+            losses.append(opt.step(closure))  # step returns the closure's loss
+        assert torch.equal(losses[0], losses[1])
         assert torch.equal(opt_new.state[new.weight]["exp_avg"], opt_ref.state[ref.weight]["exp_avg"])
     assert_close("weight", new.weight, ref.weight)
 
