@@ -125,6 +125,9 @@ class Batch:
     # (grad_scale, multiplier, found_inf) on the bucket's device when the optimizer unscales
     # (GradScaler with fused=True) or clips inside the kernel; see kernels/_launch.load_grad.
     grad_ops: Tensor | None = None
+    # An attached averaged model's buffer and segments (kernels/averaging.FusedAverage) when
+    # the update kernel also averages the new parameters (Optimizer.attach_averaged_model).
+    average: object | None = None
     _index_tensor: Tensor | None = None
 
     def index_tensor(self) -> Tensor:

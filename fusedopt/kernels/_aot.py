@@ -48,6 +48,13 @@ def layout_pointers(param_dtype: torch.dtype) -> dict[str, torch.dtype]:
             "numels_ptr": torch.int64, "block_tensor_ptr": torch.int32, "block_start_ptr": torch.int64}
 
 
+def average_pointers(param_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The pointer arguments of an update kernel that can average (`averaging.average_into`)."""
+    from ._launch import compute_dtype
+
+    return {"avg_ptr": param_dtype, "avg_segments_ptr": torch.int64, "avg_scalars_ptr": compute_dtype(param_dtype)}
+
+
 def compile_variant(v: Variant, target: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

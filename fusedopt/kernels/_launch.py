@@ -123,7 +123,9 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
     Every such kernel takes the layout arguments first (see `locate`), then its state
     buffers, then the per-tensor scalar table, then BLOCK, ALIGN, NUM_SCALARS and its own
     constexpr flags. Kernels with a gradient prologue (see `load_grad`) also take the
-    `grad_ops` tensor after the table and the GRAD_OPS flag.
+    `grad_ops` tensor after the table and the GRAD_OPS flag; kernels that can average their
+    new parameters into an attached averaged model (`averaging.average_into`) then take
+    `batch.average`'s buffer, segments and scalars, and the AVERAGE flag.
     """
     block, num_warps = block_config(bucket)
     offsets, align = pointer_table(bucket, batch)
@@ -134,6 +136,16 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
         flags["GRAD_OPS"] = grad_ops is not None
     elif grad_ops is not None:
         raise RuntimeError(f"fusedopt: the {name} kernel cannot unscale or clip gradients itself")
+    average = batch.average
+    if "AVERAGE" in kernel.arg_names:
+        if average is None:
+            extra += (table, offsets, table)  # never read without AVERAGE
+            flags["AVERAGE"] = 0
+        else:
+            extra += (average.buffer, average.segments, average.scalars)
+            flags.update(AVERAGE=average.flag, enable_fp_fusion=average.fp_fusion)
+    elif average is not None:
+        raise RuntimeError(f"fusedopt: the {name} kernel cannot update an averaged model")
     kernel[(block_tensor.numel(),)](
         bucket.anchor(), offsets, segments, numels, block_tensor, block_start, *buffers, table, *extra,
         BLOCK=block, ALIGN=align, NUM_SCALARS=table.shape[1], **flags, num_warps=num_warps)
@@ -240,11 +252,17 @@ def store_as(ptr, offs, value, mask):
 
     Rounding is done in integer arithmetic because Triton's interpreter truncates when it
     casts fp32 to bf16; written out here, the interpreter and the GPU give the same bits.
+    Returns the value stored, in value's dtype: what a later load of ptr would read.
     """
     if ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(ptr + offs, (bf16_bits(value) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        bits = bf16_bits(value)
+        tl.store(ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        stored = bits.to(tl.float32, bitcast=True).to(value.dtype)
     else:
-        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+        narrow = value.to(ptr.dtype.element_ty)
+        tl.store(ptr + offs, narrow, mask=mask)
+        stored = narrow.to(value.dtype)
+    return stored
 
 
 # -- stochastic rounding ------------------------------------------------------------------
@@ -281,6 +299,7 @@ def store_sr(ptr, offs, value, mask, seed, index):
     noise = random_bits(seed, index) & 0xFFFF
     rounded = tl.where(value != value, bits | 0x400000, bits + noise) & 0xFFFF0000
     tl.store(ptr + offs, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    return rounded.to(tl.float32, bitcast=True)  # the value stored, as store_as returns it
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -46,6 +46,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import load_grad, locate, skipped, store_as, store_sr
+from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
 
@@ -221,18 +222,20 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr,
         store_as(w_ptr, offs, p, mask)
     if SR:
         # the element's position in the bucket's flat layout: unique, and the reference's
-        store_sr(p_ptr, offs, p, mask, seed, seg + offs)
+        stored = store_sr(p_ptr, offs, p, mask, seed, seg + offs)
     else:
-        store_as(p_ptr, offs, p, mask)
+        stored = store_as(p_ptr, offs, p, mask)
+    return stored  # the parameter's new value as stored, for a fused average
 
 
 @triton.jit
 def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
                 exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, master_ptr, seeds_ptr, scalars_ptr, grad_ops_ptr,
+                avg_ptr, avg_segments_ptr, avg_scalars_ptr,
                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                 DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr,
-                MASTER: tl.constexpr, SR: tl.constexpr):
+                MASTER: tl.constexpr, SR: tl.constexpr, AVERAGE: tl.constexpr):
     # exp_avg_sq_ptr is the second state stream: Adamax's exp_inf.
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
@@ -249,13 +252,17 @@ def adam_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_pt
     # Whole blocks go unmasked: a mask the compiler cannot prove uniform over 4 lanes
     # would cost the 128-bit accesses. Only a tensor's last block pays for the mask.
     if skipped(grad_ops_ptr, GRAD_OPS):
+        average_stored(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, p_ptr, offs, offs < numel, AVERAGE)
         return
     if start + BLOCK <= numel:
-        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, None, s_ptr, grad_ops_ptr, seed, seg,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS, MASTER, SR)
+        p = _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, None, s_ptr, grad_ops_ptr, seed, seg,
+                         AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS, MASTER, SR)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, offs < numel, s_ptr, grad_ops_ptr, seed, seg,
-                     AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS, MASTER, SR)
+        mask = offs < numel
+        p = _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr, grad_ops_ptr, seed, seg,
+                         AMSGRAD, MAXIMIZE, WEIGHT_DECAY, DECOUPLED, VARIANT, GRAD_OPS, MASTER, SR)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def adam_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -351,13 +358,18 @@ def adam_native(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, o:
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
+    from .averaging import AXPBY, DIVIDE, LERP
 
     out = []
     flag_sets = {
         "adam": {"plain": {}, "amsgrad": dict(AMSGRAD=True), "l2": dict(WEIGHT_DECAY=True),
                  "amp-amsgrad": dict(AMSGRAD=True, GRAD_OPS=True),
-                 "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True)},
+                 "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True),
+                 # an attached averaged model: one more stream read and written
+                 "decoupled-ema": dict(WEIGHT_DECAY=True, DECOUPLED=True, AVERAGE=1 + LERP),
+                 "amp-swa": dict(GRAD_OPS=True, AVERAGE=1 + DIVIDE),
+                 "ema-axpby": dict(AVERAGE=1 + AXPBY)},
         "adamax": {"plain": {}, "l2-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)},
         "nadam": {"plain": {}, "l2": dict(WEIGHT_DECAY=True),
                   "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True)},
@@ -368,14 +380,16 @@ def _variants():
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             for label, flags in sets.items():
                 constexprs = dict(NUM_SCALARS=len(columns(variant)), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
-                                  WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant, MASTER=False, SR=False)
+                                  WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant, MASTER=False, SR=False,
+                                  AVERAGE=0)
                 constexprs.update(flags)
                 pointers = layout_pointers(dtype)
                 pointers.update(exp_avg_ptr=dtype, exp_avg_sq_ptr=dtype, max_exp_avg_sq_ptr=dtype, master_ptr=dtype,
-                                seeds_ptr=torch.int32, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
-                amsgrad = constexprs["AMSGRAD"]
+                                seeds_ptr=torch.int32, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32,
+                                **average_pointers(dtype))
+                amsgrad, average = constexprs["AMSGRAD"], constexprs["AVERAGE"] != 0
                 out.append(Variant(f"{variant}-{label}-{str(dtype)[6:]}", adam_kernel, pointers, constexprs,
-                                   loads=4 + amsgrad, stores=3 + amsgrad, dtype=dtype))
+                                   loads=4 + amsgrad + average, stores=3 + amsgrad + average, dtype=dtype))
     # master_weights and state_dtype: streams of another width than the parameter's.
     # Variant.loads/stores count streams of the parameter's width, so an fp32 stream
     # beside bf16 parameters counts 2 and a bf16 one beside fp32 parameters 1/2.
@@ -391,15 +405,18 @@ def _variants():
         # bf16 parameters and state, stochastic rounding of the parameter
         "sr-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True), 4, 3),
         "sr-amsgrad-amp-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True, AMSGRAD=True, GRAD_OPS=True), 5, 4),
+        # master weights with an attached EMA of the bf16 parameters
+        "master-ema-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True, AVERAGE=1 + LERP), 1 + 2 * 3 + 1,
+                            2 * 3 + 1 + 1),
     }
     for label, (dtype, state_dtype, flags, loads, stores) in mixed.items():
         constexprs = dict(NUM_SCALARS=len(columns("adam")), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
-                          WEIGHT_DECAY=True, DECOUPLED=True, VARIANT="adam", MASTER=False, SR=False)
+                          WEIGHT_DECAY=True, DECOUPLED=True, VARIANT="adam", MASTER=False, SR=False, AVERAGE=0)
         constexprs.update(flags)
         pointers = layout_pointers(dtype)
         pointers.update(exp_avg_ptr=state_dtype, exp_avg_sq_ptr=state_dtype, max_exp_avg_sq_ptr=state_dtype,
                         master_ptr=torch.float32 if flags.get("MASTER") else state_dtype, seeds_ptr=torch.int32,
-                        scalars_ptr=torch.float32, grad_ops_ptr=torch.float32)
+                        scalars_ptr=torch.float32, grad_ops_ptr=torch.float32, **average_pointers(dtype))
         out.append(Variant(f"adamw-{label}", adam_kernel, pointers, constexprs, loads=loads, stores=stores, dtype=dtype))
     return out
 

@@ -22,6 +22,8 @@ averaged model orders each bucket as averaged tensors first, synced buffers last
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .. import _flat
@@ -67,10 +69,12 @@ def _round(x, ptr):
 
 
 @triton.jit
-def _average_update(a_ptr, x_ptr, offs, mask, s_ptr, copy, FORMULA: tl.constexpr):
-    x = tl.load(x_ptr + offs, mask=mask)
+def _average_value(a_ptr, offs, mask, x, s_ptr, copy, FORMULA: tl.constexpr):
+    """Average `x` (the source's values, already in registers) into the tensor at a_ptr:
+    `avg = x` when `copy`, else the formula with the scalars at s_ptr."""
     if copy:
-        tl.store(a_ptr + offs, x, mask=mask)
+        # x holds values of a_ptr's dtype (loaded from one, or rounded to one): exact.
+        tl.store(a_ptr + offs, x.to(a_ptr.dtype.element_ty), mask=mask)
     else:
         s0 = tl.load(s_ptr + 0)
         s1 = tl.load(s_ptr + 1)
@@ -97,6 +101,39 @@ def _average_update(a_ptr, x_ptr, offs, mask, s_ptr, copy, FORMULA: tl.constexpr
 
 
 @triton.jit
+def _average_update(a_ptr, x_ptr, offs, mask, s_ptr, copy, FORMULA: tl.constexpr):
+    _average_value(a_ptr, offs, mask, tl.load(x_ptr + offs, mask=mask), s_ptr, copy, FORMULA)
+
+
+# -- fused into an optimizer's update kernel (Optimizer.attach_averaged_model) -------------
+# An update kernel that declares AVERAGE takes three more arguments: the averaged model's
+# flat buffer, the segment of each of the bucket's tensors in it (-1: not averaged here),
+# and (s0, s1, copy) in the compute dtype. AVERAGE is 0 (off) or a FORMULA + 1.
+
+@triton.jit
+def average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, x, AVERAGE: tl.constexpr):
+    """Average the parameter's new value `x`, still in registers, into its averaged copy:
+    the read of the parameter that a separate update_parameters would make is saved."""
+    if AVERAGE != 0:
+        seg = tl.load(avg_segments_ptr + t)
+        if seg >= 0:
+            copy = tl.load(avg_scalars_ptr + 2) != 0
+            _average_value(avg_ptr + tl.multiple_of(seg, 16), offs, mask, x, avg_scalars_ptr, copy, AVERAGE - 1)
+
+
+@triton.jit
+def average_stored(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, x_ptr, offs, mask, AVERAGE: tl.constexpr):
+    """`average_into` for a parameter the kernel did not change (GradScaler skipped the
+    step): its stored value is averaged, as update_parameters after the step would."""
+    if AVERAGE != 0:
+        seg = tl.load(avg_segments_ptr + t)
+        if seg >= 0:
+            copy = tl.load(avg_scalars_ptr + 2) != 0
+            _average_update(avg_ptr + tl.multiple_of(seg, 16), x_ptr, offs, mask, avg_scalars_ptr, copy,
+                            AVERAGE - 1)
+
+
+@triton.jit
 def average_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
                    avg_ptr, scalars_ptr, first_copy,
                    BLOCK: tl.constexpr, ALIGN: tl.constexpr, FORMULA: tl.constexpr):
@@ -109,6 +146,33 @@ def average_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor
         _average_update(a_ptr, x_ptr, offs, None, scalars_ptr, copy, FORMULA)
     else:
         _average_update(a_ptr, x_ptr, offs, offs < numel, scalars_ptr, copy, FORMULA)
+
+
+@dataclass
+class FusedAverage:
+    """What an optimizer's update kernel needs to average its bucket's new parameters into
+    an averaged model in the same pass (its AVERAGE arguments; see `average_into`)."""
+
+    buffer: torch.Tensor     # the averaged model's flat buffer of this device and dtype
+    segments: torch.Tensor   # int64 on the device: each bucket tensor's segment in it, -1 for none
+    scalars: torch.Tensor    # (s0, s1, copy) in the compute dtype, on the device
+    flag: int                # the kernel's AVERAGE: FORMULA + 1
+    fp_fusion: bool          # DIVIDE and AXPBY round every op, as torch's several ops do
+
+
+def fused_scalars(device: torch.device, dtype: torch.dtype, formula: str, n_averaged: int,
+                  decay: float | None, cache: dict) -> torch.Tensor:
+    """(s0, s1, copy) for `average_into`: the first update copies, later ones average with
+    `scalars(...)`. Kept in `cache` while they repeat (an EMA's always do after the first)."""
+    values = (0.0, 0.0, 1.0) if n_averaged == 0 else (*scalars(formula, n_averaged, decay), 0.0)
+    key = (device, dtype, values)
+    table = cache.get(key)
+    if table is None:
+        if len(cache) > 8:  # an SWA's weight changes every update: keep only recent ones
+            cache.clear()
+        table = torch.tensor(values, dtype=torch.float64).to(dtype).to(device, non_blocking=True)
+        cache[key] = table
+    return table
 
 
 def scalar_tensor(bucket: _flat.Bucket, values: tuple[float, float]) -> torch.Tensor:

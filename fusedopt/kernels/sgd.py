@@ -20,6 +20,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import load_grad_l2, locate, skipped, store_as
+from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
 
@@ -67,28 +68,32 @@ def _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr, grad_ops_ptr,
         else:
             g = buf
     p = p + (-lr) * g
-    store_as(p_ptr, offs, p, mask)
+    return store_as(p_ptr, offs, p, mask)  # the value stored, for a fused average
 
 
 @triton.jit
 def sgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-               momentum_buffer_ptr, scalars_ptr, grad_ops_ptr,
+               momentum_buffer_ptr, scalars_ptr, grad_ops_ptr, avg_ptr, avg_segments_ptr, avg_scalars_ptr,
                BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
+               WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr, AVERAGE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
     s_ptr = scalars_ptr + t * NUM_SCALARS
     buf_ptr = momentum_buffer_ptr + seg
     if skipped(grad_ops_ptr, GRAD_OPS):
+        average_stored(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, p_ptr, offs, offs < numel, AVERAGE)
         return
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, None, s_ptr, grad_ops_ptr, MOMENTUM, NESTEROV, MAXIMIZE,
-                    WEIGHT_DECAY, GRAD_OPS)
+        p = _sgd_update(p_ptr, g_ptr, buf_ptr, offs, None, s_ptr, grad_ops_ptr, MOMENTUM, NESTEROV, MAXIMIZE,
+                        WEIGHT_DECAY, GRAD_OPS)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _sgd_update(p_ptr, g_ptr, buf_ptr, offs, offs < numel, s_ptr, grad_ops_ptr, MOMENTUM, NESTEROV,
-                    MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
+        mask = offs < numel
+        p = _sgd_update(p_ptr, g_ptr, buf_ptr, offs, mask, s_ptr, grad_ops_ptr, MOMENTUM, NESTEROV,
+                        MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def sgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -150,23 +155,27 @@ def sgd_native(params, grads, momentum_buffers, first: list[bool], o: SGDOptions
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
+    from .averaging import DIVIDE, LERP
 
     out = []
     flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True), "amp-momentum": dict(MOMENTUM=True, GRAD_OPS=True),
-                 "nesterov-wd-maximize": dict(MOMENTUM=True, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=True)}
+                 "nesterov-wd-maximize": dict(MOMENTUM=True, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=True),
+                 # an attached averaged model: one more stream read and written
+                 "momentum-ema": dict(MOMENTUM=True, AVERAGE=1 + LERP), "swa": dict(AVERAGE=1 + DIVIDE)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
             constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MOMENTUM=False, NESTEROV=False, MAXIMIZE=False,
-                              WEIGHT_DECAY=False)
+                              WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
-            pointers.update(momentum_buffer_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
-            momentum = constexprs["MOMENTUM"]
+            pointers.update(momentum_buffer_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32,
+                            **average_pointers(dtype))
+            momentum, average = constexprs["MOMENTUM"], constexprs["AVERAGE"] != 0
             # The momentum buffer is not read on a tensor's first step, so only the
             # continuing branch streams it: count the loads of that branch.
             out.append(Variant(f"sgd-{label}-{str(dtype)[6:]}", sgd_kernel, pointers, constexprs,
-                               loads=2 + momentum, stores=1 + momentum, dtype=dtype))
+                               loads=2 + momentum + average, stores=1 + momentum + average, dtype=dtype))
     return out
 
 
