@@ -34,6 +34,7 @@ class AdamFamily(Optimizer):
     _variant = "adam"
     _native = False  # torch has a fused CPU kernel for Adam and AdamW only
     _clips = True
+    _fuses_average = True
     # fusedopt-only precision options. They are optimizer attributes, not group entries,
     # so that state_dict()'s param_groups stay torch's and torch.optim loads them.
     master_weights = False

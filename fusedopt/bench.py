@@ -53,6 +53,9 @@ class Algorithm:
     options: dict
     # fusedopt-only options (master_weights=, ...): given to fusedopt's class only
     fused_options: dict = dataclasses.field(default_factory=dict)
+    # an EMA of the parameters updated every step: torch's paths call its AveragedModel's
+    # update_parameters after step(); fusedopt's attaches its AveragedModel to the optimizer
+    ema: bool = False
 
 
 ALGORITHMS = [
@@ -79,6 +82,7 @@ MODES = [
     Algorithm("AdamW-bf16-state", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(state_dtype=torch.bfloat16)),
     Algorithm("AdamW-sr", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(stochastic_rounding=True)),
     Algorithm("AdamW-clip", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(max_grad_norm=1.0)),
+    Algorithm("AdamW-ema", "AdamW", dict(lr=1e-3, weight_decay=1e-2), ema=True),
 ]
 # AveragedModel.update_parameters, against torch.optim.swa_utils: torch's per-tensor
 # average function is its 'for-loop', its multi-tensor one its 'foreach'; fusedopt gets
@@ -99,7 +103,8 @@ def state_streams(cls: str, options: dict) -> int:
 
 
 def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
-                      state_dtype: torch.dtype | None = None, fused_options: dict | None = None) -> int:
+                      state_dtype: torch.dtype | None = None, fused_options: dict | None = None,
+                      ema: bool = False) -> int:
     """The bytes one step must move per parameter element: read the parameter, its
     gradient and each state tensor, write the parameter and each state tensor, once each.
 
@@ -107,7 +112,9 @@ def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
     SGD 12, with momentum 20; Adagrad and ASGD 20; RMSprop 20, 28 with momentum, 36 centered
     with momentum; amsgrad 36. State takes the parameter's dtype unless `state_dtype` says
     otherwise (as torch, fusedopt keeps bf16 state for bf16 parameters). An AveragedModel
-    update ('AveragedModel') reads the average and the model's tensor and writes the average.
+    update ('AveragedModel') reads the average and the model's tensor and writes the average;
+    fused into the step (`ema`), the parameter is already in registers: the average's read
+    and write add 2 * 4 bytes to fp32 Adam's 28 (36; the step then update_parameters: 40).
     """
     fused_options = fused_options or {}
     p = torch.empty((), dtype=param_dtype).element_size()
@@ -123,6 +130,8 @@ def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
         total += 2 * 4 - p
     if fused_options.get("max_grad_norm") is not None:  # the norm reads the gradient once more
         total += p
+    if ema:
+        total += 2 * p
     return total
 
 
@@ -242,7 +251,7 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
     base = _bench_shapes.make(shapes, dtype, device)
     torch_cls, fused_cls = getattr(torch.optim, algo.cls), getattr(fusedopt, algo.cls)
     max_norm = algo.fused_options.get("max_grad_norm")
-    opts, params, notes = {}, {}, {}
+    opts, params, notes, emas = {}, {}, {}, {}
     for name in IMPLS:
         ps = _clone(base)
         try:
@@ -254,12 +263,18 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
             notes[name] = f"unavailable: {e}"
             continue
         params[name] = ps
+        if algo.ema:
+            emas[name] = _ema(name, opts[name], ps)
     before = [p.detach().clone() for p in base]
     del base
     result = _row_header(case, algo.name, algo.cls, dtype, params["fusedopt"])
-    result["bytes_per_element"] = bytes_per_element(algo.cls, algo.options, dtype, fused_options=algo.fused_options)
+    result["bytes_per_element"] = bytes_per_element(algo.cls, algo.options, dtype, fused_options=algo.fused_options,
+                                                    ema=algo.ema)
 
     def stepper(name, opt):
+        if name in emas and name != "fusedopt":
+            averaged, model = emas[name]
+            return lambda: (opt.step(), averaged.update_parameters(model))
         if max_norm is None or name == "fusedopt":
             return opt.step
         return lambda: (torch.nn.utils.clip_grad_norm_(params[name], max_norm, foreach=name != "forloop"), opt.step())
@@ -279,15 +294,34 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
     return _finish(result, timings, mismatch, notes)
 
 
+class _Shapes(torch.nn.Module):
+    """A list of parameters as a model, for AveragedModel."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ps = torch.nn.ParameterList(params)
+
+
+def _ema(name: str, opt, params):
+    """An EMA of `params` for an optimizer: fusedopt's attached to it, torch's for the
+    caller to update after each step. Returns (averaged model, model)."""
+    from torch.optim import swa_utils
+
+    from . import swa
+
+    model = _Shapes(params)
+    module = swa if name == "fusedopt" else swa_utils
+    averaged = module.AveragedModel(model, multi_avg_fn=module.get_ema_multi_avg_fn(EMA_DECAY))
+    if name == "fusedopt":
+        opt.attach_averaged_model(averaged, model)
+    return averaged, model
+
+
 def average_row(case: str, shapes, average: str, dtype: torch.dtype, device: torch.device,
                 timer: Timer, s: Settings, swa) -> dict:
     from torch.optim import swa_utils
 
-    class Shapes(torch.nn.Module):
-        def __init__(self, params):
-            super().__init__()
-            self.ps = torch.nn.ParameterList(params)
-
+    Shapes = _Shapes
     model = Shapes(_bench_shapes.make(shapes, dtype, device))
     with torch.no_grad():
         moved = Shapes(_clone(list(model.ps)))   # a second model state, so averages move

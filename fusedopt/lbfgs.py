@@ -319,6 +319,14 @@ class LBFGS(Optimizer):
         Args:
             closure (Callable): A closure that reevaluates the model and returns the loss.
         """
+        # An attached averaged model is updated after the iterations (no kernel to fuse into).
+        averaging = self._attached.begin() if self._attached is not None else None
+        loss = self._iterate(closure)
+        if averaging is not None:
+            averaging.finish()
+        return loss
+
+    def _iterate(self, closure):
         if len(self.param_groups) != 1:
             raise AssertionError(f"Expected exactly one param_group, but got {len(self.param_groups)}")
         self._sync_state()

@@ -145,6 +145,11 @@ class Optimizer(torch.optim.Optimizer):
     _clips = False
     #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
     max_grad_norm: float | None = None
+    #: whether the Triton kernel can average the new parameters into an attached averaged
+    #: model in the same pass (its AVERAGE arguments; see attach_averaged_model)
+    _fuses_average = False
+    #: the averaged model attach_averaged_model attached (a _fused_average.AttachedAverage)
+    _attached = None
     #: group keys torch's __setstate__ fills in for checkpoints that predate them
     _group_defaults: dict = {}
 
@@ -340,6 +345,7 @@ class Optimizer(torch.optim.Optimizer):
         self._sync_state()
         amp = self._amp_inputs()
         clipped = self._clip_inputs(amp) if self.max_grad_norm is not None else None
+        averaging = self._attached.begin() if self._attached is not None else None
         for gi, group in enumerate(self.param_groups):
             for bucket in self._group_buckets(gi):
                 batch = bucket.collect(self._sparse_error) if clipped is None else clipped[0].get(id(bucket))
@@ -355,13 +361,65 @@ class Optimizer(torch.optim.Optimizer):
                                                              dtype=_launch.compute_dtype(bucket.real_dtype))
                 elif amp is not None:
                     batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *amp)
+                if averaging is not None:
+                    batch.average = averaging.fuse(self, bucket, batch)
                 # torch's CPU implementation cannot clip: clipped native buckets take the reference.
                 if not (bucket.path == "native" and clipped is None and _native.step(self, group, bucket, batch, fresh)):
                     self._update(group, bucket, batch, fresh)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])
                 batch.finish()
+        if averaging is not None:
+            averaging.finish()
         return loss
+
+    def attach_averaged_model(self, averaged_model, model: torch.nn.Module | None = None) -> None:
+        """fusedopt only: update `averaged_model` inside every `step()` from now on.
+
+        Each step then ends as if ``averaged_model.update_parameters(model)`` were called
+        after it, with the same numbers; where a parameter's update runs in a kernel that
+        can average (Adam, AdamW, Adamax, NAdam, RAdam and SGD on the Triton path), the
+        kernel averages the new value in the same pass: one launch and one read of the
+        parameter fewer. Parameters without a gradient this step, parameters this
+        optimizer does not hold, and buffers are averaged (or copied) after the step, as
+        update_parameters would.
+
+        Args:
+            averaged_model: a :class:`fusedopt.swa.AveragedModel` built with the default
+                (SWA) average or one of the ``get_ema_*``/``get_swa_*`` functions; ``None``
+                detaches the one attached.
+            model: the model it averages (default: the one it was built from).
+
+        A step GradScaler skips with ``fused=True`` still averages (the unchanged
+        parameters), as ``scaler.step(opt)`` then ``update_parameters`` would; without
+        ``fused=True`` GradScaler does not call ``step()`` on such an iteration, so nothing
+        is averaged. The attachment is not part of ``state_dict()``, copies or pickles.
+        """
+        from .swa import AveragedModel
+        from .swa._averages import average_of
+        from ._fused_average import AttachedAverage
+
+        if averaged_model is None:
+            self._attached = None
+            return
+        if not isinstance(averaged_model, AveragedModel):
+            raise TypeError(f"attach_averaged_model expects a fusedopt.swa.AveragedModel, got "
+                            f"{type(averaged_model).__name__}")
+        model = averaged_model.source_model() if model is None else model
+        if model is None:
+            raise ValueError("the model this AveragedModel was built from no longer exists (or it was copied or "
+                             "unpickled); pass it: attach_averaged_model(averaged_model, model)")
+        function = averaged_model.multi_avg_fn if averaged_model.multi_avg_fn is not None else averaged_model.avg_fn
+        if function is not None and average_of(function) is None:
+            raise ValueError(f"attach_averaged_model needs a built-in average (the default, get_ema_multi_avg_fn, "
+                             f"get_ema_avg_fn, get_swa_multi_avg_fn, get_swa_avg_fn); this AveragedModel averages "
+                             f"with {getattr(function, '__qualname__', function)!r}. "
+                             "help: call averaged_model.update_parameters(model) after step() instead")
+        held = {id(p) for group in self.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError("none of the optimizer's parameters is a parameter of the averaged model's model "
+                             "(was the AveragedModel built from another model, or from the averaged copy?)")
+        self._attached = AttachedAverage(averaged_model, model)
 
     def _clip_inputs(self, amp) -> tuple[dict[int, _flat.Batch], Tensor] | None:
         """Every bucket's batch and the clip coefficient of `max_grad_norm`, on the device.

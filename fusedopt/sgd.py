@@ -34,6 +34,7 @@ class SGD(Optimizer):
     _flat_state = ("momentum_buffer",)
     _native = True
     _clips = True
+    _fuses_average = True
     # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
     # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)

@@ -101,6 +101,8 @@ class SparseAdam(Optimizer):
         """
         loss = self._evaluate(closure)
         self._sync_state()
+        # An attached averaged model is updated after the sparse update (which it cannot share).
+        averaging = self._attached.begin() if self._attached is not None else None
         for gi, group in enumerate(self.param_groups):
             if any(p.grad is not None and not p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(_DENSE_ERROR)
@@ -125,4 +127,6 @@ class SparseAdam(Optimizer):
                                              _launch.compute_dtype(bucket.real_dtype), bucket.device)
                 run = kernels.sparse_adam_triton if bucket.path == "triton" else kernels.sparse_adam_reference
                 run(bucket, grads, buffers, table, o)
+        if averaging is not None:
+            averaging.finish()
         return loss

@@ -16,6 +16,7 @@ torch averages them in floating point and truncates, which is not a kernel's bus
 from __future__ import annotations
 
 import operator
+import weakref
 from copy import deepcopy
 from dataclasses import dataclass, field
 from itertools import chain
@@ -153,6 +154,9 @@ class AveragedModel(Module):
         if avg_fn is not None and multi_avg_fn is not None:
             raise AssertionError("Only one of avg_fn and multi_avg_fn should be provided")
         self.module = deepcopy(model)
+        # The model averaged, for an optimizer that fuses update_parameters into its step
+        # (Optimizer.attach_averaged_model); weak, so that the average does not keep it alive.
+        self._source = weakref.ref(model)
         if device is not None:
             self.module = self.module.to(device)
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
@@ -209,14 +213,25 @@ class AveragedModel(Module):
     @torch.no_grad()
     def update_parameters(self, model: Module) -> None:
         """Average `model` in (copy it, on the first call); copy its buffers unless use_buffers."""
+        self._update(model, int(self.n_averaged))
+
+    def source_model(self) -> Module | None:
+        """The model this average was built from, while it exists."""
+        source = self.__dict__.get("_source")
+        return source() if source is not None else None
+
+    @torch.no_grad()
+    def _update(self, model: Module, n: int, done=()) -> None:
+        """update_parameters with n_averaged already read (`n`), except for the tensors at the
+        positions of :meth:`sources` listed in `done`, which an optimizer's kernel averaged."""
         layout = self._flat_layout()
         averages = [self._average(b.device) for b in layout.buckets]
         if any(a is None for a, b in zip(averages, layout.buckets) if _fusable(b.dtype)):
+            assert not done, "only the built-in averages are fused into a step"
             self._update_with_functions(model)
             self.n_averaged += 1
             return
 
-        n = int(self.n_averaged)
         n_avg = layout.n_averaged_tensors
         sources = self._averaged_tensors(model)
         synced = [] if self.use_buffers else list(model.buffers())
@@ -227,6 +242,8 @@ class AveragedModel(Module):
         # copy every buffer.
         matched = min(len(sources), n_avg) if n >= 0 else 0
         pool = sources[:matched] + [None] * (n_avg - matched) + synced
+        for pos in done:
+            pool[pos] = None
         self._collect(layout, pool)
         integer = []
         for bucket, average in zip(layout.buckets, averages):
@@ -324,8 +341,9 @@ class AveragedModel(Module):
 
     def __getstate__(self):
         state = super().__getstate__()
-        # Copies and pickles get their own flat buffers on first use.
-        return {**state, "_layout": None}
+        # Copies and pickles get their own flat buffers on first use; the weak reference to
+        # the source model does not pickle (attach the copy naming its model).
+        return {**state, "_layout": None, "_source": None}
 
 
 def _conform(bucket: _flat.Bucket, i: int, x: Tensor) -> Tensor:
