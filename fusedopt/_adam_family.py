@@ -119,16 +119,21 @@ class AdamFamily(Optimizer):
                      stochastic_rounding=self.stochastic_rounding, sr_seed=self.sr_seed)
         return state
 
-    def _options(self, group) -> kernels.AdamOptions:
+    def _options(self, group, on_device: bool = False) -> kernels.AdamOptions:
+        """The group's options for the kernels. `on_device` (capturable=True): a tensor lr or
+        betas stays a tensor, so that the scalar table is computed on the device from the
+        device-side step counts and no value is read back to the host (a CUDA graph can
+        capture the step, and a changed lr tensor is seen by the replays)."""
         beta1, beta2 = group["betas"]
+        scalar = _as_float if not on_device else (lambda x: x.to(torch.float64) if isinstance(x, Tensor) else x)
         return kernels.AdamOptions(
-            lr=_as_float(group["lr"]), beta1=_as_float(beta1), beta2=_as_float(beta2), eps=group["eps"],
+            lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=group["eps"],
             weight_decay=_as_float(group["weight_decay"]), amsgrad=group.get("amsgrad", False), maximize=group["maximize"],
             decoupled=group.get("decoupled_weight_decay", False), variant=self._variant,
             momentum_decay=group.get("momentum_decay", 0.0))
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
-        o = self._options(group)
+        o = self._options(group, on_device=bool(group.get("capturable")))
         state = self._buffers(group, bucket, batch)
         if self._has_master(bucket):
             o = dataclasses.replace(o, master=True)

@@ -118,8 +118,9 @@ class Optimizer(torch.optim.Optimizer):
     * ``fused``: on Adam, AdamW, SGD and Adagrad (torch's fused algorithms) ``True`` declares
       ``_step_supports_amp_scaling``: GradScaler's unscaling and inf-skip happen in the kernel.
       ``step`` then lives on the parameter's device, as in torch.
-    * ``capturable``: ``step`` lives on the parameter's device, as in torch; CUDA-graph capture
-      of a step is not supported yet.
+    * ``capturable``: ``step`` lives on the parameter's device, as in torch. The Adam family
+      also keeps a tensor lr/betas on the device and reads nothing back to the host, so its
+      step can be captured in a CUDA graph (README, "Using fusedopt with CUDA graphs").
     * ``differentiable``: ``True`` raises: a fused update is not differentiable.
     * ``backend`` (fusedopt's own): 'auto', 'triton' or 'reference', overridden for a process by
       ``FUSEDOPT_BACKEND``; see ``fusedopt/_backend.py``.
@@ -478,7 +479,17 @@ class Optimizer(torch.optim.Optimizer):
                   triton, reference) -> None:
         """Turn the host-computed scalar columns into the bucket's table and run its path:
         the kernel launcher or the reference, which take the same arguments."""
-        table = _launch.scalar_table(columns, len(bucket), _launch.compute_dtype(bucket.real_dtype), bucket.device)
+        dtype = _launch.compute_dtype(bucket.real_dtype)
+        if any(isinstance(c, Tensor) for c in columns):
+            table = _launch.scalar_table(columns, len(bucket), dtype, bucket.device)
+        else:
+            # Group-wide floats only (RMSprop, Adadelta, ...): the table is kept while they
+            # repeat, so a step copies nothing to the device (and a CUDA graph can replay it).
+            key = (tuple(columns), dtype)
+            cached = bucket.__dict__.get("_scalar_table")
+            if cached is None or cached[0] != key:
+                cached = bucket._scalar_table = (key, _launch.scalar_table(columns, len(bucket), dtype, bucket.device))
+            table = cached[1]
         (triton if bucket.path == "triton" else reference)(bucket, batch, state, table, o)
 
     @staticmethod

@@ -85,15 +85,31 @@ def check_runnable(device: torch.device) -> None:
 
 
 # -- per-step tables ----------------------------------------------------------------------
+def device_guard(device: torch.device):
+    """Make `device` current for a launch: Triton launches on the current CUDA device and
+    its stream, and a bucket on cuda:1 must not be launched on cuda:0."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tensor, int]:
     """Element offsets of each stepped tensor's param and grad from the bucket's anchor.
 
     Returns the [len(bucket), 2] int64 table on the device and the alignment (in elements)
     that every address shares: 16 bytes' worth when all are 16-byte aligned, else 1.
+
+    The table is kept on the bucket while the addresses stay the same (CUDA's caching
+    allocator usually hands a new step's gradients the old addresses): then a step copies
+    nothing to the device, which is also what lets a captured CUDA graph replay it.
     """
     anchor = bucket.anchor()
     base, size = anchor.data_ptr(), anchor.element_size()
     rows = [(p.data_ptr(), g.data_ptr()) for p, g in zip(batch.params, batch.grads)]
+    key = (base, rows, None if batch.everyone else batch.index)
+    cached = bucket.__dict__.get("_pointer_table")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
     aligned = all((pa | ga) & 15 == 0 for pa, ga in rows)
     # Every tensor of one dtype is aligned to its element size, so the division is exact.
     offsets = torch.tensor([((pa - base) // size, (ga - base) // size) for pa, ga in rows], dtype=torch.int64)
@@ -102,17 +118,24 @@ def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tenso
         full[batch.index_tensor()] = offsets
         offsets = full
     align = 16 // size if aligned else 1
-    return offsets.to(bucket.device, non_blocking=True), align
+    offsets = offsets.to(bucket.device, non_blocking=True)
+    bucket._pointer_table = (key, offsets, align)
+    return offsets, align
 
 
 def grid_tables(bucket: _flat.Bucket, batch: _flat.Batch, block: int):
     """(segments, numels, block->tensor, block->start) restricted to the stepped tensors."""
     segments, numels, block_tensor, block_start = bucket.layout_tables(block)
     if not batch.everyone:
+        # kept while the same tensors step, like the pointer table
+        cached = bucket.__dict__.get("_partial_grid")
+        if cached is not None and cached[0] == (block, batch.index):
+            return segments, numels, *cached[1]
         stepped = torch.zeros(len(bucket), dtype=torch.bool)
         stepped[batch.index_tensor()] = True
         keep = stepped.to(block_tensor.device)[block_tensor.long()]
         block_tensor, block_start = block_tensor[keep], block_start[keep]
+        bucket._partial_grid = ((block, list(batch.index)), (block_tensor, block_start))
     return segments, numels, block_tensor, block_start
 
 
@@ -146,9 +169,10 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
             flags.update(AVERAGE=average.flag, enable_fp_fusion=average.fp_fusion)
     elif average is not None:
         raise RuntimeError(f"fusedopt: the {name} kernel cannot update an averaged model")
-    kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start, *buffers, table, *extra,
-        BLOCK=block, ALIGN=align, NUM_SCALARS=table.shape[1], **flags, num_warps=num_warps)
+    with device_guard(bucket.device):
+        kernel[(block_tensor.numel(),)](
+            bucket.anchor(), offsets, segments, numels, block_tensor, block_start, *buffers, table, *extra,
+            BLOCK=block, ALIGN=align, NUM_SCALARS=table.shape[1], **flags, num_warps=num_warps)
     record_launch(name)
 
 
@@ -177,13 +201,15 @@ def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype
     """A [n, K] table of per-tensor scalars in the kernel's compute dtype.
 
     Columns are per-tensor float64 vectors computed on the host (bias corrections, step
-    sizes) or group-wide floats, broadcast. One copy to the device per step and bucket.
+    sizes), group-wide floats, or 0-dim tensors (a tensor lr kept on the device under
+    capturable=True), broadcast. One copy to the device per step and bucket, none when the
+    per-tensor columns already live there.
     """
     # Built where the per-tensor columns live: on the CPU, or on the device when the
     # scalar state is kept there (fused/capturable), so no value crosses to the host.
-    home = next((c.device for c in columns if isinstance(c, torch.Tensor)), torch.device("cpu"))
-    cols = [c.to(torch.float64) if isinstance(c, torch.Tensor) else torch.full((n,), float(c), dtype=torch.float64, device=home)
-            for c in columns]
+    home = next((c.device for c in columns if isinstance(c, torch.Tensor) and c.dim()), torch.device("cpu"))
+    cols = [(c.to(device=home, dtype=torch.float64, non_blocking=True).expand(n) if isinstance(c, torch.Tensor)
+             else torch.full((n,), float(c), dtype=torch.float64, device=home)) for c in columns]
     return torch.stack(cols, dim=1).to(dtype).to(device, non_blocking=True)
 
 

@@ -203,11 +203,12 @@ def average_triton(bucket: _flat.Bucket, batch: _flat.Batch, avg: torch.Tensor, 
         tables = (block, *_launch.pointer_table(bucket, batch), *_launch.grid_tables(bucket, batch, block))
         batch._average_tables = tables
     _, offsets, align, segments, numels, block_tensor, block_start = tables
-    average_kernel[(block_tensor.numel(),)](
-        bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-        avg, scalar_tensor(bucket, values), first_copy,
-        BLOCK=block, ALIGN=align, FORMULA=FORMULAS[formula], num_warps=num_warps,
-        enable_fp_fusion=False)
+    with _launch.device_guard(bucket.device):
+        average_kernel[(block_tensor.numel(),)](
+            bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
+            avg, scalar_tensor(bucket, values), first_copy,
+            BLOCK=block, ALIGN=align, FORMULA=FORMULAS[formula], num_warps=num_warps,
+            enable_fp_fusion=False)
     _launch.record_launch("average")
 
 

@@ -51,8 +51,9 @@ def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
     segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
     partial = torch.zeros(block_tensor.numel(), dtype=cdt, device=bucket.device)
     if partial.numel():
-        sumsq_kernel[(block_tensor.numel(),)](bucket.anchor(), offsets, segments, numels, block_tensor, block_start,
-                                              partial, BLOCK=block, ALIGN=align, num_warps=num_warps)
+        with _launch.device_guard(bucket.device):
+            sumsq_kernel[(block_tensor.numel(),)](bucket.anchor(), offsets, segments, numels, block_tensor,
+                                                  block_start, partial, BLOCK=block, ALIGN=align, num_warps=num_warps)
         _launch.record_launch("sumsq")
     return partial.sum()
 

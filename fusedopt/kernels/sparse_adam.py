@@ -289,13 +289,14 @@ def sparse_adam_triton(bucket: _flat.Bucket, grads: list[SparseGrad], state: dic
     work = work_table(bucket, grads, block)
     if work is None:
         return
-    sparse_adam_kernel[(triton.cdiv(work.count, work.rows),)](
-        bucket.anchor(), work.items, work.count, state["exp_avg"], state["exp_avg_sq"], table,
-        ROWS=work.rows, WIDTH=work.width, FULL=work.full, ALIGN=work.align, NUM_SCALARS=len(COLUMNS),
-        MAXIMIZE=o.maximize, num_warps=num_warps,
-        # torch rounds between the multiply and the add of every pair; a fused
-        # multiply-add would skip that rounding.
-        enable_fp_fusion=False)
+    with _launch.device_guard(bucket.device):
+        sparse_adam_kernel[(triton.cdiv(work.count, work.rows),)](
+            bucket.anchor(), work.items, work.count, state["exp_avg"], state["exp_avg_sq"], table,
+            ROWS=work.rows, WIDTH=work.width, FULL=work.full, ALIGN=work.align, NUM_SCALARS=len(COLUMNS),
+            MAXIMIZE=o.maximize, num_warps=num_warps,
+            # torch rounds between the multiply and the add of every pair; a fused
+            # multiply-add would skip that rounding.
+            enable_fp_fusion=False)
     _launch.record_launch("sparse_adam")
 
 
