@@ -244,6 +244,8 @@ class Optimizer(torch.optim.Optimizer):
         for key, value in entries.items():
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
                 vec = bucket.scalar(key)
+                if isinstance(value, Tensor) and value.dtype == torch.float64 and vec.dtype != torch.float64:
+                    vec = self._widen_scalar(bucket, key)
                 vec[i] = _as_float(value)
                 dict.__setitem__(state, key, vec[i])
                 flat = True
@@ -261,6 +263,19 @@ class Optimizer(torch.optim.Optimizer):
                 dict.__setitem__(state, key, value)
         bucket.initialized[i] = flat
         dict.__setitem__(self.state, p, state)
+
+    def _widen_scalar(self, bucket: _flat.Bucket, key: str) -> Tensor:
+        """Make a scalar kind's vector float64. torch creates NAdam's mu_product and ASGD's
+        eta and mu as float32 but casts loaded state to the parameter's dtype, so after a
+        checkpoint an fp64 parameter's are fp64 (and so is their later arithmetic); the
+        bucket's one vector follows. The views already handed out are re-pointed."""
+        wide = bucket.scalars[key].to(torch.float64)
+        bucket.scalars[key] = wide
+        for j, q in enumerate(bucket.params):
+            state = dict.get(self.state, q)
+            if state is not None and isinstance(state.get(key), Tensor):
+                dict.__setitem__(state, key, wide[j])
+        return wide
 
     def _forget(self, p: Tensor) -> None:
         slot = self._slot(p)

@@ -76,6 +76,30 @@ def test_checkpoints_move_both_ways_and_training_continues_identically(info, con
         assert_same_run(p_dst, dst, p_src, src, rtol=info.rtol32)
 
 
+@pytest.mark.parametrize("info,config", ROWS)
+def test_loaded_fp64_state_takes_torchs_dtypes(info, config):
+    """torch casts loaded state (but `step`) to the parameter's dtype: NAdam's mu_product and
+    ASGD's eta and mu, float32 when created, are float64 for fp64 parameters after a load."""
+    p_src = make_params(torch.float64)
+    src = info.torch(groups(p_src, info, config), **config)
+    train(p_src, src, 2, closure=info.closure)
+    saved = roundtrip(src.state_dict())
+    p_ref, p_new = clone_params(p_src), clone_params(p_src)
+    ref = info.torch(groups(p_ref, info, config), **config)
+    new = info.fused(groups(p_new, info, config), **config)
+    ref.load_state_dict(saved)
+    new.load_state_dict(saved)
+    for when in ("loaded", "stepped"):
+        a, b = ref.state_dict()["state"], new.state_dict()["state"]
+        for k in a:
+            for key, value in a[k].items():
+                if isinstance(value, torch.Tensor):
+                    assert b[k][key].dtype == value.dtype, (when, k, key)
+        train(p_ref, ref, 1, start=2, closure=info.closure)
+        train(p_new, new, 1, start=2, closure=info.closure)
+    assert_same_run(p_ref, ref, p_new, new, rtol=1e-12)
+
+
 def test_loads_with_weights_only():
     p = make_params()
     opt = fusedopt.Adam(p, lr=torch.tensor(0.01))

@@ -96,11 +96,11 @@ def advance_mu_product(mu_product: torch.Tensor, steps: torch.Tensor, batch: _fl
     """mu_product *= mu_t for the stepped tensors (`steps` already counts this step).
 
     torch multiplies its float32 0-dim state by the Python float, which rounds the float
-    to float32 first; so does this.
+    to float32 first; so does this (in float64 where a checkpoint made the state float64).
     """
     index = slice(None) if batch.everyone else batch.index_tensor()
     mu, _ = momentum_cache(steps[index].to(torch.float64), o)
-    mu_product[index] = mu_product[index] * mu.to(torch.float32)
+    mu_product[index] = mu_product[index] * mu.to(mu_product.dtype)
 
 
 def scalars(steps: torch.Tensor, o: AdamOptions, mu_product: torch.Tensor | None = None) -> list[torch.Tensor | float]:
