@@ -10,7 +10,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import adam as kernels
-from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative
+from .optimizer import Optimizer, _as_float, check_lr, check_max_grad_norm, check_nonnegative
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -43,6 +43,12 @@ class AdamFamily(Optimizer):
     #: the base of stochastic rounding's per-step seeds; a step's random bits depend only
     #: on it, the bucket, the tensor's position and its step count
     sr_seed = 0
+
+    def _set_extras(self, master_weights: bool, state_dtype: torch.dtype | None, stochastic_rounding: bool,
+                    max_grad_norm: float | None) -> None:
+        """fusedopt's keywords beyond torch's, checked before anything is built."""
+        self._set_precision(master_weights, state_dtype, stochastic_rounding)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
 
     def _set_precision(self, master_weights: bool, state_dtype: torch.dtype | None,
                        stochastic_rounding: bool = False) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._adam_family import AdamFamily, check_arguments
-from .optimizer import check_max_grad_norm, refuse_differentiable
+from .optimizer import refuse_differentiable
 
 
 def _to_scalar(x):
@@ -85,8 +85,7 @@ class Adam(AdamFamily):
         defaults = dict(lr=lr, betas=tuple(map(_to_scalar, betas)), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._set_precision(master_weights, state_dtype, stochastic_rounding)
-        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self._set_extras(master_weights, state_dtype, stochastic_rounding, max_grad_norm)
         super().__init__(params, defaults, backend=backend)
         if fused:
             # As torch's fused optimizers: GradScaler hands over grad_scale and found_inf

@@ -1,6 +1,7 @@
 """Adamax: torch.optim.Adamax's signature, defaults, validation and numbers, fused."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ._adam_family import AdamFamily, check_arguments
@@ -27,19 +28,23 @@ class Adamax(AdamFamily):
         weight_decay (default 0), maximize (default False): as in torch.optim.Adamax.
         foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
             optimizer here; see :class:`fusedopt.Optimizer`.
+        master_weights, state_dtype, stochastic_rounding, max_grad_norm: fusedopt only, as for
+            :class:`fusedopt.Adam` (the same kernel runs them).
     """
 
     _variant = "adamax"
-    _flat_state = ("exp_avg", "exp_inf")
+    _flat_state = ("exp_avg", "exp_inf", "master_param")
     _scalar_state = ("step",)
     _sparse_error = "Adamax does not support sparse gradients"
 
     def __init__(self, params, lr: float | Tensor = 2e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", master_weights: bool = False, state_dtype: torch.dtype | None = None,
+                 max_grad_norm: float | None = None, stochastic_rounding: bool = False):
         check_arguments(lr, betas, eps, weight_decay)
         refuse_differentiable(differentiable)
+        self._set_extras(master_weights, state_dtype, stochastic_rounding, max_grad_norm)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable)
         super().__init__(params, defaults, backend=backend)

@@ -1,6 +1,7 @@
 """NAdam: torch.optim.NAdam's signature, defaults, validation and numbers, fused."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _flat
@@ -37,21 +38,26 @@ class NAdam(AdamFamily):
         torch.optim.NAdam.
         foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
             optimizer here; see :class:`fusedopt.Optimizer`.
+        master_weights, state_dtype, stochastic_rounding, max_grad_norm: fusedopt only, as for
+            :class:`fusedopt.Adam` (the same kernel runs them).
     """
 
     _variant = "nadam"
-    _flat_state = ("exp_avg", "exp_avg_sq")
+    _flat_state = ("exp_avg", "exp_avg_sq", "master_param")
     _scalar_state = ("step", "mu_product")
     _sparse_error = "NAdam does not support sparse gradients"
 
     def __init__(self, params, lr: float | Tensor = 2e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False,
                  *, foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, backend: str = "auto"):
+                 differentiable: bool = False, backend: str = "auto", master_weights: bool = False,
+                 state_dtype: torch.dtype | None = None, max_grad_norm: float | None = None,
+                 stochastic_rounding: bool = False):
         check_arguments(lr, betas, eps, weight_decay)
         if not 0.0 <= momentum_decay:
             raise ValueError(f"Invalid momentum_decay value: {momentum_decay}")
         refuse_differentiable(differentiable)
+        self._set_extras(master_weights, state_dtype, stochastic_rounding, max_grad_norm)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable)

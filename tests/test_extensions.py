@@ -20,7 +20,12 @@ PATHS = ["triton", "reference"]
 ADAMS = [pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), id="Adam-l2"),
          pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), id="AdamW"),
          pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True),
-                      id="AdamW-amsgrad-maximize")]
+                      id="AdamW-amsgrad-maximize"),
+         # the variants that share Adam's kernel take the same keywords
+         pytest.param(fusedopt.NAdam, torch.optim.NAdam, dict(lr=1e-2, weight_decay=0.1), id="NAdam-l2"),
+         pytest.param(fusedopt.RAdam, torch.optim.RAdam, dict(lr=1e-2, decoupled_weight_decay=True, weight_decay=0.1),
+                      id="RAdamW"),
+         pytest.param(fusedopt.Adamax, torch.optim.Adamax, dict(lr=1e-2, maximize=True), id="Adamax-maximize")]
 SHAPES_REAL = [s for s in SHAPES if s != "channels_last"] + ["channels_last"]
 # (step, parameter) pairs that get no gradient that step
 MISSING = {(1, 2), (3, 4)}
@@ -64,7 +69,7 @@ def test_master_weights_follow_the_fp32_trajectory(fused_cls, torch_cls, options
         assert_close(f"master {j}", master.double(), e.detach(), rtol=1e-5, atol=1e-6)
         # the parameter is the master copy rounded to nearest
         assert torch.equal(p.detach(), master.to(dtype)), f"param {j} is not its master copy rounded"
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in [k for k in opt.state[p] if k not in ("step", "master_param", "mu_product")]:
             assert opt.state[p][key].dtype == torch.float32
             assert_close(f"{key} {j}", opt.state[p][key].double(), ref.state[e][key], rtol=1e-5, atol=1e-7)
 
@@ -249,7 +254,10 @@ def test_invalid_state_dtype():
 CLIPPERS = [pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), id="AdamW"),
             pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True, maximize=True), id="Adam-amsgrad"),
             pytest.param(fusedopt.SGD, torch.optim.SGD, dict(lr=1e-1, momentum=0.9, nesterov=True), id="SGD-nesterov"),
-            pytest.param(fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, weight_decay=0.1), id="Adagrad")]
+            pytest.param(fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=1e-1, weight_decay=0.1), id="Adagrad"),
+            pytest.param(fusedopt.NAdam, torch.optim.NAdam, dict(lr=1e-2), id="NAdam"),
+            pytest.param(fusedopt.RAdam, torch.optim.RAdam, dict(lr=1e-2), id="RAdam"),
+            pytest.param(fusedopt.Adamax, torch.optim.Adamax, dict(lr=1e-2), id="Adamax")]
 
 
 def _clipped_run(fused_cls, torch_cls, options, backend, dtype, max_norm, steps=4):
