@@ -35,8 +35,6 @@ class AttachedAverage:
         self.averaged = averaged
         self._model = weakref.ref(model)
         self._n: tuple[int, int, int] | None = None  # (id, version, value) of n_averaged last read
-        # per optimizer bucket: (bucket, key, positions, segments on the device, averaged bucket)
-        self._plans: dict[int, tuple] = {}
         self._scalars: dict = {}
 
     def model(self) -> Module:
@@ -65,16 +63,18 @@ class AttachedAverage:
     def _plan(self, opt, bucket: _flat.Bucket, round_: _Round):
         """Which of the bucket's parameters its kernel can average, and where to: cached while
         the averaged layout, the model's tensors and the bucket stay what they were."""
-        key = (id(self.averaged._layout), round_.sources_key)
-        cached = self._plans.get(id(bucket))
-        if cached is not None and cached[0] is bucket and cached[1] == key:
-            return cached[2:]
+        # Kept on the bucket, so that it goes when the bucket is rebuilt; owner and layout are
+        # held and compared by identity (an id could be reused by a rebuilt layout).
+        layout = self.averaged._layout
+        cached = bucket.__dict__.get("_average_plan")
+        if (cached is not None and cached[0] is self and cached[1] is layout
+                and cached[2] == round_.sources_key):
+            return cached[3:]
         positions: list[int | None] = [None] * len(bucket)
         segments = [-1] * len(bucket)
         target = None
         if bucket.path == "triton" and opt._fuses_average and not (bucket.sharded or bucket.is_complex):
             where = round_.position_of()
-            layout = self.averaged._layout
             for i, p in enumerate(bucket.params):
                 pos = where.get(id(p))
                 if pos is None or pos >= layout.n_averaged_tensors:
@@ -91,7 +91,7 @@ class AttachedAverage:
         device_segments = (torch.tensor(segments, dtype=torch.int64).to(bucket.device, non_blocking=True)
                            if target is not None else None)
         plan = (positions, device_segments, target)
-        self._plans[id(bucket)] = (bucket, key, *plan)
+        bucket._average_plan = (self, layout, round_.sources_key, *plan)
         return plan
 
 
