@@ -2,8 +2,8 @@
 
 After ``opt.attach_averaged_model(averaged)``, each ``opt.step()`` ends with what
 ``averaged.update_parameters(model)`` would do, with its numbers. Where a parameter is
-updated by a Triton kernel that can average (Adam's and SGD's declare ``AVERAGE``), the
-kernel averages the parameter's new value while it is still in registers into the averaged
+updated by a Triton kernel that can average (``Optimizer._fuses_average``: every flat-state
+update kernel declares ``AVERAGE``), the kernel averages the parameter's new value while it is still in registers into the averaged
 model's flat buffer (`kernels/averaging.average_into`): the parameter is not read a second
 time and the averaging launch disappears. Everything else ``update_parameters`` covers --
 parameters that got no gradient this step, parameters of the model that this optimizer

@@ -31,6 +31,7 @@ class Adadelta(Optimizer):
     _flat_state = ("square_avg", "acc_delta")
     _scalar_state = ("step",)
     _sparse_error = "Adadelta does not support sparse gradients"
+    _fuses_average = True
 
     def __init__(self, params, lr: float | Tensor = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0, foreach: bool | None = None, *, capturable: bool = False,

@@ -43,6 +43,7 @@ class Adagrad(Optimizer):
     _scalar_state = ("step",)
     _native = True
     _clips = True
+    _fuses_average = True
     _sparse_error = ("fusedopt.Adagrad does not support sparse gradients. "
                      "help: use torch.optim.Adagrad for sparse gradients")
 

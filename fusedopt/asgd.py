@@ -41,6 +41,7 @@ class ASGD(Optimizer):
     _scalar_state = ("step", "eta", "mu")
     _scalars_on_param_device = True
     _sparse_error = "ASGD does not support sparse gradients"
+    _fuses_average = True
 
     def __init__(self, params, lr: float | Tensor = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
                  t0: float = 1e6, weight_decay: float = 0, foreach: bool | None = None, maximize: bool = False,

@@ -393,10 +393,9 @@ class Optimizer(torch.optim.Optimizer):
         """fusedopt only: update `averaged_model` inside every `step()` from now on.
 
         Each step then ends as if ``averaged_model.update_parameters(model)`` were called
-        after it, with the same numbers; where a parameter's update runs in a kernel that
-        can average (Adam, AdamW, Adamax, NAdam, RAdam and SGD on the Triton path), the
-        kernel averages the new value in the same pass: one launch and one read of the
-        parameter fewer. Parameters without a gradient this step, parameters this
+        after it, with the same numbers; where a parameter's update runs in a Triton kernel
+        (every algorithm but SparseAdam and LBFGS), the kernel averages the new value in the
+        same pass: one launch and one read of the parameter fewer. Parameters without a gradient this step, parameters this
         optimizer does not hold, and buffers are averaged (or copied) after the step, as
         update_parameters would.
 

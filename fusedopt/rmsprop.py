@@ -38,6 +38,7 @@ class RMSprop(Optimizer):
     _flat_state = ("square_avg", "momentum_buffer", "grad_avg")
     _scalar_state = ("step",)
     _sparse_error = "RMSprop does not support sparse gradients"
+    _fuses_average = True
 
     def __init__(self, params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, momentum: float = 0, centered: bool = False, capturable: bool = False,

@@ -34,6 +34,7 @@ class Rprop(Optimizer):
     _flat_state = ("prev", "step_size")
     _scalar_state = ("step",)
     _sparse_error = "Rprop does not support sparse gradients"
+    _fuses_average = True
 
     def __init__(self, params, lr: float | Tensor = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
                  step_sizes: tuple[float, float] = (1e-6, 50), *, capturable: bool = False,

@@ -18,6 +18,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import load_grad_l2, locate, store_as
+from .averaging import average_into
 from ._triton import tl, triton
 
 
@@ -60,14 +61,15 @@ def _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, mask, s_ptr,
     acc_delta = acc_delta * rho + one_minus_rho * delta * delta
     store_as(acc_ptr, offs, acc_delta, mask)
     p = p + neg_lr * delta
-    store_as(p_ptr, offs, p, mask)
+    stored = store_as(p_ptr, offs, p, mask)
+    return stored  # the parameter as stored, for a fused average
 
 
 @triton.jit
 def adadelta_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                    square_avg_ptr, acc_delta_ptr, scalars_ptr,
+                    square_avg_ptr, acc_delta_ptr, scalars_ptr, avg_ptr, avg_segments_ptr, avg_scalars_ptr,
                     BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
-                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+                    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, AVERAGE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
@@ -75,9 +77,12 @@ def adadelta_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tenso
     sq_ptr = square_avg_ptr + seg
     acc_ptr = acc_delta_ptr + seg
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        p = _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, offs < numel, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        mask = offs < numel
+        p = _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, mask, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def adadelta_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -114,18 +119,20 @@ def adadelta_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
 
     out = []
-    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)}
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "ema": dict(AVERAGE=1)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False)
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
-            pointers.update(square_avg_ptr=dtype, acc_delta_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            pointers.update(square_avg_ptr=dtype, acc_delta_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype),
+                            **average_pointers(dtype))
+            average = constexprs["AVERAGE"] != 0
             out.append(Variant(f"adadelta-{label}-{str(dtype)[6:]}", adadelta_kernel, pointers, constexprs,
-                               loads=4, stores=3, dtype=dtype))
+                               loads=4 + average, stores=3 + average, dtype=dtype))
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import load_grad_l2, locate, skipped, store_as
+from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
 
@@ -60,26 +61,32 @@ def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr, grad_ops_ptr,
     std = tl.sqrt(state_sum) + eps
     # torch's addcdiv multiplies by the scalar before dividing; keep that order.
     p = p + (neg_clr * g) / std
-    store_as(p_ptr, offs, p, mask)
+    stored = store_as(p_ptr, offs, p, mask)
+    return stored  # the parameter as stored, for a fused average
 
 
 @triton.jit
 def adagrad_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                   sum_ptr, scalars_ptr, grad_ops_ptr,
+                   sum_ptr, scalars_ptr, grad_ops_ptr, avg_ptr, avg_segments_ptr, avg_scalars_ptr,
                    BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
-                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
+                   MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr,
+                   AVERAGE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
     s_ptr = scalars_ptr + t * NUM_SCALARS
     acc_ptr = sum_ptr + seg
     if skipped(grad_ops_ptr, GRAD_OPS):
+        average_stored(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, p_ptr, offs, offs < numel, AVERAGE)
         return
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, None, s_ptr, grad_ops_ptr, MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
+        p = _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, None, s_ptr, grad_ops_ptr, MAXIMIZE, WEIGHT_DECAY, GRAD_OPS)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, offs < numel, s_ptr, grad_ops_ptr, MAXIMIZE, WEIGHT_DECAY,
-                        GRAD_OPS)
+        mask = offs < numel
+        p = _adagrad_update(p_ptr, g_ptr, acc_ptr, offs, mask, s_ptr, grad_ops_ptr, MAXIMIZE, WEIGHT_DECAY,
+                            GRAD_OPS)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def adagrad_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -126,18 +133,21 @@ def adagrad_native(params, grads, sums, steps, o: AdagradOptions, grad_ops: torc
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
 
     out = []
-    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "amp": dict(GRAD_OPS=True)}
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "amp": dict(GRAD_OPS=True),
+                 "ema": dict(AVERAGE=1)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MAXIMIZE=False, WEIGHT_DECAY=False)
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MAXIMIZE=False, WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
-            pointers.update(sum_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32)
+            pointers.update(sum_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32,
+                            **average_pointers(dtype))
+            average = constexprs["AVERAGE"] != 0
             out.append(Variant(f"adagrad-{label}-{str(dtype)[6:]}", adagrad_kernel, pointers, constexprs,
-                               loads=3, stores=2, dtype=dtype))
+                               loads=3 + average, stores=2 + average, dtype=dtype))
     return out
 
 

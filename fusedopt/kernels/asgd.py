@@ -25,6 +25,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import load_grad_l2, locate, store_as
+from .averaging import average_into
 from ._triton import tl, triton
 
 
@@ -69,7 +70,7 @@ def _asgd_update(p_ptr, g_ptr, ax_ptr, offs, mask, s_ptr,
     g = load_grad_l2(g_ptr, offs, mask, s_ptr, p, weight_decay, cdt, MAXIMIZE, WEIGHT_DECAY, False)
     p = p * decay
     p = p + neg_eta * g
-    store_as(p_ptr, offs, p, mask)
+    stored = store_as(p_ptr, offs, p, mask)
     # Until averaging starts (mu == 1) torch copies the parameter, which ax + (p - ax)
     # would not reproduce exactly; the branch is uniform per tensor, so nothing diverges,
     # and ax is not read at all on that side.
@@ -79,22 +80,26 @@ def _asgd_update(p_ptr, g_ptr, ax_ptr, offs, mask, s_ptr,
     else:
         ax = p
     store_as(ax_ptr, offs, ax, mask)
+    return stored  # the parameter as stored, for a fused average
 
 
 @triton.jit
 def asgd_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                ax_ptr, scalars_ptr,
+                ax_ptr, scalars_ptr, avg_ptr, avg_segments_ptr, avg_scalars_ptr,
                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
-                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+                MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, AVERAGE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
     s_ptr = scalars_ptr + t * NUM_SCALARS
-    avg_ptr = ax_ptr + seg
+    ax_seg_ptr = ax_ptr + seg
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _asgd_update(p_ptr, g_ptr, avg_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        p = _asgd_update(p_ptr, g_ptr, ax_seg_ptr, offs, None, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _asgd_update(p_ptr, g_ptr, avg_ptr, offs, offs < numel, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        mask = offs < numel
+        p = _asgd_update(p_ptr, g_ptr, ax_seg_ptr, offs, mask, s_ptr, MAXIMIZE, WEIGHT_DECAY)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def asgd_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -127,19 +132,20 @@ def asgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
 
     out = []
-    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)}
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "ema": dict(AVERAGE=1)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False)
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=False, WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
-            pointers.update(ax_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
+            pointers.update(ax_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), **average_pointers(dtype))
+            average = constexprs["AVERAGE"] != 0
             # Counted on the averaging branch, the one that reads ax.
             out.append(Variant(f"asgd-{label}-{str(dtype)[6:]}", asgd_kernel, pointers, constexprs,
-                               loads=3, stores=2, dtype=dtype))
+                               loads=3 + average, stores=2 + average, dtype=dtype))
     return out
 
 

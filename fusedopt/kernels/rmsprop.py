@@ -21,6 +21,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import load_grad_l2, locate, store_as
+from .averaging import average_into
 from ._triton import tl, triton
 
 
@@ -81,15 +82,17 @@ def _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, mask, s_ptr,
     else:
         # torch's addcdiv multiplies by the scalar before dividing; keep that order.
         p = p + (neg_lr * g) / avg
-    store_as(p_ptr, offs, p, mask)
+    stored = store_as(p_ptr, offs, p, mask)
+    return stored  # the parameter as stored, for a fused average
 
 
 @triton.jit
 def rmsprop_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
                    square_avg_ptr, grad_avg_ptr, momentum_buffer_ptr, scalars_ptr,
+                   avg_ptr, avg_segments_ptr, avg_scalars_ptr,
                    BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr,
                    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   WEIGHT_DECAY: tl.constexpr):
+                   WEIGHT_DECAY: tl.constexpr, AVERAGE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
@@ -98,11 +101,14 @@ def rmsprop_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor
     ga_ptr = grad_avg_ptr + seg
     buf_ptr = momentum_buffer_ptr + seg
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, None, s_ptr,
-                        CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY)
+        p = _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, None, s_ptr,
+                            CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, offs < numel, s_ptr,
-                        CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY)
+        mask = offs < numel
+        p = _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, mask, s_ptr,
+                            CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def rmsprop_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -151,21 +157,22 @@ def rmsprop_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
 
     out = []
     flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True),
                  "centered-momentum-wd-maximize": dict(CENTERED=True, MOMENTUM=True, WEIGHT_DECAY=True,
-                                                       MAXIMIZE=True)}
+                                                       MAXIMIZE=True),
+                 "momentum-ema": dict(MOMENTUM=True, AVERAGE=1)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
             constexprs = dict(NUM_SCALARS=len(COLUMNS), CENTERED=False, MOMENTUM=False, MAXIMIZE=False,
-                              WEIGHT_DECAY=False)
+                              WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
             pointers.update(square_avg_ptr=dtype, grad_avg_ptr=dtype, momentum_buffer_ptr=dtype,
-                            scalars_ptr=_launch.compute_dtype(dtype))
-            extra = constexprs["CENTERED"] + constexprs["MOMENTUM"]
+                            scalars_ptr=_launch.compute_dtype(dtype), **average_pointers(dtype))
+            extra = constexprs["CENTERED"] + constexprs["MOMENTUM"] + (constexprs["AVERAGE"] != 0)
             out.append(Variant(f"rmsprop-{label}-{str(dtype)[6:]}", rmsprop_kernel, pointers, constexprs,
                                loads=3 + extra, stores=2 + extra, dtype=dtype))
     return out

@@ -23,6 +23,7 @@ import torch
 from .. import _flat
 from . import _launch
 from ._launch import locate, store_as
+from .averaging import average_into
 from ._triton import tl, triton
 
 
@@ -84,13 +85,15 @@ def _rprop_update(p_ptr, g_ptr, prev_ptr, ss_ptr, offs, mask, s_ptr, MAXIMIZE: t
     store_as(prev_ptr, offs, g, mask)
     # A multiply, not a select: 0 * inf must stay NaN as in torch.
     p = p + (-_sign(g)) * step_size
-    store_as(p_ptr, offs, p, mask)
+    stored = store_as(p_ptr, offs, p, mask)
+    return stored  # the parameter as stored, for a fused average
 
 
 @triton.jit
 def rprop_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr,
-                 prev_ptr, step_size_ptr, scalars_ptr,
-                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr, MAXIMIZE: tl.constexpr):
+                 prev_ptr, step_size_ptr, scalars_ptr, avg_ptr, avg_segments_ptr, avg_scalars_ptr,
+                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, NUM_SCALARS: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 AVERAGE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
@@ -98,9 +101,12 @@ def rprop_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_p
     pv_ptr = prev_ptr + seg
     ss_ptr = step_size_ptr + seg
     if start + BLOCK <= numel:  # whole blocks unmasked, for 128-bit accesses (see adam.py)
-        _rprop_update(p_ptr, g_ptr, pv_ptr, ss_ptr, offs, None, s_ptr, MAXIMIZE)
+        p = _rprop_update(p_ptr, g_ptr, pv_ptr, ss_ptr, offs, None, s_ptr, MAXIMIZE)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, None, p, AVERAGE)
     else:
-        _rprop_update(p_ptr, g_ptr, pv_ptr, ss_ptr, offs, offs < numel, s_ptr, MAXIMIZE)
+        mask = offs < numel
+        p = _rprop_update(p_ptr, g_ptr, pv_ptr, ss_ptr, offs, mask, s_ptr, MAXIMIZE)
+        average_into(avg_ptr, avg_segments_ptr, avg_scalars_ptr, t, offs, mask, p, AVERAGE)
 
 
 def rprop_triton(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor],
@@ -143,17 +149,17 @@ def rprop_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, t
 # ------------------------------------------------------------------------- AOT variants
 
 def _variants():
-    from ._aot import Variant, layout_pointers
+    from ._aot import Variant, average_pointers, layout_pointers
 
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for maximize in (False, True):
+        for label, maximize, average in (("plain", False, 0), ("maximize", True, 0), ("ema", False, 1)):
             pointers = layout_pointers(dtype)
-            pointers.update(prev_ptr=dtype, step_size_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype))
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=maximize)
-            label = "maximize" if maximize else "plain"
+            pointers.update(prev_ptr=dtype, step_size_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype),
+                            **average_pointers(dtype))
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), MAXIMIZE=maximize, AVERAGE=average)
             out.append(Variant(f"rprop-{label}-{str(dtype)[6:]}", rprop_kernel, pointers, constexprs,
-                               loads=4, stores=3, dtype=dtype))
+                               loads=4 + average, stores=3 + average, dtype=dtype))
     return out
 
 
