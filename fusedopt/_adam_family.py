@@ -93,6 +93,11 @@ class AdamFamily(Optimizer):
         if self._has_master(bucket):
             self._init_master(bucket, fresh)
 
+    def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
+        super()._allocate_state(group, bucket)
+        if self._has_master(bucket):
+            bucket.buffer("master_param", torch.float32)
+
     def _init_master(self, bucket: _flat.Bucket, indices) -> None:
         """The master copy starts as the parameter's value (exact: fp32 holds bf16/fp16)."""
         bucket.buffer("master_param", torch.float32)

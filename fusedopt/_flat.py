@@ -258,20 +258,24 @@ class Bucket:
         self._ptrs = ptrs
         self.contiguous = [p.is_contiguous() for p in shards]
 
-    def collect(self, error_on_sparse: str | None = None) -> Batch | None:
-        """Gather the parameters that have a gradient this step, in kernel-ready form."""
+    def collect(self, error_on_sparse: str | None = None, grads: list[Tensor | None] | None = None) -> Batch | None:
+        """Gather the parameters that have a gradient this step, in kernel-ready form.
+
+        `grads`, one per parameter, stand in for the parameters' `.grad` (the
+        `fusedopt::step` op passes the gradients it was given)."""
+        given = grads
         if not (self.sharded or self.is_complex) and all(self.contiguous):
             # The common case in one pass of cheap checks (thousands of tiny tensors make
             # the per-tensor cost count): every parameter has a dense gradient like itself.
             # (map over C callables: no Python frame per tensor)
-            grads = [p.grad for p in self.params]
+            grads = [p.grad for p in self.params] if given is None else given
             if (not any(map(operator.is_, grads, repeat(None)))
                     and all(map(operator.is_, map(_layout, grads), repeat(torch.strided)))
                     and all(map(Tensor.is_contiguous, grads))):
                 return Batch(list(range(len(grads))), list(self.params), grads, True)
         index, params, grads, writeback = [], [], [], []
         for i, p in enumerate(self.params):
-            g = p.grad
+            g = p.grad if given is None else given[i]
             if g is None:
                 continue
             if g.layout is not torch.strided:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _backend, _flat, _native
+from . import _backend, _compile, _flat, _native
 from .kernels import _launch
 from .kernels import clip as _clip
 
@@ -124,6 +124,11 @@ class Optimizer(torch.optim.Optimizer):
     * ``differentiable``: ``True`` raises: a fused update is not differentiable.
     * ``backend`` (fusedopt's own): 'auto', 'triton' or 'reference', overridden for a process by
       ``FUSEDOPT_BACKEND``; see ``fusedopt/_backend.py``.
+
+    Under ``torch.compile``, ``step()`` is traced as one opaque custom op, ``fusedopt::step``
+    (``fusedopt/_compile.py``), so a compiled function that calls it keeps one graph
+    (``fullgraph=True`` works); as for torch.optim, a tensor lr may change every step
+    without recompiling, a Python-number one recompiles when it changes.
     """
 
     #: state keys that live in flat buffers, in torch's order ("step" is the step vector)
@@ -160,6 +165,7 @@ class Optimizer(torch.optim.Optimizer):
         self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
         super().__init__(params, defaults)
         self.state = _State(self)
+        self._handle = _compile.register(self)  # names this optimizer to the fusedopt::step op
 
     # ------------------------------------------------------------------ layout
 
@@ -346,10 +352,6 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    # The step's host work (gradient addresses, tables, launches) is not traceable; until
-    # the launches are registered as torch.library ops, dynamo runs it eagerly inside a
-    # compiled function instead of tracing it, so a changing (tensor) lr never recompiles.
-    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -357,14 +359,28 @@ class Optimizer(torch.optim.Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
+        if torch.compiler.is_compiling():
+            return self._traced_step(closure)
         loss = self._evaluate(closure)
+        self._step_body(self.param_groups, None, self._amp_inputs())
+        return loss
+
+    def _step_body(self, groups: list[dict], grads: dict[int, Tensor | None] | None, amp) -> None:
+        """Everything a step does after the closure: eagerly, or inside the `fusedopt::step` op.
+
+        `groups` are the param groups, or copies of them holding the op's hyperparameters;
+        `grads` maps id(param) to the gradient to use instead of `param.grad` (None: read
+        `.grad`); `amp` is GradScaler's (grad_scale, found_inf) or None.
+        """
         self._sync_state()
-        amp = self._amp_inputs()
-        clipped = self._clip_inputs(amp) if self.max_grad_norm is not None else None
+        clipped = self._clip_inputs(amp, grads) if self.max_grad_norm is not None else None
         averaging = self._attached.begin() if self._attached is not None else None
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             for bucket in self._group_buckets(gi):
-                batch = bucket.collect(self._sparse_error) if clipped is None else clipped[0].get(id(bucket))
+                if clipped is not None:
+                    batch = clipped[0].get(id(bucket))
+                else:
+                    batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params])
                 if batch is None:
                     continue
                 fresh = [] if all(bucket.initialized) else [i for i in batch.index if not bucket.initialized[i]]
@@ -387,7 +403,6 @@ class Optimizer(torch.optim.Optimizer):
                 batch.finish()
         if averaging is not None:
             averaging.finish()
-        return loss
 
     def attach_averaged_model(self, averaged_model, model: torch.nn.Module | None = None) -> None:
         """fusedopt only: update `averaged_model` inside every `step()` from now on.
@@ -395,9 +410,9 @@ class Optimizer(torch.optim.Optimizer):
         Each step then ends as if ``averaged_model.update_parameters(model)`` were called
         after it, with the same numbers; where a parameter's update runs in a Triton kernel
         (every algorithm but SparseAdam and LBFGS), the kernel averages the new value in the
-        same pass: one launch and one read of the parameter fewer. Parameters without a gradient this step, parameters this
-        optimizer does not hold, and buffers are averaged (or copied) after the step, as
-        update_parameters would.
+        same pass: one launch and one read of the parameter fewer. Parameters without a
+        gradient this step, parameters this optimizer does not hold, and buffers are
+        averaged (or copied) after the step, as update_parameters would.
 
         Args:
             averaged_model: a :class:`fusedopt.swa.AveragedModel` built with the default
@@ -436,7 +451,114 @@ class Optimizer(torch.optim.Optimizer):
                              "(was the AveragedModel built from another model, or from the averaged copy?)")
         self._attached = AttachedAverage(averaged_model, model)
 
-    def _clip_inputs(self, amp) -> tuple[dict[int, _flat.Batch], Tensor] | None:
+
+    # ------------------------------------------------------------------ torch.compile
+
+    def _traced_step(self, closure):
+        """`step()` as dynamo traces it: only cheap Python, then the `fusedopt::step` op.
+
+        The lists below are the op's inputs (see `fusedopt/_compile.py`); reading
+        `param_groups` makes dynamo guard on every option that is a Python number (as for
+        torch.optim: a float lr that changes recompiles; a tensor lr does not).
+        """
+        loss = self._evaluate(closure)
+        groups = self.param_groups
+        if any(_flat.dtensor_class() is not None and isinstance(p, _flat.dtensor_class())
+               for group in groups for p in group["params"]):
+            # A DTensor would need a sharding rule for the op; run this step eagerly.
+            self._eager_step()
+            return loss
+        _compile.prepare(self)
+        torch.ops.fusedopt.step(*self._op_inputs())
+        return loss
+
+    def _op_inputs(self) -> tuple:
+        """The arguments of `fusedopt::step` for this optimizer's next step (see
+        `fusedopt/_compile.py`): traced by dynamo, and what tests hand to opcheck."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params]
+        options, numbers = _compile.option_leaves(self.param_groups)
+        amp = self._amp_inputs()
+        return self._handle, params, grads, self._op_state(), options, numbers, [] if amp is None else list(amp)
+
+    @torch._disable_dynamo
+    def _eager_step(self) -> None:
+        with torch.no_grad():
+            self._step_body(self.param_groups, None, self._amp_inputs())
+
+    def _op_state(self) -> list[Tensor]:
+        """Every state tensor a step may write, in a fixed order: each bucket's flat
+        buffers and scalar vectors. Traced by dynamo, and listed again inside the op to
+        pair the op's tensors with the optimizer's own."""
+        out = []
+        for gi in range(len(self.param_groups)):
+            cached = self._buckets.get(gi)
+            if cached is not None:
+                for bucket in cached[1]:
+                    out.extend(bucket.buffers.values())
+                    out.extend(bucket.scalars.values())
+        return out
+
+    def _prepare_state(self) -> None:
+        """Build buckets and allocate (not fill) the state of every bucket that has a
+        gradient now, as a step would: called when dynamo traces a step."""
+        self._sync_state()
+        for gi, group in enumerate(self.param_groups):
+            for bucket in self._group_buckets(gi):
+                if any(p.grad is not None for p in bucket.params):
+                    self._allocate_state(group, bucket)
+
+    def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
+        for key in self._state_keys(group):
+            if key in self._scalar_state:
+                bucket.scalar(key)
+            else:
+                bucket.buffer(key, self._buffer_dtype(bucket, key))
+
+    def _step_from_op(self, params: list[Tensor], grads: list[Tensor | None], state: list[Tensor],
+                      options: list[Tensor], numbers: list[float], amp: list[Tensor | None]) -> None:
+        """The body of the `fusedopt::step` op: a step on the tensors the op was given.
+
+        Under functionalization (AOT autograd) the mutated inputs may be clones of the
+        optimizer's own parameters and state, which AOT copies back after the op: they
+        must hold the results. Clones are copied into the own tensors, the step runs on
+        those (their addresses are what buckets, views and tables know), and the results
+        are copied out.
+        """
+        own_params = [p for group in self.param_groups for p in group["params"]]
+        own_state = self._op_state()
+        pairs = [(own, given) for own, given in zip(chain(own_params, own_state), chain(params, state))
+                 if given is not own and given.data_ptr() != own.data_ptr()]
+        if (len(own_params) != len(params) or len(own_state) != len(state)
+                or any(own.shape != given.shape or own.dtype != given.dtype for own, given in pairs)):
+            # Dynamo guards on what the traced step lists, so only code that changed the
+            # optimizer inside the compiled function, before step(), gets here.
+            raise RuntimeError(
+                "fusedopt::step: the optimizer's parameters or state changed between the start of the compiled "
+                "function and its step() (parameters, state tensors or their shapes differ from what the graph "
+                "was given). help: change them outside the compiled function")
+        for own, given in pairs:
+            own.copy_(given)
+        grads_by_id = {id(p): g for p, g in zip(own_params, grads)}
+        amp_inputs = tuple(amp) if amp else None
+        if amp_inputs is not None:
+            # torch's fused CPU kernels (the 'native' path) write the unscaled gradients
+            # back; the op declares its gradients read-only, so they get copies.
+            grads_by_id = {k: None if g is None else g.clone() for k, g in grads_by_id.items()}
+        with torch.no_grad():
+            self._step_body(_compile.groups_with(self.param_groups, options, numbers), grads_by_id, amp_inputs)
+        for own, given in pairs:
+            given.copy_(own)
+        # An LR scheduler wraps step() to record that it ran in an attribute (torch's and
+        # fusedopt's share the names). Inside a compiled function that write is lost:
+        # dynamo (torch 2.13) drops attribute writes on an optimizer when the frame ends
+        # without a graph break (its OptimizerVariable is not tracked as mutable), and
+        # the scheduler would then warn that step() never ran. The op does run: record it.
+        from .schedulers._base import _CALLED_FLAG, _WRAPPED_FLAG
+        if hasattr(self.step, _WRAPPED_FLAG):
+            setattr(self, _CALLED_FLAG, True)
+
+    def _clip_inputs(self, amp, grads: dict[int, Tensor | None] | None = None) -> tuple[dict[int, _flat.Batch], Tensor] | None:
         """Every bucket's batch and the clip coefficient of `max_grad_norm`, on the device.
 
         The norm is over every gradient this step updates, across groups and devices, as
@@ -448,7 +570,7 @@ class Optimizer(torch.optim.Optimizer):
         batches, sums = {}, []
         for gi in range(len(self.param_groups)):
             for bucket in self._group_buckets(gi):
-                batch = bucket.collect(self._sparse_error)
+                batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params])
                 if batch is not None:
                     batches[id(bucket)] = batch
                     sums.append(_clip.sum_of_squares(bucket, batch))
@@ -616,6 +738,8 @@ class Optimizer(torch.optim.Optimizer):
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
         self._buckets, self._slots = {}, {}
+        if "_handle" not in self.__dict__:  # unpickled or copied; load_state_dict keeps its handle
+            self._handle = _compile.register(self)
         self.state = foreign if not isinstance(foreign, _State) else dict(foreign)
         self._sync_state()
 

@@ -90,7 +90,9 @@ class SparseAdam(Optimizer):
         return kernels.SparseAdamOptions(lr=lr, beta1=_as_float(beta1), beta2=_as_float(beta2),
                                          eps=group["eps"], maximize=group.get("maximize", False))
 
-    # As Optimizer.step: the host work is not traceable, so dynamo runs it eagerly.
+    # Not traced through the fusedopt::step op as Optimizer.step is: dynamo cannot take a
+    # sparse tensor into a graph ("torch.compile does not support sparse Tensors"), so a
+    # compiled function runs this step eagerly, between graphs.
     @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):

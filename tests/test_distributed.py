@@ -451,6 +451,42 @@ def test_tensor_parallel_placements_match_torch(pair):
     run(pair, "dtensor_placements")
 
 
+def compiled_dtensor_step(rank):
+    """A compiled function that steps DTensor parameters: the fusedopt::step op would need
+    a sharding rule, so the step runs eagerly there (a graph break), with torch's numbers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch._dynamo.reset()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    placements = [[Shard(0)], [Replicate()]]
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen)]
+
+    def make():
+        return [nn.Parameter(distribute_tensor(t.clone(), mesh, pl, src_data_rank=None)) for t, pl in zip(full, placements)]
+
+    ref_params, params = make(), make()
+    ref = torch.optim.AdamW(ref_params, lr=0.01)
+    opt = fusedopt.AdamW(params, lr=torch.tensor(0.01))
+    step = torch.compile(opt.step, backend="aot_eager")
+    for i in range(3):
+        gen = torch.Generator().manual_seed(i)
+        grads = [torch.randn(t.shape, generator=gen) for t in full]
+        for ps in (ref_params, params):
+            for p, g, pl in zip(ps, grads, placements):
+                p.grad = distribute_tensor(g, mesh, pl, src_data_rank=None)
+        ref.step()
+        step()
+    _close("parameters", _full(params), _full(ref_params))
+    _close("state", _full_state(opt, params), _full_state(ref, ref_params))
+    torch._dynamo.reset()
+
+
+def test_compiled_step_on_dtensor_parameters_matches_torch(pair):
+    run(pair, "compiled_dtensor_step")
+
+
 # ------------------------------------------------------------------------ distributed checkpoint
 
 def dcp_roundtrip(rank, path, names):

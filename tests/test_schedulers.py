@@ -769,8 +769,8 @@ def _compiled_run(S, kind, build, steps=6, opt_impl="torch"):
 
     params = [p for group in opt.param_groups for p in group["params"]]
 
-    # A whole training step: a graph exists whether or not the optimizer step is traced
-    # (fusedopt's runs eagerly inside the compiled function, see Optimizer.step).
+    # A whole training step (backward breaks the graph; fusedopt's step is traced as the
+    # fusedopt::step op, torch's as its foreach ops).
     @torch.compile(backend=counting_backend)
     def compiled_step():
         loss = sum((p * p).sum() for p in params)
@@ -778,8 +778,9 @@ def _compiled_run(S, kind, build, steps=6, opt_impl="torch"):
         opt.step()
         opt.zero_grad()
 
-    # The first call compiles (once per param group where the step graph-breaks
-    # into a per-group function); after that, no scheduler step may recompile.
+    # The first call compiles (one graph or several, wherever the step breaks the graph);
+    # after that, no scheduler step may recompile: the tensor hyper-parameters are
+    # graph inputs, written in place.
     compiled_step()
     first = len(graphs)
     with torch._dynamo.config.patch(error_on_recompile=True):
