@@ -295,3 +295,28 @@ def test_lbfgs_and_sparse_adam_average_after_their_step(backend):
         assert int(attached.n_averaged) == 3
         assert_equal_state(attached.state_dict(), separate.state_dict(), run.__name__)
 
+
+
+def test_compiled_step_averages_as_the_eager_one():
+    """Under torch.compile the step is the fusedopt::step op; its body averages too."""
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(DEVICE)
+        opt = fusedopt.AdamW(model.parameters(), lr=torch.tensor(0.01), backend="triton")
+        averaged = swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(0.9), backend="triton")
+        opt.attach_averaged_model(averaged)
+
+        def train_step(x):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        for k in range(4):
+            step(torch.randn(5, 4, generator=torch.Generator().manual_seed(k)).to(DEVICE))
+        return averaged
+
+    torch._dynamo.reset()
+    compiled, eager = run(True), run(False)
+    assert int(compiled.n_averaged) == 4
+    assert_equal_state(compiled.state_dict(), eager.state_dict(), "compiled")
