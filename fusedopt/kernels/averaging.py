@@ -262,8 +262,9 @@ def average_cpu(bucket: _flat.Bucket, batch: _flat.Batch, avg: torch.Tensor, for
     if flat is None:
         flat = bucket.size < FLAT_MAX_MEAN_NUMEL[formula] * len(bucket)
     # CPU foreach ops with a scalar may round the scalar to a bf16/fp16 tensor's dtype
-    # (`_foreach_mul_` does in torch 2.13) where the per-tensor op keeps it in float
-    flat = flat or bucket.dtype in (torch.bfloat16, torch.float16)
+    # (`_foreach_mul_` does in torch 2.13) where the per-tensor op keeps it in float. Not
+    # `_foreach_lerp_`, which is exactly what torch's multi-tensor EMA and SWA call.
+    flat = flat or (formula != "lerp" and bucket.dtype in (torch.bfloat16, torch.float16))
     split = bucket.offsets[first_copy] if first_copy < len(bucket) else bucket.size
     if flat:
         staging = _staging(bucket, avg)
