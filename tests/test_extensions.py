@@ -412,6 +412,28 @@ def test_stochastic_rounding_kernel_equals_reference_and_is_reproducible():
         assert_close(f"param {j}", a, b, rtol=4 * 2 ** -7, atol=1e-2)
 
 
+def test_int32_stochastic_rounding_has_the_reference_bits():
+    """`round_sr_int32` (the native path's) against `round_sr_torch` (the reference's, the
+    kernel's bits), specials included: NaNs (quiet, signalling, all ones), infinities, -0."""
+    from fusedopt.kernels import _launch
+    n, start = 70001, 12345
+    value = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100
+    bits = value.view(torch.int32)
+    bits[:6] = torch.tensor([0x7FC00000, 0x7F800001, -1, 0x7F800000, -8388608, -2147483648], dtype=torch.int32)
+    seeds = torch.tensor([-7, 0, 2 ** 31 - 1], dtype=torch.int32)
+    which = torch.arange(n) % 3
+    positions = torch.arange(start, start + n)
+    mixed = _launch.mixed_positions(start + n)[start:]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    x, tmp = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
+    for mix, seed in ((_launch.seed_mix(seeds)[which], seeds[which]),      # a seed per element
+                      (int(_launch.seed_mix(seeds)[0]), seeds[0].expand(n))):  # one seed
+        _launch.round_sr_int32(value, mixed, mix, out, x, tmp)
+        expected = _launch.round_sr_torch(value, seed.to(torch.int64), positions)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    assert out[:3].isnan().all() and out[3] == float("inf") and out[4] == -float("inf")
+
+
 def test_stochastic_rounding_options():
     with pytest.raises(ValueError, match="exclude each other"):
         fusedopt.Adam([torch.zeros(1, requires_grad=True)], master_weights=True, stochastic_rounding=True)
