@@ -41,10 +41,11 @@ def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
     the bucket's compute dtype, without a host sync."""
     cdt = _launch.compute_dtype(bucket.real_dtype)
     if bucket.path != "triton":
-        # The reference and native paths: plain torch, one norm per tensor.
+        # The reference and native paths: plain torch, one norm per tensor (torch's
+        # multi-tensor norm: the same values as a vector_norm each, without a Python loop).
         if not batch.grads:
             return torch.zeros((), dtype=cdt, device=bucket.device)
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=cdt) for g in batch.grads])
+        norms = torch.stack(torch._foreach_norm(batch.grads, 2, dtype=cdt))
         return norms.square().sum()
     block, num_warps = _launch.block_config(bucket)
     offsets, align = _launch.pointer_table(bucket, batch)
