@@ -34,7 +34,7 @@ from torch import Tensor
 # The functional API of each algorithm (torch.optim imports only some of these modules).
 from torch.optim import adadelta, adagrad, adam, adamax, asgd, nadam, radam, rmsprop, rprop, sgd
 
-from . import _flat
+from . import _composed, _flat
 from .kernels import adagrad as adagrad_kernels
 from .kernels import adam as adam_kernels
 from .kernels import sgd as sgd_kernels
@@ -217,7 +217,13 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     if setup is None:
         setup = bucket._native_setup = _Setup(opt, bucket)
     impl = setup.impl
-    if impl is None or (batch.grad_ops is not None and not setup.fused):
+    if impl is None:
+        return False
+    if setup.composed or opt.max_grad_norm is not None:
+        # fusedopt's own options: torch's fused kernel with conversions around it
+        # (_composed.py); an algorithm without a fused kernel takes the reference.
+        return impl.fused is not None and _composed.step(opt, group, bucket, batch, fresh, setup)
+    if batch.grad_ops is not None and not setup.fused:
         return False
     o = opt._options(group)
     state_keys = [k for k in opt._state_keys(group) if k not in opt._scalar_state]
@@ -262,6 +268,12 @@ class _Setup:
         self.split_fresh = self.impl is not None and self.impl.foreach is _sgd_foreach
         run_below = RUN_BELOW["fused" if self.fused or not (self.impl and self.impl.runs) else "foreach"]
         self.run_below = run_below if any(n < run_below for n in bucket.numels) else 0
+        # A precision option on this bucket (master weights, bf16 state, stochastic
+        # rounding): every step is composed. Its per-tensor copies cost what the
+        # multi-tensor code's ops do, so runs pay as they do there.
+        self.composed = _composed.has_option(opt, bucket)
+        below = RUN_BELOW["foreach"]
+        self.composed_run_below = below if any(n < below for n in bucket.numels) else 0
         window = None if self.fused else _loop_window(type(opt))
         itemsize = torch.empty((), dtype=bucket.real_dtype).element_size()
         if window is not None and window != (0, None) and itemsize < 4:
@@ -368,10 +380,12 @@ class _Plan:
             self._splits[window] = parts
         return parts
 
-    def gather(self, batch: _flat.Batch) -> tuple[list[Tensor], list[Tensor]]:
+    def gather(self, batch: _flat.Batch, params: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+        """The entries' parameters and gradients, runs gathered. Without `params` the
+        runs' parameter buffers are left as they are, for a step that only writes them."""
         if not self.runs:
             return batch.params, batch.grads
-        ps, gs = batch.params, batch.grads
+        ps, gs, read = batch.params, batch.grads, params
         params, grads, scattered = [], [], []
         for e, (j0, j1) in enumerate(self.entries):
             if j1 - j0 == 1:
@@ -381,7 +395,7 @@ class _Plan:
             p_buf, g_buf = self.buffers[e]
             template, places = self.templates[e]
             members = [_one_d(p) for p in ps[j0:j1]]
-            for src, dst in ((members, p_buf), (gs[j0:j1], g_buf)):
+            for src, dst in (((members, p_buf), (gs[j0:j1], g_buf)) if read else ((gs[j0:j1], g_buf),)):
                 inputs = template.copy()
                 for place, t in zip(places, src):
                     inputs[place] = _one_d(t)
