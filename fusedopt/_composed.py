@@ -67,9 +67,8 @@ def _stochastic(opt, bucket) -> bool:
 def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list[int], setup) -> bool:
     """Step one bucket with torch's fused kernel and the conversions around it."""
     impl = setup.impl
-    o = opt._options(group)
-    keys = [k for k in opt._state_keys(group) if k not in opt._scalar_state]
-    if keys:
+    o, all_keys, keys = setup.config(opt, group)
+    if keys and all_keys != getattr(bucket, "state_keys", None):
         opt._buffers(group, bucket, batch)  # checks that every stepped tensor has them
     master, stochastic = _master(opt, bucket), _stochastic(opt, bucket)
     cdt = _launch.compute_dtype(bucket.real_dtype)
