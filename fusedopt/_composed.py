@@ -107,9 +107,13 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     scalars = {k: plan.scalar_views(bucket, k) for k in impl.scalars}
     mix = None
     if stochastic:
+        # the seeds of the reference (`AdamFamily._update`), from the advanced step counts;
+        # their step-independent half is kept while the seed and the bucket's place hold
         gi, bi, _ = opt._slots[id(bucket.params[0])]
-        # the seeds of the reference (`AdamFamily._update`), from the advanced step counts
-        mix = _launch.seed_mix(_launch.step_seeds(opt.sr_seed, gi << 16 | bi, bucket.steps))
+        where = (opt.sr_seed, gi << 16 | bi, len(bucket))
+        if bucket.__dict__.get("_sr_key", (None,))[0] != where:
+            bucket._sr_key = where, _launch.seed_key(*where)
+        mix = _launch.step_seed_mix(bucket._sr_key[1], bucket.steps)
     ctx = _native._Context(fresh_set, kernel_ops, True)
     layout.run(impl, params, grads, scalars, o, ctx, scale, mult, mix)
     plan.scatter(bucket, impl.scalars)
@@ -292,19 +296,22 @@ class _Layout:
                     g.region["grad"].mul_(mult)
             impl.fused(p if g.work is None else g.work, d if g.grad is None else g.grad, g.state, g.steps,
                        g.reps, o, ctx)
-            into, source = g.down_into, g.down_from
+            into, source, written = g.down_into, g.down_from, g.written
             if self.stochastic:
                 x, tmp = (t[:g.n] for t in self.ints)
                 if isinstance(g.member, int):
                     (start, n), = g.mixed
-                    _launch.round_sr_int32(g.region["param"], _launch.mixed_positions(start + n)[start:],
-                                           int(mix[g.member]), g.region["rounded"], x, tmp)
+                    mixed, seeds = _launch.mixed_positions(start + n)[start:], mix[g.member]
                 else:
                     mixed = _mixed(g.mixed, tmp)
-                    torch.index_select(mix, 0, g.member, out=x)
-                    _launch.round_sr_int32(g.region["param"], mixed, x, g.region["rounded"], x, tmp)
-            if g.written is not None:
-                into, source = into + p, source + g.written
+                    seeds = torch.index_select(mix, 0, g.member, out=x)
+                # One piece: the rounded bits go straight into the parameter.
+                out = _native._one_d(p[0]) if g.single else g.region["rounded"]
+                _launch.round_sr_int32(g.region["param"], mixed, seeds, out, x, tmp)
+                if g.single:
+                    written = None
+            if written is not None:
+                into, source = into + p, source + written
             if into:
                 torch._foreach_copy_(into, source)
 

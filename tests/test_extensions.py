@@ -436,11 +436,19 @@ def test_int32_stochastic_rounding_has_the_reference_bits():
     out = torch.empty(n, dtype=torch.bfloat16)
     x, tmp = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
     for mix, seed in ((_launch.seed_mix(seeds)[which], seeds[which]),      # a seed per element
-                      (int(_launch.seed_mix(seeds)[0]), seeds[0].expand(n))):  # one seed
+                      (_launch.seed_mix(seeds)[0], seeds[0].expand(n))):  # one seed
         _launch.round_sr_int32(value, mixed, mix, out, x, tmp)
         expected = _launch.round_sr_torch(value, seed.to(torch.int64), positions)
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
     assert out[:3].isnan().all() and out[3] == float("inf") and out[4] == -float("inf")
+
+
+def test_int32_step_seeds_are_the_reference_seeds():
+    from fusedopt.kernels import _launch
+    steps = torch.tensor([0.0, 1.0, 2.0, 7.0, 1000.0, 2.0 ** 24])
+    for base, salt in ((0, 0), (12345, 3 << 16 | 2), (2 ** 40 + 7, 65535)):
+        expected = _launch.seed_mix(_launch.step_seeds(base, salt, steps))
+        assert torch.equal(_launch.step_seed_mix(_launch.seed_key(base, salt, len(steps)), steps), expected)
 
 
 def test_stochastic_rounding_options():
