@@ -22,6 +22,10 @@ shares one step count (and NAdam's `mu_product`, ASGD's `eta` and `mu`): runs st
 those differ, or where a tensor has no gradient this step, and the run's first tensor's
 scalars stand for it, copied to the others after the step. Padding elements compute on
 zeros and stay finite; nothing reads them.
+
+fusedopt's own options (master weights, low-precision state, stochastic rounding,
+`max_grad_norm`) are steps torch's implementation does not know: `_composed.py` runs them
+as torch's fused kernel with conversions around it, on this module's plans.
 """
 from __future__ import annotations
 
