@@ -19,18 +19,22 @@ fp64 buckets) on scratch copies of whatever is not in it:
 * clipping and GradScaler's unscaling: the gradient is copied into scratch and divided by
   the scale and multiplied by the clip coefficient there, in the reference's order and
   dtype. torch's own `grad_scale` argument would write the user's gradients; this never
-  does. A step GradScaler skips changes nothing.
+  does. A step GradScaler skips changes nothing. A bucket that is only clipped and whose
+  dtype torch's kernel already handles (bf16 Adam, AdamW, Adagrad) keeps that kernel, fed
+  a bf16 copy of the gradient scaled in fp32 and rounded once.
 
 The numbers are therefore the reference's math in torch's fused kernel: equal to it
-within the rounding in which torch's fused kernel and plain torch ops differ.
+within the rounding in which torch's fused kernel and plain torch ops differ (and, for
+that bf16 case, torch's bf16 kernel's, as without clipping).
 
-The scratch is CHUNK elements per stream, reused: a step runs group by group, a group
-being up to CHUNK elements of consecutive entries of the native plan (`_native._Plan`:
-tensors of their own and gathered runs of small ones; a large tensor is cut into CHUNK
-pieces). The copies then meet the kernel in the core's L2 cache, and the memory stays
-small whatever the model: full-size fp32 copies of bf16 moments would undo what
-`state_dtype` saves. Per group: one `_foreach_copy_` in, the gradient's scaling, one
-fused call, the rounding, one `_foreach_copy_` out.
+The scratch is a chunk of elements per stream, reused: a step runs group by group, a
+group being up to a chunk of consecutive entries of the native plan (`_native._Plan`:
+tensors of their own and gathered runs of small ones; a large tensor is cut into
+chunk-sized pieces), the chunk as large as keeps the scratch within 2 MB (`_chunk`). The
+copies then meet the kernel in the core's L2 cache, and the memory stays small whatever
+the model: full-size fp32 copies of bf16 moments would undo what `state_dtype` saves.
+Per group: one `_foreach_copy_` in, the gradient's scaling, one fused call, the
+rounding, one `_foreach_copy_` out.
 """
 from __future__ import annotations
 
@@ -40,10 +44,18 @@ from torch import Tensor
 from . import _flat, _native
 from .kernels import _launch
 
-# Elements per group. Measured on this project's 2-core CPU (2 MB of L2 a core) with
-# master weights: 16K elements pays too many calls (a fused call costs 2.5 us before any
-# element), 128K falls out of L2 with five streams; 32K and 64K tie.
-CHUNK = 1 << 16
+# Elements per group: as many as keep the group's scratch within SCRATCH_BYTES (this
+# CPU's L2 a core: the scratch is reused between the copies and the kernel), a power of
+# two, at most CHUNK. Fewer groups cost fewer calls (a fused call is 2.5 us before any
+# element, a group's Python ~15 us): a clipped step needs 2-4 bytes of scratch an element
+# (256K-element groups), stochastic rounding 26 (64K; 32K measured 5% slower).
+CHUNK = 1 << 18
+SCRATCH_BYTES = 2 << 20
+
+
+def _chunk(scratch_bytes_per_element: int) -> int:
+    fit = SCRATCH_BYTES // max(scratch_bytes_per_element, 1)
+    return min(CHUNK, max(1 << 10, 1 << (fit.bit_length() - 1)))
 
 
 def has_option(opt, bucket: _flat.Bucket) -> bool:
@@ -77,23 +89,25 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     kdt = bucket.real_dtype if setup.fused and not setup.composed else cdt
     if "step" in impl.scalars:
         opt._advance_steps(bucket, batch)
-    scale = mult = kernel_ops = None
+    scale = mult = None
     if batch.grad_ops is not None:
         # Reading them on the CPU costs no sync.
-        if bool(batch.grad_ops[2] != 0):
+        scale, mult, found_inf = batch.grad_ops.tolist()
+        if found_inf:
             return True  # GradScaler found inf/NaN: nothing changes; the caller takes the steps back
-        ops = batch.grad_ops.to(cdt)
         if kdt == cdt:
             # The reference's order and dtype: g / scale * coefficient in the compute
-            # dtype, on a copy; a factor of 1 is left out (exact either way).
-            scale = ops[0] if bool(ops[0] != 1) else None
-            mult = ops[1] if bool(ops[1] != 1) else None
+            # dtype (0-dim operands of it), on a copy; a factor of 1 is left out (exact).
+            ops = batch.grad_ops.to(cdt)
+            scale = ops[0] if scale != 1 else None
+            mult = ops[1] if mult != 1 else None
         else:
-            # A bf16 kernel reads the gradient into fp32 and divides it by `grad_scale`
-            # there (writing the quotient back, into the copy): g / (scale / coefficient),
-            # within an fp32 rounding of the reference's fp32 g / scale * coefficient. A
-            # scaled bf16 copy instead would round the gradient to bf16 (2**-9).
-            kernel_ops = torch.stack([ops[0] / ops[1], ops[1] / ops[1], ops[2]]).to(torch.float32)
+            # A bf16 copy for torch's bf16 kernel: the gradient times coefficient / scale,
+            # a Python float, which torch multiplies in fp32 and rounds once, to bf16 (2**-9
+            # relative; torch's clip_grad_norm_ rounds a bf16 gradient so too). torch's
+            # kernel could divide by grad_scale = scale / coefficient itself, in fp32, but
+            # it then writes the quotient back, rounding to bf16 again: 25% slower.
+            scale, mult = None, (mult / scale if mult != scale else None)
     fresh_set = frozenset(fresh)
     plan = _native._plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(),
                          setup.composed_run_below)
@@ -114,7 +128,7 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
         if bucket.__dict__.get("_sr_key", (None,))[0] != where:
             bucket._sr_key = where, _launch.seed_key(*where)
         mix = _launch.step_seed_mix(bucket._sr_key[1], bucket.steps)
-    ctx = _native._Context(fresh_set, kernel_ops, True)
+    ctx = _native._Context(fresh_set, None, True)
     layout.run(impl, params, grads, scalars, o, ctx, scale, mult, mix)
     plan.scatter(bucket, impl.scalars)
     return True
@@ -135,7 +149,7 @@ def _streams(bucket: _flat.Bucket, kdt: torch.dtype, keys: list[str], master: bo
 
 
 class _Group:
-    """Up to CHUNK elements of consecutive plan entries, and what serves every step: the
+    """Up to a chunk of elements of consecutive plan entries, and what serves every step: the
     pieces' range in the step's list of pieces, and the static halves of the lists that
     the copies in, the kernel and the copies out take (the parameters' and gradients'
     halves change every step: autograd makes new gradients)."""
@@ -153,11 +167,14 @@ class _Layout:
         # a gradient that is only scaled, not converted: one op from the user's tensor into
         # the copy where a group is one piece
         self.scaled_only = grad and bucket.real_dtype == kdt
-        self.chunk = CHUNK
+        itemsize = torch.empty((), dtype=kdt).element_size()
+        per_element = itemsize * ((1 if grad else 0) + (1 if param == "scratch" else 0) + len(converted)) + \
+            (4 + 4 + 2 if stochastic else 0)
+        self.chunk = _chunk(per_element)
         read = ("master_param",) if param == "master" else ()
         self.buffers = {k: bucket.buffers[k] for k in (*converted, *direct, *read)}
         self._ptrs = self._pointers(bucket)
-        # Pieces: a whole entry, or a CHUNK of a larger one (as `Tensor.split(CHUNK)` cuts).
+        # Pieces: a whole entry, or a chunk of a larger one (as `Tensor.split(chunk)` cuts).
         pieces = []
         self.split = []    # per entry: whether it is cut
         chunk = self.chunk

@@ -576,8 +576,8 @@ def test_native_composition_equals_reference(fused_cls, torch_cls, options, dtyp
 def test_max_grad_norm_in_bf16(fused_cls, torch_cls, options, backend):
     """bf16 parameters (and a float64 bucket) under max_grad_norm against torch's
     clip_grad_norm_ then step in float64, to bf16 precision. On 'auto' torch's bf16 kernel
-    steps Adam, AdamW and Adagrad with a copy of the gradient that it unscales by
-    1 / coefficient, and SGD (whose bf16 kernel torch gets wrong) runs in fp32 scratch."""
+    steps Adam, AdamW and Adagrad with a bf16 copy of the clipped gradient, and SGD (whose
+    bf16 kernel torch gets wrong) runs in fp32 scratch."""
     params, copies = _clipped_run(fused_cls, torch_cls, options, backend, torch.bfloat16, max_norm=0.5)
     for j, p in enumerate(params):
         assert_close(f"param {j}", p, copies[torch.float64][j].detach().to(p.dtype))
