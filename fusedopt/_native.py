@@ -30,6 +30,7 @@ as torch's fused kernel with conversions around it, on this module's plans.
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -288,20 +289,27 @@ class _Setup:
 
     def config(self, opt, group: dict) -> tuple:
         """The group's options, its state keys (torch's order) and the flat ones among them,
-        rebuilt only when one of the group's values changed (a scheduler's lr, an option
+        rebuilt only when one of the group's values is replaced (a scheduler's lr, an option
         edited): building them is a few microseconds of Python every step otherwise.
 
-        The cache holds no tensor (an lr tensor changes in place): it is not kept for a
-        group with one; a tensor equal to a cached number gives that number, as it would."""
-        key = tuple(v for k, v in group.items() if k != "params")
-        if self._config is not None and self._config[0] == key:
-            return self._config[1]
+        Values are compared by identity (no tensor's __eq__ runs), so the cache is kept only
+        for groups whose values are all immutable (numbers, strings, tuples of them): an lr
+        tensor, or a list, can change in place."""
+        key = tuple(v for k, v in group.items() if k not in _NOT_OPTIONS)
+        cached = self._config
+        if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
+            return cached[1]
         all_keys = tuple(opt._state_keys(group))
         made = opt._options(group), all_keys, [k for k in all_keys if k not in opt._scalar_state]
-        tensors = any(isinstance(v, Tensor) or (isinstance(v, tuple) and any(isinstance(x, Tensor) for x in v))
-                      for v in key)
-        self._config = None if tensors else (key, made)
+        immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+                        for v in key)
+        self._config = (key, made) if immutable else None
         return made
+
+
+# Group entries that are not options, and the types whose values cannot change in place.
+_NOT_OPTIONS = frozenset(("params", "param_names"))
+_IMMUTABLE = frozenset((float, int, bool, str, type(None)))
 
 
 def _one_d(t: Tensor) -> Tensor:
