@@ -326,6 +326,23 @@ def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it()
         assert torch.equal(a, b)  # coefficient 1: the same numbers as no clipping
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_grad_norm_above_the_norm_is_plain_steps_on_auto(dtype):
+    """A coefficient of 1: the native path steps the user's gradients as without clipping
+    (no copy), to the bit, and leaves them as they were."""
+    params = make_params(dtype, shapes=SHAPES_REAL + [(300, 1000)])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    clipped, plain = fusedopt.AdamW(params, max_grad_norm=1e6), fusedopt.AdamW(twins)
+    for step in range(2):
+        for p, t, g in zip(params, twins, _grads(params, step)):
+            p.grad, t.grad = g.clone(), g.clone()
+        clipped.step()
+        plain.step()
+        assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))
+    for j, (a, b) in enumerate(zip(params, twins)):
+        assert torch.equal(a, b), f"param {j}"
+
+
 @pytest.mark.parametrize("backend", PATHS + ["auto"])
 def test_max_grad_norm_with_grad_scaler_clips_the_unscaled_gradient(backend):
     torch.manual_seed(0)
