@@ -156,8 +156,27 @@ class _Group:
     the copies in, the kernel and the copies out take (the parameters' and gradients'
     halves change every step: autograd makes new gradients)."""
 
-    __slots__ = ("first", "end", "n", "reps", "entries", "up_into", "up_rest", "up_from", "state", "work", "grad",
-                 "down_into", "down_from", "written", "region", "steps", "mixed", "member", "single")
+    __slots__ = (
+        "down_from",
+        "down_into",
+        "end",
+        "entries",
+        "first",
+        "grad",
+        "member",
+        "mixed",
+        "n",
+        "region",
+        "reps",
+        "single",
+        "state",
+        "steps",
+        "up_from",
+        "up_into",
+        "up_rest",
+        "work",
+        "written",
+    )
 
 
 class _Layout:
