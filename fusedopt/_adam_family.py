@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from . import _flat
+from . import _flat, _native
 from .kernels import _launch
 from .kernels import adam as kernels
 from .optimizer import Optimizer, _as_float, check_lr, check_max_grad_norm, check_nonnegative
@@ -80,12 +80,14 @@ class AdamFamily(Optimizer):
 
     def _choose_path(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         path = super()._choose_path(device, dtype)
-        # torch's CPU implementation knows neither a master copy nor state of another dtype.
+        # torch's CPU implementation knows neither a master copy nor state of another
+        # dtype. The native path composes them around torch's fused kernel
+        # (fusedopt/_composed.py), which only Adam and AdamW have.
         if path == "native" and dtype is not None and not dtype.is_complex and (
                 (self.master_weights and dtype in LOW_PRECISION)
                 or (self.stochastic_rounding and dtype == torch.bfloat16)
                 or (self.state_dtype is not None and self.state_dtype != dtype)):
-            return "reference"
+            return "native" if _native.implementation(type(self)).fused is not None else "reference"
         return path
 
     def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:

@@ -22,10 +22,15 @@ shares one step count (and NAdam's `mu_product`, ASGD's `eta` and `mu`): runs st
 those differ, or where a tensor has no gradient this step, and the run's first tensor's
 scalars stand for it, copied to the others after the step. Padding elements compute on
 zeros and stay finite; nothing reads them.
+
+fusedopt's own options (master weights, low-precision state, stochastic rounding,
+`max_grad_norm`) are steps torch's implementation does not know: `_composed.py` runs them
+as torch's fused kernel with conversions around it, on this module's plans.
 """
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -34,7 +39,7 @@ from torch import Tensor
 # The functional API of each algorithm (torch.optim imports only some of these modules).
 from torch.optim import adadelta, adagrad, adam, adamax, asgd, nadam, radam, rmsprop, rprop, sgd
 
-from . import _flat
+from . import _composed, _flat
 from .kernels import adagrad as adagrad_kernels
 from .kernels import adam as adam_kernels
 from .kernels import sgd as sgd_kernels
@@ -217,11 +222,16 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     if setup is None:
         setup = bucket._native_setup = _Setup(opt, bucket)
     impl = setup.impl
-    if impl is None or (batch.grad_ops is not None and not setup.fused):
+    if impl is None:
         return False
-    o = opt._options(group)
-    state_keys = [k for k in opt._state_keys(group) if k not in opt._scalar_state]
-    if state_keys:
+    if setup.composed or opt.max_grad_norm is not None:
+        # fusedopt's own options: torch's fused kernel with conversions around it
+        # (_composed.py); an algorithm without a fused kernel takes the reference.
+        return impl.fused is not None and _composed.step(opt, group, bucket, batch, fresh, setup)
+    if batch.grad_ops is not None and not setup.fused:
+        return False
+    o, all_keys, state_keys = setup.config(opt, group)
+    if state_keys and all_keys != getattr(bucket, "state_keys", None):
         opt._buffers(group, bucket, batch)  # checks that every stepped tensor has them
     fresh_set = frozenset(fresh)
     # With GradScaler, torch's kernel writes the unscaled gradients back, which must reach
@@ -262,6 +272,12 @@ class _Setup:
         self.split_fresh = self.impl is not None and self.impl.foreach is _sgd_foreach
         run_below = RUN_BELOW["fused" if self.fused or not (self.impl and self.impl.runs) else "foreach"]
         self.run_below = run_below if any(n < run_below for n in bucket.numels) else 0
+        # A precision option on this bucket (master weights, bf16 state, stochastic
+        # rounding): every step is composed. Its per-tensor copies cost what the
+        # multi-tensor code's ops do, so runs pay as they do there.
+        self.composed = _composed.has_option(opt, bucket)
+        below = RUN_BELOW["foreach"]
+        self.composed_run_below = below if any(n < below for n in bucket.numels) else 0
         window = None if self.fused else _loop_window(type(opt))
         itemsize = torch.empty((), dtype=bucket.real_dtype).element_size()
         if window is not None and window != (0, None) and itemsize < 4:
@@ -269,6 +285,31 @@ class _Setup:
             # gains nothing there (measured), ASGD's fewer passes still do.
             window = None
         self.loop_window = None if window is None else tuple(None if w is None else w // itemsize for w in window)
+        self._config: tuple | None = None
+
+    def config(self, opt, group: dict) -> tuple:
+        """The group's options, its state keys (torch's order) and the flat ones among them,
+        rebuilt only when one of the group's values is replaced (a scheduler's lr, an option
+        edited): building them is a few microseconds of Python every step otherwise.
+
+        Values are compared by identity (no tensor's __eq__ runs), so the cache is kept only
+        for groups whose values are all immutable (numbers, strings, tuples of them): an lr
+        tensor, or a list, can change in place."""
+        key = tuple(v for k, v in group.items() if k not in _NOT_OPTIONS)
+        cached = self._config
+        if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
+            return cached[1]
+        all_keys = tuple(opt._state_keys(group))
+        made = opt._options(group), all_keys, [k for k in all_keys if k not in opt._scalar_state]
+        immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+                        for v in key)
+        self._config = (key, made) if immutable else None
+        return made
+
+
+# Group entries that are not options, and the types whose values cannot change in place.
+_NOT_OPTIONS = frozenset(("params", "param_names"))
+_IMMUTABLE = frozenset((float, int, bool, str, type(None)))
 
 
 def _one_d(t: Tensor) -> Tensor:
@@ -368,10 +409,12 @@ class _Plan:
             self._splits[window] = parts
         return parts
 
-    def gather(self, batch: _flat.Batch) -> tuple[list[Tensor], list[Tensor]]:
+    def gather(self, batch: _flat.Batch, params: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+        """The entries' parameters and gradients, runs gathered. Without `params` the
+        runs' parameter buffers are left as they are, for a step that only writes them."""
         if not self.runs:
             return batch.params, batch.grads
-        ps, gs = batch.params, batch.grads
+        ps, gs, read = batch.params, batch.grads, params
         params, grads, scattered = [], [], []
         for e, (j0, j1) in enumerate(self.entries):
             if j1 - j0 == 1:
@@ -381,7 +424,7 @@ class _Plan:
             p_buf, g_buf = self.buffers[e]
             template, places = self.templates[e]
             members = [_one_d(p) for p in ps[j0:j1]]
-            for src, dst in ((members, p_buf), (gs[j0:j1], g_buf)):
+            for src, dst in (((members, p_buf), (gs[j0:j1], g_buf)) if read else ((gs[j0:j1], g_buf),)):
                 inputs = template.copy()
                 for place, t in zip(places, src):
                     inputs[place] = _one_d(t)

@@ -395,8 +395,8 @@ class Optimizer(torch.optim.Optimizer):
                     batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *amp)
                 if averaging is not None:
                     batch.average = averaging.fuse(self, bucket, batch)
-                # torch's CPU implementation cannot clip: clipped native buckets take the reference.
-                if not (bucket.path == "native" and clipped is None and _native.step(self, group, bucket, batch, fresh)):
+                # The native path declines what it cannot run (then the reference steps).
+                if not (bucket.path == "native" and _native.step(self, group, bucket, batch, fresh)):
                     self._update(group, bucket, batch, fresh)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])

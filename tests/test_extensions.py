@@ -2,7 +2,9 @@
 
 Each mode is compared with a float64 run in plain torch of what the mode promises (master
 weights: the fp32 trajectory; bf16 state: Adam whose moments are rounded to bf16 after
-every step), on the kernel (Triton's interpreter) and on the reference path.
+every step), on the kernel (Triton's interpreter), on the reference path and on 'auto',
+which on a CPU is the native path's composition around torch's fused kernel
+(`fusedopt/_composed.py`), also compared with the reference step by step.
 """
 import copy
 import io
@@ -13,10 +15,12 @@ import torch
 
 import fusedopt
 from _compare import assert_close, gradients, make_params
+from fusedopt import _composed
 from fusedopt.kernels._launch import BLOCK
 from optim_db import SHAPES
 
 PATHS = ["triton", "reference"]
+ALL_PATHS = PATHS + ["auto"]
 ADAMS = [pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1), id="Adam-l2"),
          pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), id="AdamW"),
          pytest.param(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True, maximize=True),
@@ -53,7 +57,7 @@ def _run(opt, params, steps, twins=()):
 
 # ------------------------------------------------------------------------ master weights
 
-@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("backend", ALL_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fused_cls,torch_cls,options", ADAMS)
 def test_master_weights_follow_the_fp32_trajectory(fused_cls, torch_cls, options, dtype, backend):
@@ -182,13 +186,17 @@ def test_master_weights_leave_fp32_parameters_alone():
     assert opt._buckets[0][1][0].path == "native"  # torch's CPU kernel still runs fp32 buckets
 
 
-def test_auto_takes_the_reference_path_on_cpu_for_extended_buckets():
+def test_auto_takes_the_native_path_on_cpu_for_extended_buckets_where_torch_has_a_fused_kernel():
     p = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
     q = torch.randn(10, requires_grad=True)
-    for opt in (fusedopt.Adam([p], master_weights=True), fusedopt.Adam([q], state_dtype=torch.bfloat16)):
+    r = torch.randn(10, dtype=torch.bfloat16, requires_grad=True)
+    nadam = fusedopt.NAdam([r])
+    nadam.stochastic_rounding = True  # an attribute of the family; NAdam has no fused kernel to compose
+    for opt, path in ((fusedopt.Adam([p], master_weights=True), "native"),
+                      (fusedopt.Adam([q], state_dtype=torch.bfloat16), "native"), (nadam, "reference")):
         opt.param_groups[0]["params"][0].grad = torch.ones(10, dtype=opt.param_groups[0]["params"][0].dtype)
         opt.step()
-        assert opt._buckets[0][1][0].path == "reference"
+        assert opt._buckets[0][1][0].path == path
 
 
 # ------------------------------------------------------------------------ low-precision state
@@ -302,7 +310,7 @@ def test_max_grad_norm_equals_clip_grad_norm_then_step(fused_cls, torch_cls, opt
                      rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("backend", ALL_PATHS)
 def test_max_grad_norm_in_float64(backend):
     params, copies = _clipped_run(fusedopt.AdamW, torch.optim.AdamW, dict(lr=1e-2), backend, torch.float64, 0.5)
     for j, p in enumerate(params):
@@ -324,6 +332,23 @@ def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it()
     plain.step()
     for a, b in zip(params, twins):
         assert torch.equal(a, b)  # coefficient 1: the same numbers as no clipping
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_grad_norm_above_the_norm_is_plain_steps_on_auto(dtype):
+    """A coefficient of 1: the native path steps the user's gradients as without clipping
+    (no copy), to the bit, and leaves them as they were."""
+    params = make_params(dtype, shapes=SHAPES_REAL + [(300, 1000)])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    clipped, plain = fusedopt.AdamW(params, max_grad_norm=1e6), fusedopt.AdamW(twins)
+    for step in range(2):
+        for p, t, g in zip(params, twins, _grads(params, step)):
+            p.grad, t.grad = g.clone(), g.clone()
+        clipped.step()
+        plain.step()
+        assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))
+    for j, (a, b) in enumerate(zip(params, twins)):
+        assert torch.equal(a, b), f"param {j}"
 
 
 @pytest.mark.parametrize("backend", PATHS + ["auto"])
@@ -401,14 +426,15 @@ def test_stochastic_rounding_tracks_the_fp32_trajectory_where_bf16_stalls(backen
 
 def test_stochastic_rounding_kernel_equals_reference_and_is_reproducible():
     runs = []
-    for backend in ("triton", "reference", "triton"):
+    for backend in ("triton", "reference", "triton", "auto"):
         params = make_params(torch.bfloat16, shapes=SHAPES_REAL)
         opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, stochastic_rounding=True)
         _run(opt, params, 3)
         runs.append(params)
-    for j, (a, b, c) in enumerate(zip(*runs)):
+    for j, (a, b, c, d) in enumerate(zip(*runs)):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"param {j}: kernel != reference"
         assert torch.equal(a, c), f"param {j}: not reproducible"
+        assert torch.equal(d.view(torch.int16), b.view(torch.int16)), f"param {j}: native != reference"
     # another seed draws other bits: each of the 3 steps may round the other way (an ulp,
     # 2**-7 relative at most), and the moments respond a little to the changed parameter
     params = make_params(torch.bfloat16, shapes=SHAPES_REAL)
@@ -418,6 +444,36 @@ def test_stochastic_rounding_kernel_equals_reference_and_is_reproducible():
     assert any(not torch.equal(a, b) for a, b in zip(params, runs[0]))
     for j, (a, b) in enumerate(zip(params, runs[0])):
         assert_close(f"param {j}", a, b, rtol=4 * 2 ** -7, atol=1e-2)
+
+
+def test_int32_stochastic_rounding_has_the_reference_bits():
+    """`round_sr_int32` (the native path's) against `round_sr_torch` (the reference's, the
+    kernel's bits), specials included: NaNs (quiet, signalling, all ones), infinities, -0."""
+    from fusedopt.kernels import _launch
+    n, start = 70001, 12345
+    value = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 100
+    bits = value.view(torch.int32)
+    bits[:6] = torch.tensor([0x7FC00000, 0x7F800001, -1, 0x7F800000, -8388608, -2147483648], dtype=torch.int32)
+    seeds = torch.tensor([-7, 0, 2 ** 31 - 1], dtype=torch.int32)
+    which = torch.arange(n) % 3
+    positions = torch.arange(start, start + n)
+    mixed = _launch.mixed_positions(start + n)[start:]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    x, tmp = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
+    for mix, seed in ((_launch.seed_mix(seeds)[which], seeds[which]),      # a seed per element
+                      (_launch.seed_mix(seeds)[0], seeds[0].expand(n))):  # one seed
+        _launch.round_sr_int32(value, mixed, mix, out, x, tmp)
+        expected = _launch.round_sr_torch(value, seed.to(torch.int64), positions)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    assert out[:3].isnan().all() and out[3] == float("inf") and out[4] == -float("inf")
+
+
+def test_int32_step_seeds_are_the_reference_seeds():
+    from fusedopt.kernels import _launch
+    steps = torch.tensor([0.0, 1.0, 2.0, 7.0, 1000.0, 2.0 ** 24])
+    for base, salt in ((0, 0), (12345, 3 << 16 | 2), (2 ** 40 + 7, 65535)):
+        expected = _launch.seed_mix(_launch.step_seeds(base, salt, steps))
+        assert torch.equal(_launch.step_seed_mix(_launch.seed_key(base, salt, len(steps)), steps), expected)
 
 
 def test_stochastic_rounding_options():
@@ -435,7 +491,7 @@ def test_stochastic_rounding_options():
     assert clone.stochastic_rounding
 
 
-@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("backend", ALL_PATHS)
 def test_master_weights_under_grad_scaler_skip_and_unscale(backend):
     params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
     exact = [p.detach().double().requires_grad_() for p in params]
@@ -465,3 +521,90 @@ def test_low_precision_state_takes_assigned_tensors():
     opt.state[p]["exp_avg"] = torch.full((6,), 0.3)
     assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
     assert torch.equal(opt._buckets[0][1][0].buffers["exp_avg"][:6], torch.full((6,), 0.3).bfloat16())
+
+
+# ------------------------------------------------------------------------ the native path's composition
+
+# The modes on 'auto' (on a CPU: torch's fused kernel with conversions around it) against
+# the reference, step by step. Parameters around a tensor larger than a chunk (cut into
+# pieces) and eight small ones in a row (a run: gathered, one span of positions for
+# stochastic rounding, several seeds).
+COMPOSED_SHAPES = SHAPES_REAL + [(190, 180)] + [(n,) for n in (1, 3, 16, 17, 5, 31, 64, 2, 9)]
+MODES = [pytest.param(torch.bfloat16, dict(master_weights=True), id="master-bf16"),
+         pytest.param(torch.float16, dict(master_weights=True), id="master-fp16"),
+         pytest.param(torch.bfloat16, dict(master_weights=True, state_dtype=torch.bfloat16), id="master-bf16state"),
+         pytest.param(torch.float32, dict(state_dtype=torch.bfloat16), id="bf16state-fp32"),
+         pytest.param(torch.bfloat16, dict(state_dtype=torch.float32), id="fp32state-bf16"),
+         pytest.param(torch.float64, dict(state_dtype=torch.float32), id="fp32state-fp64"),
+         pytest.param(torch.bfloat16, dict(stochastic_rounding=True), id="sr"),
+         pytest.param(torch.bfloat16, dict(stochastic_rounding=True, state_dtype=torch.float32), id="sr-fp32state"),
+         pytest.param(torch.float32, dict(max_grad_norm=0.5), id="clip-fp32"),
+         pytest.param(torch.bfloat16, dict(max_grad_norm=0.5, master_weights=True), id="clip-master")]
+# What torch's fused kernel and the reference's plain ops may differ by: a few fp32 (fp64)
+# roundings, and so one ulp where a low-precision store rounds them to either side.
+ONE_ULP = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -7, 1e-6),
+           torch.float16: (2 ** -10, 1e-6)}
+
+
+# ADAMS, but with an L2 decay whose fp32 product with a bf16 parameter never lies on the
+# bf16 grid. With weight_decay=0.1 (or 1/3), fl(0.1 * p) is a bf16 number for a fifth of
+# the bf16 significands, and a bf16 gradient of exactly minus it (one element in ~20000
+# of randn data) makes the reference's g + wd * p exactly 0, where torch's kernel, which
+# contracts it to an fma, keeps a 1e-10 residue that Adam normalises into a step of a
+# whole lr. Both are right to fp32 rounding of an input that cancels.
+# Only Adam and AdamW have a fused torch kernel to compose; Adamax, NAdam and RAdam take
+# the reference path on the CPU for these modes.
+COMPOSED_ADAMS = [pytest.param(fusedopt.Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.0987), id="Adam-l2"),
+                  *[p for p in ADAMS[1:] if p.values[0] in (fusedopt.Adam, fusedopt.AdamW)]]
+
+
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["chunk", "small-chunk"])
+@pytest.mark.parametrize("dtype,mode", MODES)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", COMPOSED_ADAMS)
+def test_native_composition_equals_reference(fused_cls, torch_cls, options, dtype, mode, chunk, monkeypatch):
+    if chunk is not None:  # every group a few pieces: packing, and positions across pieces
+        monkeypatch.setattr(_composed, "CHUNK", chunk)
+    runs = []
+    for backend in ("reference", "auto"):
+        params = make_params(dtype, shapes=COMPOSED_SHAPES)
+        opt = fused_cls(params, backend=backend, **mode, **options)
+        _run(opt, params, 4)
+        runs.append((params, opt))
+    (p_ref, o_ref), (p_new, o_new) = runs
+    assert {b.path for _, buckets in o_new._buckets.values() for b in buckets} == {"native"}
+    assert any(b._native_plan.runs for _, buckets in o_new._buckets.values() for b in buckets), "no run formed"
+    # A bf16 moment that the two round to either side of a boundary moves the parameter by
+    # up to lr * 2**-8, as in test_bf16_state_matches_float64_reference.
+    moved = 1e-4 if mode.get("state_dtype") == torch.bfloat16 else 0.0
+
+    def tol(dtype, key):
+        rtol, atol = ONE_ULP[dtype]
+        return rtol, max(atol, moved) if key in ("param", "master_param") else atol
+
+    for j, (a, b) in enumerate(zip(p_ref, p_new)):
+        if mode.get("stochastic_rounding"):
+            # the reference's bits, seeds and positions
+            assert torch.equal(b.view(torch.int16), a.view(torch.int16)), f"param {j}"
+        else:
+            assert_close(f"param {j}", b, a, *tol(dtype, "param"))
+        for key, value in o_ref.state[a].items():
+            got = o_new.state[b][key]
+            assert got.dtype == value.dtype, f"{key} {j}"
+            if key == "step":
+                assert float(got) == float(value)
+            else:
+                assert_close(f"{key} {j}", got, value, *tol(value.dtype, key))
+        if mode.get("master_weights"):
+            assert torch.equal(b.detach(), o_new.state[b]["master_param"].to(dtype)), f"param {j} is not its master rounded"
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("fused_cls,torch_cls,options", CLIPPERS)
+def test_max_grad_norm_in_bf16(fused_cls, torch_cls, options, backend):
+    """bf16 parameters (and a float64 bucket) under max_grad_norm against torch's
+    clip_grad_norm_ then step in float64, to bf16 precision. On 'auto' torch's bf16 kernel
+    steps Adam, AdamW and Adagrad with a bf16 copy of the clipped gradient, and SGD (whose
+    bf16 kernel torch gets wrong) runs in fp32 scratch."""
+    params, copies = _clipped_run(fused_cls, torch_cls, options, backend, torch.bfloat16, max_norm=0.5)
+    for j, p in enumerate(params):
+        assert_close(f"param {j}", p, copies[torch.float64][j].detach().to(p.dtype))

@@ -62,3 +62,32 @@ def test_complex_parameters_run_through_their_real_view():
         opt_ref.step()
         opt_new.step()
     assert_same_run(p_ref, opt_ref, p_new, opt_new)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_group_edits_between_steps_reach_the_step(tensor_lr):
+    """The native path keeps a group's options until one of the group's values changes: a
+    new lr, an lr tensor changed in place, a flipped flag must all reach the next step."""
+    info = next(i for i in OPTIMIZERS if i.name == "AdamW")
+    gen = torch.Generator().manual_seed(0)
+    made = [torch.randn(n, generator=gen) for n in (5, 300)]
+    p_ref = [torch.nn.Parameter(t.clone()) for t in made]
+    p_new = [torch.nn.Parameter(t.clone()) for t in made]
+    lr = (lambda: torch.tensor(0.1)) if tensor_lr else (lambda: 0.1)
+    opt_ref, opt_new = info.torch(p_ref, lr=lr(), foreach=False), info.fused(p_new, lr=lr())
+    for step in range(4):
+        for a, b in zip(p_ref, p_new):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 1:
+            for opt in (opt_ref, opt_new):
+                if tensor_lr:
+                    opt.param_groups[0]["lr"].fill_(0.01)
+                else:
+                    opt.param_groups[0]["lr"] = 0.01
+        if step == 2:
+            for opt in (opt_ref, opt_new):
+                opt.param_groups[0]["maximize"] = True
+        opt_ref.step()
+        opt_new.step()
+        assert_same_run(p_ref, opt_ref, p_new, opt_new)
