@@ -80,3 +80,24 @@ def test_bytes_per_element_of_the_fusedopt_only_modes():
     assert bpe("AdamW-clip", torch.float32) == 32        # the norm reads the gradient once more
     assert bpe("AdamW-ema", torch.float32) == 36         # the average read and written, not the parameter
     assert bpe("AdamW-ema", torch.bfloat16) == 18
+
+
+def test_block_sweep_runs_each_configuration(tmp_path):
+    """benchmarks/block_sweep.py (the GPU tuning tool) on the CPU at smoke size: a figure per
+    configuration for every runner row, and the block policy restored afterwards."""
+    import importlib.util
+
+    from fusedopt.kernels import _launch
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "block_sweep.py")
+    spec = importlib.util.spec_from_file_location("block_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    before = (_launch.NUM_WARPS, _launch.VECTORS_PER_THREAD)
+    result = sweep.main(["--quick", "--device", "cpu", "--algorithms", "Adam,SGD", "--cases", "tiny_many",
+                         "--dtypes", "fp32", "--configs", "4x2,8x1", "--out", str(tmp_path)])
+    assert (_launch.NUM_WARPS, _launch.VECTORS_PER_THREAD) == before
+    assert {(r["algorithm"], r["dtype"]) for r in result["rows"]} == {("Adam", "float32"), ("SGD", "float32")}
+    for row in result["rows"]:
+        assert set(row["gbps"]) == {"4x2", "8x1"} and all(v > 0 for v in row["gbps"].values())
+    assert (tmp_path / "sweep.md").read_text().count("| tiny_many |") == 2
