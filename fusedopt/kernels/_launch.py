@@ -248,7 +248,7 @@ def load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE: tl.constexpr, GRAD
     torch's fused kernels do), multiplied by a clip coefficient, and negated to maximize."""
     g = tl.load(g_ptr + offs, mask=mask).to(cdt)
     if GRAD_OPS:
-        g = g / tl.load(grad_ops_ptr).to(cdt) * tl.load(grad_ops_ptr + 1).to(cdt)
+        g = ieee_div(g, tl.load(grad_ops_ptr).to(cdt)) * tl.load(grad_ops_ptr + 1).to(cdt)
     if MAXIMIZE:
         g = -g
     return g
@@ -263,6 +263,25 @@ def load_grad_l2(g_ptr, offs, mask, grad_ops_ptr, p, weight_decay, cdt, MAXIMIZE
     if WEIGHT_DECAY:
         g = g + weight_decay * p
     return g
+
+
+@triton.jit
+def ieee_sqrt(x):
+    """sqrt rounded correctly, as torch's CUDA (nvcc's default -prec-sqrt) and CPU kernels
+    compute it: Triton's fp32 tl.sqrt is sqrt.approx.ftz on NVIDIA GPUs."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def ieee_div(x, y):
+    """x / y rounded correctly, as torch's: Triton's fp32 `/` is div.full (up to 2 ulp off)."""
+    if y.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    else:
+        return x / y
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad_l2, locate, store_as
+from ._launch import ieee_div, ieee_sqrt, load_grad_l2, locate, store_as
 from .averaging import average_into
 from ._triton import tl, triton
 
@@ -56,8 +56,8 @@ def _adadelta_update(p_ptr, g_ptr, sq_ptr, acc_ptr, offs, mask, s_ptr,
     acc_delta = tl.load(acc_ptr + offs, mask=mask).to(cdt)
     square_avg = square_avg * rho + one_minus_rho * g * g
     store_as(sq_ptr, offs, square_avg, mask)
-    std = tl.sqrt(square_avg + eps)
-    delta = tl.sqrt(acc_delta + eps) / std * g
+    std = ieee_sqrt(square_avg + eps)
+    delta = ieee_div(ieee_sqrt(acc_delta + eps), std) * g
     acc_delta = acc_delta * rho + one_minus_rho * delta * delta
     store_as(acc_ptr, offs, acc_delta, mask)
     p = p + neg_lr * delta

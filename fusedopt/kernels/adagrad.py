@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad_l2, locate, skipped, store_as
+from ._launch import ieee_div, ieee_sqrt, load_grad_l2, locate, skipped, store_as
 from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
@@ -58,9 +58,9 @@ def _adagrad_update(p_ptr, g_ptr, sum_ptr, offs, mask, s_ptr, grad_ops_ptr,
     state_sum = tl.load(sum_ptr + offs, mask=mask).to(cdt)
     state_sum = state_sum + g * g
     store_as(sum_ptr, offs, state_sum, mask)
-    std = tl.sqrt(state_sum) + eps
+    std = ieee_sqrt(state_sum) + eps
     # torch's addcdiv multiplies by the scalar before dividing; keep that order.
-    p = p + (neg_clr * g) / std
+    p = p + ieee_div(neg_clr * g, std)
     stored = store_as(p_ptr, offs, p, mask)
     return stored  # the parameter as stored, for a fused average
 

@@ -45,7 +45,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad, locate, skipped, store_as, store_sr
+from ._launch import ieee_div, ieee_sqrt, load_grad, locate, skipped, store_as, store_sr
 from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
@@ -137,24 +137,6 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
-def _sqrt(x):
-    # IEEE-rounded, as torch's CUDA and CPU kernels are: tl.sqrt is sqrt.approx.ftz for fp32.
-    if x.dtype == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
-
-
-@triton.jit
-def _div(x, y):
-    # IEEE-rounded, as torch's: Triton's fp32 `/` is div.full (up to 2 ulp off).
-    if y.dtype == tl.float32:
-        return tl.div_rn(x, y)
-    else:
-        return x / y
-
-
-@triton.jit
 def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr, grad_ops_ptr, seed, seg,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                  DECOUPLED: tl.constexpr, VARIANT: tl.constexpr, GRAD_OPS: tl.constexpr,
@@ -188,7 +170,7 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr,
         exp_inf = tl.load(v_ptr + offs, mask=mask).to(cdt)
         exp_inf = tl.maximum(exp_inf * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)
         store_as(v_ptr, offs, exp_inf, mask)
-        p = p + _div(-step_size * exp_avg, exp_inf)
+        p = p + ieee_div(-step_size * exp_avg, exp_inf)
     else:
         exp_avg_sq = tl.load(v_ptr + offs, mask=mask).to(cdt)
         exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
@@ -197,18 +179,18 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr,
             bias_correction2 = tl.load(s_ptr + 8)
             grad_coef = tl.load(s_ptr + 9)
             exp_avg_coef = tl.load(s_ptr + 10)
-            denom = _sqrt(_div(exp_avg_sq, bias_correction2)) + eps
+            denom = ieee_sqrt(ieee_div(exp_avg_sq, bias_correction2)) + eps
             # Two updates, as torch's two addcdiv_ (the first rounds p on its own).
-            p = p + _div(grad_coef * g, denom)
-            p = p + _div(exp_avg_coef * exp_avg, denom)
+            p = p + ieee_div(grad_coef * g, denom)
+            p = p + ieee_div(exp_avg_coef * exp_avg, denom)
         elif VARIANT == "radam":
             bias_correction1 = tl.load(s_ptr + 8)
             lr = tl.load(s_ptr + 9)
             rectify = tl.load(s_ptr + 10)
             rect = tl.load(s_ptr + 11)
-            bias_corrected_exp_avg = _div(exp_avg, bias_correction1)
+            bias_corrected_exp_avg = ieee_div(exp_avg, bias_correction1)
             update = bias_corrected_exp_avg * lr
-            adaptive_lr = _div(1.0, _sqrt(exp_avg_sq) + eps) * bc2_sqrt
+            adaptive_lr = ieee_div(1.0, ieee_sqrt(exp_avg_sq) + eps) * bc2_sqrt
             update = tl.where(rectify != 0, update * adaptive_lr * rect, update)
             p = p - update
         else:
@@ -216,8 +198,8 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr,
                 exp_avg_sq = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(cdt), exp_avg_sq,
                                         propagate_nan=tl.PropagateNan.ALL)
                 store_as(vmax_ptr, offs, exp_avg_sq, mask)
-            denom = _div(_sqrt(exp_avg_sq), bc2_sqrt) + eps
-            p = p + _div(-step_size * exp_avg, denom)
+            denom = ieee_div(ieee_sqrt(exp_avg_sq), bc2_sqrt) + eps
+            p = p + ieee_div(-step_size * exp_avg, denom)
     if MASTER:
         store_as(w_ptr, offs, p, mask)
     if SR:

@@ -20,7 +20,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad_l2, locate, store_as
+from ._launch import ieee_div, ieee_sqrt, load_grad_l2, locate, store_as
 from .averaging import average_into
 from ._triton import tl, triton
 
@@ -71,17 +71,17 @@ def _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, mask, s_ptr,
     if CENTERED:
         grad_avg = _lerp(tl.load(ga_ptr + offs, mask=mask).to(cdt), g, one_minus_alpha)
         store_as(ga_ptr, offs, grad_avg, mask)
-        avg = tl.sqrt(square_avg - grad_avg * grad_avg)
+        avg = ieee_sqrt(square_avg - grad_avg * grad_avg)
     else:
-        avg = tl.sqrt(square_avg)
+        avg = ieee_sqrt(square_avg)
     avg = avg + eps
     if MOMENTUM:
-        buf = tl.load(buf_ptr + offs, mask=mask).to(cdt) * momentum + g / avg
+        buf = tl.load(buf_ptr + offs, mask=mask).to(cdt) * momentum + ieee_div(g, avg)
         store_as(buf_ptr, offs, buf, mask)
         p = p + neg_lr * buf
     else:
         # torch's addcdiv multiplies by the scalar before dividing; keep that order.
-        p = p + (neg_lr * g) / avg
+        p = p + ieee_div(neg_lr * g, avg)
     stored = store_as(p_ptr, offs, p, mask)
     return stored  # the parameter as stored, for a fused average
 

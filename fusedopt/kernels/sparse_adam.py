@@ -38,7 +38,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import store_as
+from ._launch import ieee_div, ieee_sqrt, store_as
 from ._triton import tl, triton
 
 
@@ -219,24 +219,6 @@ def _rounded(x, like_ptr):
 
 
 @triton.jit
-def _div(x, y):
-    # IEEE division: fp32 `/` may lower to an approximate division on the GPU.
-    if x.dtype == tl.float64:
-        return x / y
-    else:
-        return tl.fdiv(x, y, ieee_rounding=True)
-
-
-@triton.jit
-def _sqrt(x):
-    # tl.sqrt is the fast approximation for fp32.
-    if x.dtype == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
-
-
-@triton.jit
 def sparse_adam_kernel(anchor_ptr, items_ptr, n_items, exp_avg_ptr, exp_avg_sq_ptr, scalars_ptr,
                        ROWS: tl.constexpr, WIDTH: tl.constexpr, FULL: tl.constexpr, ALIGN: tl.constexpr,
                        NUM_SCALARS: tl.constexpr, MAXIMIZE: tl.constexpr):
@@ -276,8 +258,8 @@ def sparse_adam_kernel(anchor_ptr, items_ptr, n_items, exp_avg_ptr, exp_avg_sq_p
     exp_avg_sq = _rounded(v0 + uv, anchor_ptr)
     store_as(exp_avg_ptr, s_offs, exp_avg, mask)
     store_as(exp_avg_sq_ptr, s_offs, exp_avg_sq, mask)
-    denom = _rounded(_rounded(_sqrt(exp_avg_sq), anchor_ptr) + eps, anchor_ptr)
-    ratio = _rounded(_div(exp_avg, denom), anchor_ptr)
+    denom = _rounded(_rounded(ieee_sqrt(exp_avg_sq), anchor_ptr) + eps, anchor_ptr)
+    ratio = _rounded(ieee_div(exp_avg, denom), anchor_ptr)
     p = p + _rounded(neg_step_size * ratio, anchor_ptr)
     store_as(anchor_ptr, p_offs, p, mask)
 
