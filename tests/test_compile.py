@@ -487,3 +487,34 @@ def test_a_step_that_outlives_its_optimizer_says_so():
     gc.collect()
     with pytest.raises(RuntimeError, match="no longer exists"):
         torch.ops.fusedopt.step(*args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("fused", [False, True], ids=["scaler-unscales", "kernel-unscales"])
+def test_grad_scaler_inside_a_compiled_step_matches_eager(fused, backend):
+    """GradScaler's step inside the compiled function, an inf step among them: the scaler
+    skips it (default) or the kernel does (fused=True); parameters and scale as eager."""
+    def run(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = fusedopt.AdamW(model.parameters(), lr=torch.tensor(0.01), fused=fused, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+
+        def train_step(x, inf):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean()).backward()
+            if inf:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        for k in range(5):
+            step(torch.randn(5, 4, generator=torch.Generator().manual_seed(k)), k == 2)
+        return [p.detach().clone() for p in model.parameters()], scaler.get_scale()
+
+    torch._dynamo.reset()
+    (got, got_scale), (expected, expected_scale) = run(True), run(False)
+    assert got_scale == expected_scale
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
