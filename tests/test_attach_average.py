@@ -320,3 +320,22 @@ def test_compiled_step_averages_as_the_eager_one():
     compiled, eager = run(True), run(False)
     assert int(compiled.n_averaged) == 4
     assert_equal_state(compiled.state_dict(), eager.state_dict(), "compiled")
+
+
+def test_attachment_survives_loading_the_optimizers_checkpoint():
+    """load_state_dict rebuilds the buckets (and their fusion plans); the average stays
+    attached and keeps equalling step-then-update."""
+    averaged, opt, model = run_twins("SGD-nesterov", "ema_multi", "triton", steps=2)
+    reference = copy.deepcopy(averaged)
+    twin_model = copy.deepcopy(model)
+    twin_opt = OPTIMIZERS["SGD-nesterov"](fusedopt, held(twin_model), backend="triton")
+    twin_opt.load_state_dict(opt.state_dict())
+    opt.load_state_dict(opt.state_dict())
+    for k in (2, 3):
+        backward(model, k)
+        backward(twin_model, k)
+        opt.step()
+        twin_opt.step()
+        reference.update_parameters(twin_model)
+    assert int(averaged.n_averaged) == 4
+    assert_equal_state(averaged.state_dict(), reference.state_dict(), "after load_state_dict")
