@@ -23,14 +23,10 @@ from fusedopt.kernels._launch import count_launches
 
 from _compare import assert_close
 from conftest import DEVICE
+from test_swa import AVERAGES as SWA_AVERAGES, FUSED
 
-AVERAGES = {
-    "default": lambda m: {},
-    "ema_multi": lambda m: dict(multi_avg_fn=m.get_ema_multi_avg_fn(0.9)),
-    "swa_multi": lambda m: dict(multi_avg_fn=m.get_swa_multi_avg_fn()),
-    "ema_fn": lambda m: dict(avg_fn=m.get_ema_avg_fn(0.8)),
-    "swa_fn": lambda m: dict(avg_fn=m.get_swa_avg_fn()),
-}
+# The built-in averages (the ones that can be attached), as test_swa builds them.
+AVERAGES = {name: build for name, build in SWA_AVERAGES.items() if name in FUSED}
 
 OPTIMIZERS = {
     "Adam": lambda m, ps, **kw: m.Adam(ps, lr=0.02, **kw),

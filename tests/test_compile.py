@@ -190,6 +190,30 @@ def test_fullgraph_step_compiles_once_and_orders_reads_after_it(name, options, b
     assert_states_match(ref, opt)
 
 
+def compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=3, before=None, ref_grads=None):
+    """Train `model` with torch's `ref` eagerly and `twin` with `opt.step()` compiled
+    (fullgraph) beside it, from the same data; `before(i)` runs before step i (an lr
+    change), `ref_grads()` on torch's gradients before its step (clipping). Then the
+    parameters must agree."""
+    @torch.compile(backend=backend_, fullgraph=True)
+    def step():
+        opt.step()
+
+    for i in range(steps):
+        if before is not None:
+            before(i)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if ref_grads is not None:
+            ref_grads()
+        ref.step()
+        ref.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        step()
+        opt.zero_grad()
+    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"param {j}", b, a)
+
+
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_tensor_lr_changing_every_step_compiles_once(backend):
     model, extra, x, y = model_and_data()
@@ -199,24 +223,14 @@ def test_tensor_lr_changing_every_step_compiles_once(backend):
     opt = fusedopt.AdamW(twin.parameters(), lr=lr, backend=backend)
     backend_ = Graphs()
 
-    @torch.compile(backend=backend_, fullgraph=True)
-    def step():
-        opt.step()
+    def new_lr(i):
+        lr.fill_(0.01 * 0.7 ** i)
+        ref.param_groups[0]["lr"] = float(lr)
 
     # From the very first call: the state the first step creates needs no recompilation.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for i in range(5):
-            lr.fill_(0.01 * 0.7 ** i)
-            ref.param_groups[0]["lr"] = float(lr)
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            ref.step()
-            ref.zero_grad()
-            torch.nn.functional.mse_loss(twin(x), y).backward()
-            step()
-            opt.zero_grad()
+        compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=5, before=new_lr)
     assert backend_.op_calls() == 1
-    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
-        assert_close(f"param {j}", b, a)
     assert_states_match(ref, opt)
 
 
@@ -229,21 +243,11 @@ def test_float_lr_changing_recompiles_as_for_torch_and_keeps_torch_numbers():
     opt = fusedopt.SGD(twin.parameters(), lr=0.1, momentum=0.9, backend="reference")
     backend_ = Graphs()
 
-    @torch.compile(backend=backend_, fullgraph=True)
-    def step():
-        opt.step()
-
-    for i in range(3):
+    def new_lr(i):
         ref.param_groups[0]["lr"] = opt.param_groups[0]["lr"] = 0.1 * 0.5 ** i
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        ref.step()
-        ref.zero_grad()
-        torch.nn.functional.mse_loss(twin(x), y).backward()
-        step()
-        opt.zero_grad()
+
+    compiled_beside_torch(ref, opt, model, twin, x, y, backend_, before=new_lr)
     assert backend_.op_calls() == 3
-    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
-        assert_close(f"param {j}", b, a)
 
 
 def test_scheduler_between_compiled_steps():
@@ -326,22 +330,9 @@ def test_max_grad_norm_in_a_compiled_step():
     ref = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt = fusedopt.SGD(twin.parameters(), lr=0.1, momentum=0.9, max_grad_norm=0.05, backend="reference")
     backend_ = Graphs()
-
-    @torch.compile(backend=backend_, fullgraph=True)
-    def step():
-        opt.step()
-
-    for _ in range(3):
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-        ref.step()
-        ref.zero_grad()
-        torch.nn.functional.mse_loss(twin(x), y).backward()
-        step()
-        opt.zero_grad()
+    compiled_beside_torch(ref, opt, model, twin, x, y, backend_,
+                          ref_grads=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05))
     assert backend_.op_calls() == 1
-    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
-        assert_close(f"param {j}", b, a)
 
 
 def test_inductor_runs_the_op_on_the_real_tensors():
@@ -351,21 +342,8 @@ def test_inductor_runs_the_op_on_the_real_tensors():
     ref = torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
     opt = fusedopt.Adam(twin.parameters(), lr=0.01, amsgrad=True)
     backend_ = Graphs("inductor")
-
-    @torch.compile(backend=backend_, fullgraph=True)
-    def step():
-        opt.step()
-
-    for _ in range(3):
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        ref.step()
-        ref.zero_grad()
-        torch.nn.functional.mse_loss(twin(x), y).backward()
-        step()
-        opt.zero_grad()
+    compiled_beside_torch(ref, opt, model, twin, x, y, backend_)
     assert len(backend_.graphs) == 1 and backend_.op_calls() == 1
-    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
-        assert_close(f"param {j}", b, a)
     assert_states_match(ref, opt)
 
 

@@ -414,20 +414,13 @@ def dtensor_placements(rank):
     full = [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen), torch.randn(1, 4, generator=gen)]
 
     def make():
-        return [nn.Parameter(distribute_tensor(t.clone(), mesh, pl, src_data_rank=None)) for t, pl in zip(full, placements)]
+        return _dtensor_params(mesh, full, placements)
 
     for info, config in _rows(["AdamW", "SGD", "Adagrad", "RAdam"]):
         ref_params, params = make(), make()
         ref = info.torch(ref_params, **config)
         opt = info.fused(params, **config)
-        for step in range(3):
-            gen = torch.Generator().manual_seed(step)
-            grads = [torch.randn(t.shape, generator=gen) for t in full]
-            for ps in (ref_params, params):
-                for p, g, pl in zip(ps, grads, placements):
-                    p.grad = distribute_tensor(g, mesh, pl, src_data_rank=None)
-            ref.step()
-            opt.step()
+        _step_both(mesh, full, placements, (ref_params, ref.step), (params, opt.step))
         _close(f"{info.name} parameters", _full(params), _full(ref_params), rtol=info.rtol32, atol=1e-6)
         _close(f"{info.name} state", _full_state(opt, params), _full_state(ref, ref_params),
                rtol=info.rtol32, atol=1e-6)
@@ -451,11 +444,32 @@ def test_tensor_parallel_placements_match_torch(pair):
     run(pair, "dtensor_placements")
 
 
+def _dtensor_params(mesh, full, placements):
+    """Parameters distributed from the full tensors with the given placements."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return [nn.Parameter(distribute_tensor(t.clone(), mesh, pl, src_data_rank=None)) for t, pl in zip(full, placements)]
+
+
+def _step_both(mesh, full, placements, *runs, steps=3):
+    """Give every run (its DTensor parameters, its step function) the same gradients,
+    distributed like the parameters, and step them all, `steps` times."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for i in range(steps):
+        gen = torch.Generator().manual_seed(i)
+        grads = [torch.randn(t.shape, generator=gen) for t in full]
+        for params, step in runs:
+            for p, g, pl in zip(params, grads, placements):
+                p.grad = distribute_tensor(g, mesh, pl, src_data_rank=None)
+            step()
+
+
 def compiled_dtensor_step(rank):
     """A compiled function that steps DTensor parameters: the fusedopt::step op would need
     a sharding rule, so the step runs eagerly there (a graph break), with torch's numbers."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard
 
     torch._dynamo.reset()
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -463,21 +477,10 @@ def compiled_dtensor_step(rank):
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen)]
 
-    def make():
-        return [nn.Parameter(distribute_tensor(t.clone(), mesh, pl, src_data_rank=None)) for t, pl in zip(full, placements)]
-
-    ref_params, params = make(), make()
+    ref_params, params = _dtensor_params(mesh, full, placements), _dtensor_params(mesh, full, placements)
     ref = torch.optim.AdamW(ref_params, lr=0.01)
     opt = fusedopt.AdamW(params, lr=torch.tensor(0.01))
-    step = torch.compile(opt.step, backend="aot_eager")
-    for i in range(3):
-        gen = torch.Generator().manual_seed(i)
-        grads = [torch.randn(t.shape, generator=gen) for t in full]
-        for ps in (ref_params, params):
-            for p, g, pl in zip(ps, grads, placements):
-                p.grad = distribute_tensor(g, mesh, pl, src_data_rank=None)
-        ref.step()
-        step()
+    _step_both(mesh, full, placements, (ref_params, ref.step), (params, torch.compile(opt.step, backend="aot_eager")))
     _close("parameters", _full(params), _full(ref_params))
     _close("state", _full_state(opt, params), _full_state(ref, ref_params))
     torch._dynamo.reset()
