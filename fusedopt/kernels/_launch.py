@@ -258,10 +258,14 @@ def load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE: tl.constexpr, GRAD
 def load_grad_l2(g_ptr, offs, mask, grad_ops_ptr, p, weight_decay, cdt, MAXIMIZE: tl.constexpr,
                  WEIGHT_DECAY: tl.constexpr, GRAD_OPS: tl.constexpr):
     """`load_grad`, then torch's L2 weight decay (`grad + weight_decay * param`), which
-    every algorithm without decoupled decay applies in this order."""
+    every algorithm without decoupled decay applies in this order. torch computes it as
+    `grad.add(param, alpha=weight_decay)`, an fma on the CPU (vectorised) and on CUDA
+    (nvcc contracts `a + alpha * b`), so this is one too: where the gradient nearly
+    cancels the decay, two roundings would differ from torch's in the leading digits, and
+    Adam, Adagrad and RMSprop normalise that difference into a visible step."""
     g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
     if WEIGHT_DECAY:
-        g = g + weight_decay * p
+        g = tl.fma(p, weight_decay, g)
     return g
 
 

@@ -105,7 +105,7 @@ def adadelta_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str
     if o.maximize:
         g = -g
     if o.weight_decay != 0:
-        g = g + s["weight_decay"] * p
+        g = g.add(p, alpha=o.weight_decay)  # torch's own op: an fma, as the kernel's
     square_avg = square_avg * s["rho"] + s["one_minus_rho"] * g * g
     _flat.commit(state["square_avg"], square_avg, stepped)
     std = (square_avg + s["eps"]).sqrt()

@@ -110,7 +110,7 @@ def adagrad_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
     if o.maximize:
         g = -g
     if o.weight_decay != 0:
-        g = g + s["weight_decay"] * p
+        g = g.add(p, alpha=o.weight_decay)  # torch's own op: an fma, as the kernel's
     state_sum = state_sum + g * g
     _flat.commit(state["sum"], state_sum, stepped)
     std = state_sum.sqrt() + s["eps"]

@@ -162,7 +162,7 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr,
         if DECOUPLED:
             p = p * decay
         else:
-            g = g + weight_decay * p
+            g = tl.fma(p, weight_decay, g)  # torch's grad.add(param, alpha=wd) is an fma
     exp_avg = _lerp(exp_avg, g, one_minus_beta1)
     store_as(m_ptr, offs, exp_avg, mask)
     if VARIANT == "adamax":
@@ -280,7 +280,7 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
         if o.decoupled:
             p = p * s["decay"]
         else:
-            g = g + s["weight_decay"] * p
+            g = g.add(p, alpha=o.weight_decay)  # torch's own op: an fma, as the kernel's
     exp_avg = torch.lerp(exp_avg, g, s["one_minus_beta1"])
     _flat.commit(state["exp_avg"], exp_avg, stepped)
     if o.variant == "adamax":

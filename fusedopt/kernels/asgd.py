@@ -121,7 +121,7 @@ def asgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     if o.maximize:
         g = -g
     if o.weight_decay != 0:
-        g = g + s["weight_decay"] * p
+        g = g.add(p, alpha=o.weight_decay)  # torch's own op: an fma, as the kernel's
     p = p * s["decay"]
     p = p + s["neg_eta"] * g
     bucket.scatter(p, batch.params, batch.index)

@@ -135,7 +135,7 @@ def rmsprop_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
     if o.maximize:
         g = -g
     if o.weight_decay != 0:
-        g = g + s["weight_decay"] * p
+        g = g.add(p, alpha=o.weight_decay)  # torch's own op: an fma, as the kernel's
     square_avg = square_avg * s["alpha"] + s["one_minus_alpha"] * g * g
     _flat.commit(state["square_avg"], square_avg, stepped)
     if o.centered:

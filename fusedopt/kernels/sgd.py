@@ -119,7 +119,7 @@ def sgd_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, tor
     if o.maximize:
         g = -g
     if o.weight_decay != 0:
-        g = g + s["weight_decay"] * p
+        g = g.add(p, alpha=o.weight_decay)  # torch's own op: an fma, as the kernel's
     if o.momentum != 0:
         buf = state["momentum_buffer"].to(cdt)
         buf = torch.where(s["first"] != 0, g, buf * s["momentum"] + s["one_minus_dampening"] * g)
