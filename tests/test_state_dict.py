@@ -245,6 +245,59 @@ def test_global_step_hooks_run_too():
     assert seen == ["SGD"]
 
 
+def _hook_protocol(cls):
+    """What torch's step wrapper does with hooks: pre-hooks (global first) may replace the
+    arguments, post-hooks (per optimizer first) see the replaced ones, and a pre-hook that
+    returns anything else is refused."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    params = [torch.nn.Parameter(torch.full((3, 2), 0.5)) for _ in range(2)]
+    opt = cls(params, lr=0.1)
+    seen = []
+
+    def closure():
+        seen.append("closure")
+        return torch.tensor(1.0)
+
+    def replace(o, args, kwargs):
+        seen.append(("pre", len(args), dict(kwargs)))
+        return args, {"closure": closure}
+
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global post", sorted(k))))]
+    try:
+        opt.register_step_pre_hook(replace)
+        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", sorted(k))))
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.register_step_pre_hook(lambda o, a, k: "not a pair")
+        with pytest.raises(RuntimeError, match="must return None or a tuple") as info:
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, str(info.value).split(" must")[1]
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "LBFGS"])
+def test_step_hooks_follow_torchs_protocol(name):
+    assert _hook_protocol(getattr(fusedopt, name)) == _hook_protocol(getattr(torch.optim, name))
+
+
+def test_step_is_one_profiler_range_named_as_torchs():
+    """Profiles show fusedopt's step where torch's would be: Optimizer.step#<class>.step."""
+    params = make_params()
+    opt = fusedopt.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with torch.profiler.profile() as prof:
+        opt.step()
+        opt.step()
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#AdamW.step") == 2
+
+
 @pytest.mark.parametrize("info,config", ROWS)
 def test_old_checkpoints_without_optional_group_keys_load_as_in_torch(info, config):
     """torch's __setstate__ fills in keys older checkpoints lack (maximize, foreach, ...)."""
