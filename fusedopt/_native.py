@@ -57,15 +57,15 @@ MIN_RUN = 8
 # op over every entry, then the next op: one dispatch per op) or the for-loop (every op on
 # one entry, then the next: the entry's tensors stay in the core's cache between ops).
 # Measured on this project's 2-core CPU (2 MB of L2 per core), four fp32 tensors each
-# way, the for-loop took 80-90% of the multi-tensor time for tensors of 128 KB to 1 MB
-# (NAdam) or 2 MB (Adamax, RMSprop; Adadelta at every size above), and as much or more
-# outside (dispatches below, L3 traffic alike above); for ASGD, whose multi-tensor code
-# makes more passes, it wins at every size. Entries whose bytes fall in an algorithm's
+# way, the for-loop took 80-90% of the multi-tensor time for NAdam's tensors of 128 KB to
+# 1 MB (110% at 2 MB and above) and 70-80% for Adamax's, RMSprop's and Adadelta's from
+# 128 KB up to 8 MB at least; below 128 KB its dispatches cost more than it saves. For
+# ASGD, whose multi-tensor code makes more passes, it wins at every size. Entries whose bytes fall in an algorithm's
 # [low, high) window take the for-loop; the rest, and every entry of an unlisted
 # algorithm, the multi-tensor code. RAdam's for-loop does more work, Rprop's and SGD's
 # gain too little to pay for a second call.
-LOOP_WINDOW = {"ASGD": (0, None), "NAdam": (1 << 17, 1 << 20), "Adamax": (1 << 17, 1 << 21),
-               "Adadelta": (1 << 17, None), "RMSprop": (1 << 17, 1 << 21)}
+LOOP_WINDOW = {"ASGD": (0, None), "NAdam": (1 << 17, 3 << 19), "Adamax": (1 << 17, None),
+               "Adadelta": (1 << 17, None), "RMSprop": (1 << 17, None)}
 
 
 @dataclass(frozen=True)
@@ -132,16 +132,9 @@ def _sgd_fused(params, grads, state, scalars, reps, o, ctx):
 
 
 def _sgd_foreach(params, grads, state, scalars, reps, o, ctx):
-    bufs = state.get("momentum_buffer")
-    # torch starts a momentum buffer as a copy of the gradient, in a tensor of its own
-    # that it puts in the list: a fresh tensor's None is replaced, and copied home after.
-    given = [None if i in ctx.fresh else b for i, b in zip(reps, bufs)] if bufs is not None else []
-    sgd.sgd(params, grads, given, foreach=ctx.foreach, weight_decay=o.weight_decay, momentum=o.momentum,
-            lr=o.lr, dampening=o.dampening, nesterov=o.nesterov, maximize=o.maximize)
-    if bufs is not None:
-        for home, made in zip(bufs, given):
-            if made is not home:
-                home.copy_(made)
+    # torch's multi-tensor SGD, run by fusedopt (SGD has no for-loop window: always foreach)
+    first = [i in ctx.fresh for i in reps] if ctx.fresh else None
+    sgd_kernels.sgd_multi_tensor(params, grads, state.get("momentum_buffer", []), first, o)
 
 
 def _adadelta(params, grads, state, scalars, reps, o, ctx):

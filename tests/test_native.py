@@ -91,3 +91,30 @@ def test_group_edits_between_steps_reach_the_step(tensor_lr):
         opt_ref.step()
         opt_new.step()
         assert_same_run(p_ref, opt_ref, p_new, opt_new)
+
+
+@pytest.mark.parametrize("config", next(i for i in OPTIMIZERS if i.name == "SGD").configs + [
+    dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.1, momentum=0.5, weight_decay=0.1, maximize=True)],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_sgd_is_torchs_multi_tensor_sgd_bit_for_bit(config, dtype):
+    """bf16/fp16 SGD runs torch's multi-tensor ops itself (without torch's regrouping): the
+    same numbers as torch's foreach SGD, to the bit, through buffers starting mid-run; and,
+    unlike torch's (whose Nesterov adds into them), the gradients are left as they were."""
+    info = next(i for i in OPTIMIZERS if i.name == "SGD")
+    gen = torch.Generator().manual_seed(0)
+    made = [torch.randn(n, generator=gen).to(dtype) for n in (3, 40, 700, 5)]
+    p_ref = [torch.nn.Parameter(t.clone()) for t in made]
+    p_new = [torch.nn.Parameter(t.clone()) for t in made]
+    opt_ref, opt_new = info.torch(p_ref, foreach=True, **config), info.fused(p_new, **config)
+    for step in range(4):
+        for j, (a, b) in enumerate(zip(p_ref, p_new)):
+            g = torch.randn(a.shape, generator=gen).to(dtype)
+            a.grad, b.grad = (None, None) if (step, j) in {(0, 1), (1, 1), (0, 3)} else (g.clone(), g.clone())
+        given = [None if b.grad is None else b.grad.clone() for b in p_new]
+        opt_ref.step()
+        opt_new.step()
+        for a, b in zip(p_ref, p_new):
+            assert torch.equal(a, b), f"step {step}: {(a.float() - b.float()).abs().max()}"
+        assert all(g is None or torch.equal(g, b.grad) for g, b in zip(given, p_new))
+    assert_same_run(p_ref, opt_ref, p_new, opt_new, rtol=0, atol=0)
