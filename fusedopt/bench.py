@@ -75,8 +75,11 @@ ALGORITHMS = [
     Algorithm("Rprop", "Rprop", dict(lr=1e-3)),
     Algorithm("ASGD", "ASGD", dict(lr=1e-2)),
 ]
-# fusedopt-only modes, against torch's AdamW with the same options (the clipped mode's torch
-# paths run clip_grad_norm_ before each step, as a user would).
+# fusedopt-only modes, against torch's AdamW with the same options, to the same effect where
+# torch has a recipe for it: the clipped mode's torch paths run clip_grad_norm_ before each
+# step, the master-weight mode's keep fp32 copies of bf16/fp16 parameters (`_MasterRecipe`),
+# as a user would. Low-precision state and stochastic rounding have none: their torch paths
+# are plain AdamW, which keeps fp32 state and rounds to nearest.
 MODES = [
     Algorithm("AdamW-master", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(master_weights=True)),
     Algorithm("AdamW-bf16-state", "AdamW", dict(lr=1e-3, weight_decay=1e-2), dict(state_dtype=torch.bfloat16)),
@@ -251,12 +254,15 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
     base = _bench_shapes.make(shapes, dtype, device)
     torch_cls, fused_cls = getattr(torch.optim, algo.cls), getattr(fusedopt, algo.cls)
     max_norm = algo.fused_options.get("max_grad_norm")
+    recipe = bool(algo.fused_options.get("master_weights")) and dtype in (torch.bfloat16, torch.float16)
     opts, params, notes, emas = {}, {}, {}, {}
     for name in IMPLS:
         ps = _clone(base)
         try:
             if name == "fusedopt":
                 opts[name] = fused_cls(ps, **algo.options, **algo.fused_options)
+            elif recipe:
+                opts[name] = _MasterRecipe(torch_cls, ps, algo.options, name)
             else:
                 opts[name] = torch_cls(ps, **algo.options, **TORCH_PATHS[name])
         except (RuntimeError, ValueError, TypeError) as e:   # torch has no such path here
@@ -292,6 +298,34 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
     timings = measure(steps, timer, dataclasses.replace(s, warmup=max(s.warmup - 1, 0)))
     result["fusedopt_path"] = ",".join(_paths(opts["fusedopt"]))
     return _finish(result, timings, mismatch, notes)
+
+
+class _MasterRecipe:
+    """fp32 master weights the torch.optim way, for bf16/fp16 parameters: the optimizer
+    steps fp32 copies, whose gradients are the parameters' widened, and the parameters are
+    then the copies rounded. `fusedopt`'s `master_weights=True` does this inside the step."""
+
+    def __init__(self, torch_cls, params, options: dict, path: str):
+        self.params = params
+        self.masters = [torch.nn.Parameter(p.detach().float()) for p in params]
+        for m in self.masters:
+            m.grad = torch.zeros_like(m)
+        self.opt = torch_cls(self.masters, **options, **TORCH_PATHS[path])
+        self.foreach = path != "forloop"
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [m.grad for m in self.masters]
+        if self.foreach:
+            torch._foreach_copy_(grads, [p.grad for p in self.params])
+            self.opt.step()
+            torch._foreach_copy_(self.params, self.masters)
+            return
+        for g, p in zip(grads, self.params):
+            g.copy_(p.grad)
+        self.opt.step()
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
 
 
 class _Shapes(torch.nn.Module):

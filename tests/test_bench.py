@@ -101,3 +101,26 @@ def test_block_sweep_runs_each_configuration(tmp_path):
     for row in result["rows"]:
         assert set(row["gbps"]) == {"4x2", "8x1"} and all(v > 0 for v in row["gbps"].values())
     assert (tmp_path / "sweep.md").read_text().count("| tiny_many |") == 2
+
+
+def test_master_weight_row_runs_torchs_recipe_to_the_same_numbers():
+    """The AdamW-master row's torch paths step fp32 copies of the bf16 parameters and round
+    them back (what a torch.optim user writes for master weights): after a few steps every
+    path holds fusedopt's parameters, to bf16 rounding, and has moved them."""
+    mode = next(m for m in bench.MODES if m.name == "AdamW-master")
+    base = bench._bench_shapes.make([(300,), (17, 5)], torch.bfloat16)
+    start = [p.detach().clone() for p in base]
+    ours = bench._clone(base)
+    opt = getattr(__import__("fusedopt"), mode.cls)(ours, **mode.options, **mode.fused_options)
+    recipes = {name: (ps := bench._clone(base), bench._MasterRecipe(torch.optim.AdamW, ps, mode.options, name))
+               for name in bench.TORCH_PATHS}
+    for _ in range(5):
+        opt.step()
+        for _, recipe in recipes.values():
+            recipe.step()
+    for name, (ps, recipe) in recipes.items():
+        for a, b, m, s in zip(ps, ours, recipe.masters, start):
+            assert a.dtype == torch.bfloat16 and not torch.equal(a, s), name
+            assert torch.equal(a, m.to(torch.bfloat16)), name
+            torch.testing.assert_close(a, b, rtol=2 ** -7, atol=0, msg=name)
+    assert bench._mismatch(recipes["fused"][0], ours, start) == 0
