@@ -98,8 +98,8 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
             pending.append(piece)
             size += piece.numel()
     flush()
-    if not parts:
-        return torch.zeros((), dtype=cdt, device=bucket.device)
+    if len(parts) < 2:  # a sum of one is itself: two ops fewer for a small model
+        return parts[0] if parts else torch.zeros((), dtype=cdt, device=bucket.device)
     return torch.stack(parts).sum()
 
 
@@ -110,7 +110,10 @@ def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torc
     """
     device = sums[0].device
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
-    total = torch.stack([s.to(device=device, dtype=dtype, non_blocking=True) for s in sums]).sum().sqrt()
+    if len(sums) == 1 and sums[0].dtype == dtype:
+        total = sums[0].sqrt()  # one bucket: its sum is the total
+    else:
+        total = torch.stack([s.to(device=device, dtype=dtype, non_blocking=True) for s in sums]).sum().sqrt()
     if grad_scale is not None:
         total = total / grad_scale.to(device=device, dtype=dtype, non_blocking=True).reshape(())
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
