@@ -41,4 +41,10 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 
     tl = _Missing()
 
+if AVAILABLE and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    # Older Tritons' interpreters round some ops differently from a GPU; see _interpreter.
+    from . import _interpreter
+
+    _interpreter.install(triton)
+
 __all__ = ["AVAILABLE", "triton", "tl"]

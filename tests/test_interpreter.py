@@ -1,0 +1,101 @@
+"""The interpreter fixes (`fusedopt/kernels/_interpreter.py`): `tl.fma` rounds once, as on a
+GPU, whatever the Triton version, which the bit-for-bit comparisons with torch rely on
+(lerp in weight averaging, L2 weight decay)."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICE
+from fusedopt.kernels import _interpreter
+from fusedopt.kernels._triton import tl, triton
+
+
+def nearest(value: Fraction, dtype) -> float:
+    """An exact rational rounded to the nearest `dtype` (ties to even, past the largest
+    finite value to infinity): the reference."""
+    if value == 0:
+        return 0.0
+    info = np.finfo(dtype)
+    magnitude = abs(value)
+    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
+    if Fraction(2) ** exponent > magnitude:
+        exponent -= 1
+    ulp = Fraction(2) ** (max(exponent, info.minexp) - info.nmant)
+    units, rest = divmod(magnitude / ulp, 1)
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and units % 2):
+        units += 1
+    rounded = float("inf") if units * ulp >= Fraction(2) ** info.maxexp else float(units * ulp)
+    return rounded if value > 0 else -rounded
+
+
+def operands(dtype, n=3000, seed=0):
+    """Random operands, and ones built to round differently twice than once: products
+    nearly cancelled by z, and a lerp's fma(x - a, w, a) with a small weight."""
+    rng = np.random.default_rng(seed)
+    x, y, z = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    near = (-(x * y) * (1 + rng.integers(-4, 5, n).astype(dtype) * np.finfo(dtype).eps)).astype(dtype)
+    a = rng.standard_normal(n).astype(dtype)
+    diff = ((a + rng.standard_normal(n).astype(dtype) * dtype(1e-3)).astype(dtype) - a).astype(dtype)
+    return [(x, y, z), (x, y, near), (diff, np.full(n, 0.1, dtype), a)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fma_rounds_once(dtype):
+    for x, y, z in operands(dtype):
+        got = _interpreter.fma(x, y, z)
+        assert got.dtype == dtype
+        want = np.array([nearest(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)), dtype)
+                         for a, b, c in zip(x, y, z)], dtype=dtype)
+        assert np.array_equal(got, want), f"{np.sum(got != want)} of {len(got)} differ"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fma_special_values_and_range(dtype):
+    # zeros' signs, infinities, NaN, and results that overflow or are subnormal
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0, 3.0, info.max, info.tiny,
+                        info.smallest_subnormal], dtype=dtype)
+    x, y, z = (v.ravel() for v in np.meshgrid(special, special, special))
+    got = _interpreter.fma(x, y, z)
+    with np.errstate(all="ignore"):
+        for a, b, c, r in zip(x, y, z, got):
+            if np.isfinite(a) and np.isfinite(b) and not np.isfinite(c):
+                want = c  # a finite product, however large, leaves an infinite or NaN z
+            elif not (np.isfinite(a) and np.isfinite(b)) or a == 0 or b == 0:
+                want = a * b + c  # the product is exact (inf, NaN, a signed zero)
+            else:
+                want = nearest(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)), dtype)
+            want = dtype(want)
+            same = (np.isnan(r) and np.isnan(want)) or (r == want and np.signbit(r) == np.signbit(want))
+            assert same, f"fma({a}, {b}, {c}) = {r}, not {want}"
+
+
+def test_fma_keeps_shapes():
+    block = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert _interpreter.fma(*np.broadcast_arrays(block, np.float32(0.1), block)).shape == (2, 3)
+    assert _interpreter.fma(np.float32(2), np.float32(3), np.float32(1)) == 7
+
+
+def test_versions():
+    assert _interpreter.version("3.6.0") == (3, 6)
+    assert _interpreter.version("3.9.0+git1234abcd") == (3, 9)
+    assert _interpreter.version("3.10.0rc1") == (3, 10)
+
+
+@triton.jit
+def _fma_kernel(x_ptr, y_ptr, z_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.fma(tl.load(x_ptr + offs), tl.load(y_ptr + offs), tl.load(z_ptr + offs)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tl_fma_in_a_kernel_rounds_once(dtype):
+    # x = 1 + 2**-k with 2k past the significand: x * x rounds to 1 + 2**(1 - k), so
+    # fma(x, x, -round(x * x)) is the low part 2**-2k, where rounding twice gives 0.
+    k = 12 if dtype == torch.float32 else 27
+    x = torch.full((16,), 1 + 2.0 ** -k, dtype=dtype, device=DEVICE)
+    out = torch.empty_like(x)
+    _fma_kernel[(1,)](x, x, -(x * x), out, N=16)
+    assert torch.equal(out.cpu(), torch.full((16,), 2.0 ** (-2 * k), dtype=dtype))
