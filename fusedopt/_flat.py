@@ -258,11 +258,14 @@ class Bucket:
         self._ptrs = ptrs
         self.contiguous = [p.is_contiguous() for p in shards]
 
-    def collect(self, error_on_sparse: str | None = None, grads: list[Tensor | None] | None = None) -> Batch | None:
+    def collect(self, error_on_sparse: str | None = None, grads: list[Tensor | None] | None = None,
+                sparse: list[tuple[int, Tensor]] | None = None) -> Batch | None:
         """Gather the parameters that have a gradient this step, in kernel-ready form.
 
         `grads`, one per parameter, stand in for the parameters' `.grad` (the
-        `fusedopt::step` op passes the gradients it was given)."""
+        `fusedopt::step` op passes the gradients it was given). A sparse gradient raises
+        `error_on_sparse`, unless a `sparse` list is given: then (position, gradient) goes
+        there and the parameter stays out of the batch."""
         given = grads
         if not (self.sharded or self.is_complex) and all(self.contiguous):
             # The common case in one pass of cheap checks (thousands of tiny tensors make
@@ -279,7 +282,10 @@ class Bucket:
             if g is None:
                 continue
             if g.layout is not torch.strided:
-                raise RuntimeError(error_on_sparse or f"{type(self).__name__} does not support sparse gradients")
+                if sparse is None or g.layout is not torch.sparse_coo:
+                    raise RuntimeError(error_on_sparse or f"a gradient of layout {g.layout} is not supported")
+                sparse.append((i, g))
+                continue
             if self.sharded:
                 spec = self.specs[i]
                 if spec is not None and tuple(getattr(g, "placements", ())) != tuple(spec[1]):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from torch import Tensor
+from torch.optim import adagrad
 
 from . import _flat
 from .kernels import adagrad as kernels
@@ -35,8 +36,9 @@ class Adagrad(Optimizer):
         max_grad_norm (default None): fusedopt only; clips the global gradient norm inside
             the step, see :class:`fusedopt.Adam`.
 
-    Note:
-        Sparse gradients, which torch.optim.Adagrad accepts, are not supported.
+    Sparse gradients (an ``Embedding(sparse=True)``) are stepped by torch's own sparse
+    Adagrad on the parameter and its flat ``sum`` segment; as in torch, not with
+    ``weight_decay`` or ``fused=True``.
     """
 
     _flat_state = ("sum",)
@@ -44,8 +46,7 @@ class Adagrad(Optimizer):
     _native = True
     _clips = True
     _fuses_average = True
-    _sparse_error = ("fusedopt.Adagrad does not support sparse gradients. "
-                     "help: use torch.optim.Adagrad for sparse gradients")
+    _steps_sparse = True
 
     def __init__(self, params, lr: float | Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
@@ -92,6 +93,22 @@ class Adagrad(Optimizer):
         return kernels.AdagradOptions(lr=_as_float(group["lr"]), lr_decay=group["lr_decay"],
                                       weight_decay=group["weight_decay"], eps=group["eps"],
                                       maximize=group["maximize"])
+
+    def _check_sparse(self, group, bucket: _flat.Bucket) -> None:
+        super()._check_sparse(group, bucket)
+        if group["weight_decay"] != 0:
+            raise RuntimeError(f"weight_decay option is not compatible with sparse gradients "
+                               f"(fusedopt.Adagrad, weight_decay={group['weight_decay']})")
+
+    def _sparse_update(self, group, bucket: _flat.Bucket, sparse, fresh) -> None:
+        """torch's single-tensor Adagrad, which steps a sparse gradient's entries only, on
+        each such parameter with its flat `sum` segment and its step count."""
+        o = self._options(group)
+        steps = bucket.scalar("step")
+        for i, g in sparse:
+            adagrad.adagrad([bucket.params[i]], [g], [bucket.state_view("sum", i)], [steps[i]], foreach=False,
+                            has_sparse_grad=True, lr=o.lr, weight_decay=0.0, lr_decay=o.lr_decay, eps=o.eps,
+                            maximize=o.maximize)
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)

@@ -86,6 +86,8 @@ class _ParamState(dict):
             if value.shape != current.shape:
                 raise ValueError(
                     f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
+            if value.layout is torch.sparse_coo:  # torch's sparse momentum buffer (see Optimizer._adopt)
+                value = value.to_dense()
             _flat.local(current).copy_(_flat.shard_like(value, current))
             return
         super().__setitem__(key, value)
@@ -154,6 +156,9 @@ class Optimizer(torch.optim.Optimizer):
     #: fused math runs in fp32) but not SGD's, which overrides this.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16)
     _sparse_error: str | None = None
+    #: whether sparse gradients are stepped (torch's SGD and Adagrad take them):
+    #: `_sparse_update` then steps those parameters, `_check_sparse` refuses options first
+    _steps_sparse = False
     #: whether the kernels can clip gradients (their GRAD_OPS prologue): `max_grad_norm`
     _clips = False
     #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
@@ -304,7 +309,9 @@ class Optimizer(torch.optim.Optimizer):
                 if bucket.sharded and value.shape != view.shape:
                     raise ValueError(f"state '{key}' has a local shard of shape {tuple(value.shape)}; "
                                      f"this rank's shard of the parameter has shape {tuple(view.shape)}")
-                view.copy_(value)
+                # torch's SGD keeps a sparse gradient's momentum buffer sparse: its values,
+                # zeros elsewhere, are the flat segment's
+                view.copy_(value.to_dense() if value.layout is torch.sparse_coo else value)
                 dict.__setitem__(state, key, bucket.state_view(key, i))
                 flat = True
             else:
@@ -360,6 +367,21 @@ class Optimizer(torch.optim.Optimizer):
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
                     dict.__setitem__(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
+
+    def _check_sparse(self, group: dict, bucket: _flat.Bucket) -> None:
+        """Raise, as torch would, when the group's options cannot step a sparse gradient;
+        called before anything changes."""
+        if bucket.sharded:
+            raise RuntimeError(f"fusedopt.{type(self).__name__}: sparse gradients of DTensor parameters are not supported")
+        if group.get("fused"):
+            raise RuntimeError(f"fusedopt.{type(self).__name__}(fused=True) does not support sparse gradients, as torch's "
+                               "fused kernels do not. help: fused=False")
+
+    def _sparse_update(self, group: dict, bucket: _flat.Bucket, sparse: list[tuple[int, Tensor]],
+                       fresh: list[int]) -> None:
+        """Step the bucket's parameters whose gradients are sparse ((position, gradient)
+        pairs; `fresh` those on their first step, their state just created)."""
+        raise NotImplementedError
 
     def _state_keys(self, group: dict) -> list[str]:
         """The state a parameter gets on its first step, in torch's key order."""
@@ -423,15 +445,29 @@ class Optimizer(torch.optim.Optimizer):
         """
         self._sync_state()
         clipped = self._clip_inputs(amp, grads) if self.max_grad_norm is not None else None
-        averaging = self._attached.begin() if self._attached is not None else None
+        # Every bucket's batch first: a gradient that cannot be stepped (a sparse one an
+        # option refuses) raises before any parameter or state has changed.
+        work = []
         for gi, group in enumerate(groups):
             for bucket in self._group_buckets(gi):
+                sparse = [] if self._steps_sparse else None
                 if clipped is not None:
                     batch = clipped[0].get(id(bucket))
                 else:
-                    batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params])
-                if batch is None:
-                    continue
+                    batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params],
+                                           sparse)
+                if sparse:
+                    self._check_sparse(group, bucket)
+                if batch is not None or sparse:
+                    work.append((group, bucket, batch, sparse))
+        averaging = self._attached.begin() if self._attached is not None else None
+        for group, bucket, batch, sparse in work:
+            if sparse:
+                fresh = [i for i, _ in sparse if not bucket.initialized[i]]
+                if fresh:
+                    self._init_state(group, bucket, fresh)
+                self._sparse_update(group, bucket, sparse, fresh)
+            if batch is not None:
                 fresh = [] if all(bucket.initialized) else [i for i in batch.index if not bucket.initialized[i]]
                 if fresh:
                     self._init_state(group, bucket, fresh)
@@ -619,7 +655,9 @@ class Optimizer(torch.optim.Optimizer):
         batches, sums = {}, []
         for gi in range(len(self.param_groups)):
             for bucket in self._group_buckets(gi):
-                batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params])
+                refused = self._sparse_error or (f"fusedopt.{type(self).__name__}: max_grad_norm does not clip sparse "
+                                                 "gradients. help: call torch.nn.utils.clip_grad_norm_ before step()")
+                batch = bucket.collect(refused, None if grads is None else [grads[id(p)] for p in bucket.params])
                 if batch is not None:
                     batches[id(bucket)] = batch
                     sums.append(_clip.sum_of_squares(bucket, batch))

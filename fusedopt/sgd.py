@@ -34,6 +34,7 @@ class SGD(Optimizer):
     _flat_state = ("momentum_buffer",)
     _native = True
     _clips = True
+    _steps_sparse = True
     _fuses_average = True
     # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
     # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.
@@ -79,6 +80,35 @@ class SGD(Optimizer):
         return kernels.SGDOptions(lr=_as_float(group["lr"]), momentum=group["momentum"],
                                   dampening=group["dampening"], weight_decay=_as_float(group["weight_decay"]),
                                   nesterov=group["nesterov"], maximize=group["maximize"])
+
+    def _check_sparse(self, group, bucket: _flat.Bucket) -> None:
+        super()._check_sparse(group, bucket)
+        if _as_float(group["weight_decay"]) != 0:
+            raise RuntimeError(
+                f"fusedopt.SGD: weight_decay={group['weight_decay']} does not apply to sparse gradients (torch.optim.SGD "
+                "fails on them too: add(sparse, dense) is not supported). help: put the parameters with sparse "
+                "gradients in a param group with weight_decay=0")
+
+    def _sparse_update(self, group, bucket: _flat.Bucket, sparse, fresh) -> None:
+        """torch's single-tensor SGD on each parameter with a sparse gradient (an
+        Embedding(sparse=True)): the parameter changes only where the gradient (or the
+        momentum) has entries. torch keeps such a parameter's momentum buffer sparse; here it
+        is the flat state's dense segment, with the same values (zeros where torch's has no
+        entry) and so the same parameters, up to the order in which repeated indices are
+        summed. A checkpoint holds it dense, which torch's SGD steps as well."""
+        o = self._options(group)
+        for i, g in sparse:
+            p = bucket.params[i]
+            if o.maximize:
+                g = -g
+            if o.momentum != 0:
+                buf = bucket.state_view("momentum_buffer", i)
+                if i in fresh:
+                    buf.copy_(g.to_dense())  # torch: a copy of the gradient
+                else:
+                    buf.mul_(o.momentum).add_(g, alpha=1 - o.dampening)
+                g = torch.add(g.to_dense(), buf, alpha=o.momentum) if o.nesterov else buf
+            p.add_(g, alpha=-o.lr)
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)

@@ -1,0 +1,138 @@
+"""Sparse gradients (an `Embedding(sparse=True)`), which torch's SGD and Adagrad step: the
+same parameters and state as torch's, beside dense parameters on every path; torch's
+refusals (weight decay, fused=True) before anything changes; checkpoints both ways."""
+import copy
+
+import pytest
+import torch
+
+import fusedopt
+from _compare import assert_close
+
+BACKENDS = ["triton", "reference", "auto"]
+CASES = [
+    pytest.param("SGD", dict(lr=0.1), id="SGD"),
+    pytest.param("SGD", dict(lr=0.1, momentum=0.9), id="SGD-momentum"),
+    pytest.param("SGD", dict(lr=0.1, momentum=0.9, nesterov=True), id="SGD-nesterov"),
+    pytest.param("SGD", dict(lr=0.1, momentum=0.5, dampening=0.2, maximize=True), id="SGD-dampening-maximize"),
+    pytest.param("Adagrad", dict(lr=0.1), id="Adagrad"),
+    pytest.param("Adagrad", dict(lr=0.1, lr_decay=0.01, initial_accumulator_value=0.1, maximize=True),
+                 id="Adagrad-options"),
+]
+# Rows looked up each step: repeated rows (summed by torch in one order, by the dense
+# momentum buffer in another: rounding apart) and rows that come and go.
+LOOKUPS = [[1, 2, 2, 7], [3, 3, 9, 1], [12], [2, 7, 7, 7, 40]]
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 4, sparse=True)
+        self.out = torch.nn.Linear(4, 3)
+
+
+def train(model, opt, steps=len(LOOKUPS)):
+    for s in range(steps):
+        opt.zero_grad()
+        model.out(model.emb(torch.tensor(LOOKUPS[s % len(LOOKUPS)]))).pow(2).sum().backward()
+        assert model.emb.weight.grad.is_sparse
+        opt.step()
+
+
+def dense_state(opt, p):
+    return {k: (v.to_dense() if isinstance(v, torch.Tensor) and v.is_sparse else v) for k, v in opt.state[p].items()}
+
+
+def assert_same(model_ref, opt_ref, model_new, opt_new, rtol=2e-6, atol=1e-6):
+    for (name, a), b in zip(model_ref.named_parameters(), model_new.parameters()):
+        assert_close(name, b, a, rtol, atol)
+        s_ref, s_new = dense_state(opt_ref, a), dense_state(opt_new, b)
+        assert s_ref.keys() == s_new.keys(), name
+        for k in s_ref:
+            assert_close(f"{name}.{k}", torch.as_tensor(s_new[k]), torch.as_tensor(s_ref[k]), rtol, atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", CASES)
+def test_sparse_gradients_step_as_torchs(name, options, backend):
+    ref, new = Model(), Model()
+    opt_ref = getattr(torch.optim, name)(ref.parameters(), **options)
+    opt_new = getattr(fusedopt, name)(new.parameters(), backend=backend, **options)
+    before = new.emb.weight.detach().clone()
+    train(ref, opt_ref)
+    train(new, opt_new)
+    assert_same(ref, opt_ref, new, opt_new)
+    # rows never looked up keep their values exactly (a dense momentum buffer adds zeros)
+    untouched = sorted(set(range(50)) - {i for rows in LOOKUPS for i in rows})
+    assert torch.equal(new.emb.weight[untouched], before[untouched])
+    assert not torch.equal(new.emb.weight, before)
+
+
+@pytest.mark.parametrize("name,options", [c for c in CASES if "momentum" in c.values[1] or c.values[0] == "Adagrad"])
+def test_checkpoints_with_sparse_state_load_both_ways(name, options):
+    """torch keeps a sparse gradient's SGD momentum buffer sparse; fusedopt loads it (its
+    values, zeros elsewhere) and torch steps fusedopt's dense one."""
+    ref, new = Model(), Model()
+    opt_ref = getattr(torch.optim, name)(ref.parameters(), **options)
+    train(ref, opt_ref, 2)
+    new.load_state_dict(ref.state_dict())
+    opt_new = getattr(fusedopt, name)(new.parameters(), **options)
+    opt_new.load_state_dict(copy.deepcopy(opt_ref.state_dict()))
+    assert_same(ref, opt_ref, new, opt_new, rtol=0, atol=0)
+    train(ref, opt_ref, 3)
+    train(new, opt_new, 3)
+    assert_same(ref, opt_ref, new, opt_new)
+    if options.get("nesterov"):
+        return  # torch's Nesterov cannot add a dense buffer to a sparse gradient
+    back, opt_back = Model(), getattr(torch.optim, name)(Model().parameters(), **options)
+    back.load_state_dict(new.state_dict())
+    opt_back = getattr(torch.optim, name)(back.parameters(), **options)
+    opt_back.load_state_dict(copy.deepcopy(opt_new.state_dict()))
+    train(back, opt_back, 2)
+    train(new, opt_new, 2)
+    assert_same(back, opt_back, new, opt_new)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("SGD", dict(lr=0.1, weight_decay=0.01), "weight_decay=0.01 does not apply to sparse gradients"),
+    ("Adagrad", dict(lr=0.1, weight_decay=0.01), "weight_decay option is not compatible with sparse gradients"),
+    ("SGD", dict(lr=0.1, momentum=0.9, fused=True), r"fused=True\) does not support sparse gradients"),
+    ("Adagrad", dict(lr=0.1, fused=True), r"fused=True\) does not support sparse gradients"),
+    ("SGD", dict(lr=0.1, max_grad_norm=1.0), "max_grad_norm does not clip sparse gradients"),
+    ("Adam", dict(lr=0.1), "Adam does not support sparse gradients"),
+])
+def test_what_torch_refuses_raises_before_anything_changes(name, options, message):
+    """torch refuses these too (SGD's weight decay as add(sparse, dense), its fused kernels
+    outright), but only after updating the parameters before the sparse one: here a dense
+    group stepped first is left as it was, and so is the state."""
+    model = Model()
+    cls = getattr(fusedopt, name)
+    dense_first = dict(params=list(model.out.parameters()))
+    extra = {k: options.pop(k) for k in ("max_grad_norm",) if k in options}
+    opt = cls([dense_first, dict(params=[model.emb.weight])], **options, **extra)
+    model.out(torch.randn(2, 4)).sum().backward()  # a first step without the sparse gradient: some state
+    opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    model.out(model.emb(torch.tensor([1, 2]))).sum().backward()
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()
+    assert after["state"].keys() == state["state"].keys()
+    for key, entry in state["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(torch.as_tensor(after["state"][key][k]), torch.as_tensor(v)), (key, k)
+
+
+@pytest.mark.parametrize("name,options", [CASES[1], CASES[4]])
+def test_sparse_gradients_inside_a_compiled_function(name, options):
+    """Dynamo cannot take sparse gradients into a graph; the step still runs, as torch's."""
+    ref, new = Model(), Model()
+    opt_ref = getattr(torch.optim, name)(ref.parameters(), **options)
+    opt_new = getattr(fusedopt, name)(new.parameters(), **options)
+    train(ref, opt_ref, 3)
+    torch.compile(lambda: train(new, opt_new, 3), backend="aot_eager")()
+    assert_same(ref, opt_ref, new, opt_new)
