@@ -128,6 +128,9 @@ class Batch:
     # An attached averaged model's buffer and segments (kernels/averaging.FusedAverage) when
     # the update kernel also averages the new parameters (Optimizer.attach_averaged_model).
     average: object | None = None
+    # The params' addresses where they are known already: the bucket's own tensors, which
+    # `Bucket.check_params` read this step (the optimizer checks a bucket before collecting it).
+    addresses: list[int] | None = None
     _index_tensor: Tensor | None = None
 
     def index_tensor(self) -> Tensor:
@@ -275,7 +278,7 @@ class Bucket:
             if (not any(map(operator.is_, grads, repeat(None)))
                     and all(map(operator.is_, map(_layout, grads), repeat(torch.strided)))
                     and all(map(Tensor.is_contiguous, grads))):
-                return Batch(list(range(len(grads))), list(self.params), grads, True)
+                return Batch(list(range(len(grads))), list(self.params), grads, True, addresses=self._ptrs)
         index, params, grads, writeback = [], [], [], []
         for i, p in enumerate(self.params):
             g = p.grad if given is None else given[i]
