@@ -136,3 +136,22 @@ def test_sparse_gradients_inside_a_compiled_function(name, options):
     train(ref, opt_ref, 3)
     torch.compile(lambda: train(new, opt_new, 3), backend="aot_eager")()
     assert_same(ref, opt_ref, new, opt_new)
+
+
+def test_an_attached_average_takes_the_sparse_parameters_too():
+    """The sparse parameter is not in the kernel's batch: the averaged model averages it
+    after the step, so attaching equals step() then update_parameters, bit for bit."""
+    def run(attach):
+        model = Model()
+        ema = fusedopt.swa.AveragedModel(model, multi_avg_fn=fusedopt.swa.get_ema_multi_avg_fn(0.9))
+        opt = fusedopt.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if attach:
+            opt.attach_averaged_model(ema)
+        for s in range(3):
+            train(model, opt, 1)
+            if not attach:
+                ema.update_parameters(model)
+        return [p.detach().clone() for p in ema.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
