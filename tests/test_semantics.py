@@ -311,3 +311,40 @@ def test_subclass_of_torch_optimizer_with_plain_step_method():
     assert "step" in type(opt).__mro__[0].__dict__ or "step" in fusedopt.Optimizer.__dict__
     # torch's schedulers wrap opt.step.__func__; construction must work.
     torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+
+
+# ---------------------------------------------------------------------------- scalar tables
+
+@pytest.mark.parametrize("lr,betas,wd", [(1e-3, (0.9, 0.999), 0.01), (3e-4, (0.95, 0.98), 0.1), (0.1, (0.0, 0.99), 0.0)])
+def test_uniform_step_table_is_the_per_tensor_table(lr, betas, wd):
+    """Tensors all at one step get their Adam table row from Python floats (torch's
+    for-loop math) instead of per-tensor torch ops: the same fp32 table at every step up
+    to 20000, and float64 values a few ulps apart (torch's lr / bias_correction1 is one
+    division where the per-tensor ops multiply by a reciprocal; Python's pow and torch's
+    vectorised one differ in the last bit, which 1 - beta2 ** step magnifies early on)."""
+    from fusedopt.kernels import adam
+
+    o = adam.AdamOptions(lr=lr, beta1=betas[0], beta2=betas[1], eps=1e-8, weight_decay=wd, amsgrad=False,
+                         maximize=False, decoupled=True, variant="adam", momentum_decay=0.0)
+    steps = torch.arange(1, 20001, dtype=torch.float32)
+    per_tensor = torch.stack([c if isinstance(c, torch.Tensor) else torch.full(steps.shape, float(c), dtype=torch.float64)
+                              for c in adam.scalars(steps, o)], dim=1)
+    uniform = torch.tensor([adam.uniform_scalars(s, o) for s in steps.tolist()], dtype=torch.float64)
+    assert torch.equal(uniform.float(), per_tensor.float())
+    torch.testing.assert_close(uniform, per_tensor, rtol=1e-14, atol=0)
+
+
+def test_adam_steps_take_the_uniform_table_until_steps_differ(monkeypatch):
+    """The row is used while every tensor is at one step, and not once a tensor lags."""
+    from fusedopt.kernels import adam
+
+    calls = []
+    real = adam.uniform_scalars
+    monkeypatch.setattr(adam, "uniform_scalars", lambda step, o: calls.append(step) or real(step, o))
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
+    opt = fusedopt.AdamW(params, backend="reference")
+    for step in range(3):
+        for j, p in enumerate(params):
+            p.grad = None if (step, j) == (1, 2) else torch.randn(5)
+        opt.step()
+    assert calls == [1.0]   # step 2 leaves tensor 2 behind: per-tensor tables from then on

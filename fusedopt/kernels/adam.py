@@ -39,6 +39,7 @@ and, rounded, into the parameter; ``SR`` stores the bf16 parameter stochasticall
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -316,12 +317,32 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     bucket.scatter(p, batch.params, batch.index)
 
 
+def uniform_scalars(step: float, o: AdamOptions) -> list[float]:
+    """`scalars` for tensors that all have taken `step` steps, in Python floats: torch's
+    for-loop Adam computes its step size and bias corrections so (Adam, AdamW, Adamax)."""
+    bias_correction1 = 1 - o.beta1 ** step
+    bias_correction2 = 1 - o.beta2 ** step
+    return [o.lr / bias_correction1, math.sqrt(bias_correction2), 1 - o.beta1, o.beta2, 1 - o.beta2,
+            o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
+
+
 def step_bucket(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor], o: AdamOptions) -> None:
     """Build the bucket's scalar table from its step counts (already advanced) and run its
     path: the kernel or the reference."""
-    mu_product = bucket.scalar("mu_product") if o.variant == "nadam" else None
-    table = _launch.scalar_table(scalars(bucket.steps, o, mu_product), len(bucket),
-                                 _launch.compute_dtype(bucket.real_dtype), bucket.device)
+    cdt = _launch.compute_dtype(bucket.real_dtype)
+    table = None
+    steps = bucket.steps
+    if not EXTRA_COLUMNS[o.variant] and steps.device.type == "cpu" and not isinstance(o.lr, torch.Tensor):
+        # Every tensor at the same step (the usual case): one row of Python floats, copied
+        # to every tensor's row, where the per-tensor math is twenty small torch ops (half
+        # the host time of a small model's step, which on a GPU is its whole time).
+        counts = steps.tolist()
+        if counts and counts.count(counts[0]) == len(counts):
+            row = torch.tensor([uniform_scalars(counts[0], o)], dtype=torch.float64)
+            table = row.to(cdt).expand(len(counts), -1).contiguous().to(bucket.device, non_blocking=True)
+    if table is None:
+        mu_product = bucket.scalar("mu_product") if o.variant == "nadam" else None
+        table = _launch.scalar_table(scalars(steps, o, mu_product), len(bucket), cdt, bucket.device)
     run = adam_triton if bucket.path == "triton" else adam_reference
     run(bucket, batch, state, table, o)
 
