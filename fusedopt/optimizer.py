@@ -403,7 +403,8 @@ class Optimizer(torch.optim.Optimizer):
         """The flat buffers the update reads, checking the stepped tensors have them."""
         all_keys = self._state_keys(group)
         keys = [k for k in all_keys if k not in self._scalar_state]
-        if tuple(all_keys) == getattr(bucket, "state_keys", None):
+        if not keys or tuple(all_keys) == getattr(bucket, "state_keys", None):
+            # (no flat state, as SGD without momentum: nothing to check, a tensor at a time)
             return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in keys}
         for i in batch.index:
             state = dict.get(self.state, bucket.params[i], {})

@@ -114,8 +114,11 @@ class SGD(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         # A momentum buffer starts as a copy of the gradient on its parameter's first step.
-        first = torch.zeros(len(bucket), dtype=torch.float64)
-        if fresh:
+        # Every other step the column is 0 for all: a float, so that the table is the
+        # bucket's cached one (no per-step ops, nothing copied to the device).
+        first = 0.0
+        if fresh and o.momentum != 0:  # (without momentum a parameter stays 'fresh': no state)
+            first = torch.zeros(len(bucket), dtype=torch.float64)
             first[torch.tensor(fresh)] = 1.0
         self._run_path(bucket, batch, state, kernels.scalars(first, o), o,
                        kernels.sgd_triton, kernels.sgd_reference)

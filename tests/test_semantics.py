@@ -348,3 +348,18 @@ def test_adam_steps_take_the_uniform_table_until_steps_differ(monkeypatch):
             p.grad = None if (step, j) == (1, 2) else torch.randn(5)
         opt.step()
     assert calls == [1.0]   # step 2 leaves tensor 2 behind: per-tensor tables from then on
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_momentum_turned_on_mid_training_starts_buffers_as_torch(backend):
+    """Without momentum SGD keeps no state (every step takes the cached table); when a
+    group's momentum is set later, the buffers start on that step as copies of the gradient."""
+    params = [torch.randn(5), torch.randn(3, 4)]
+    theirs, ref, ours, opt = twin(params, fusedopt.SGD, torch.optim.SGD, dict(lr=0.1), backend)
+    for step in range(5):
+        if step == 2:  # (with dampening: a buffer that starts as a copy differs from one updated from zeros)
+            for group in (ref.param_groups[0], opt.param_groups[0]):
+                group.update(momentum=0.9, dampening=0.3)
+        step_both(list(zip(theirs, ours)), (ref, opt), random_grads(params, step))
+        assert (len(opt.state) == 0) == (step < 2)
+    assert_same_run(theirs, ref, ours, opt)

@@ -37,9 +37,11 @@ class SGDOptions:
 COLUMNS = ("first", "lr", "momentum", "one_minus_dampening", "weight_decay")
 
 
-def scalars(first: torch.Tensor, o: SGDOptions) -> list[torch.Tensor | float]:
-    """`first` is 1.0 for tensors whose momentum buffer starts this step (a copy of g)."""
-    return [first.to(torch.float64), o.lr, o.momentum, 1 - o.dampening, o.weight_decay]
+def scalars(first: torch.Tensor | float, o: SGDOptions) -> list[torch.Tensor | float]:
+    """`first` is 1.0 for tensors whose momentum buffer starts this step (a copy of g): a
+    per-tensor vector, or one float for all."""
+    first = first.to(torch.float64) if isinstance(first, torch.Tensor) else float(first)
+    return [first, o.lr, o.momentum, 1 - o.dampening, o.weight_decay]
 
 
 # ------------------------------------------------------------------------- Triton kernel
