@@ -363,3 +363,29 @@ def test_sgd_momentum_turned_on_mid_training_starts_buffers_as_torch(backend):
         step_both(list(zip(theirs, ours)), (ref, opt), random_grads(params, step))
         assert (len(opt.state) == 0) == (step < 2)
     assert_same_run(theirs, ref, ours, opt)
+
+
+def test_adagrad_tensors_at_one_step_share_one_float_and_the_cached_table():
+    """Adagrad's step size from Python floats (torch's for-loop math) while every tensor is
+    at one step: the fp32 values of the per-tensor ops at every step to 5000; and without
+    lr_decay the step size never changes, so every step reuses the bucket's table."""
+    from fusedopt.kernels import adagrad
+
+    o = adagrad.AdagradOptions(lr=0.01, lr_decay=1e-3, weight_decay=0.0, eps=1e-10, maximize=False)
+    steps = torch.arange(1, 5001, dtype=torch.float32)
+    per_tensor = adagrad.scalars(steps, o)[0]
+    assert isinstance(per_tensor, torch.Tensor)
+    uniform = torch.tensor([adagrad.scalars(torch.full((3,), s), o)[0] for s in steps.tolist()], dtype=torch.float64)
+    assert torch.equal(uniform.float(), per_tensor.float())
+    torch.testing.assert_close(uniform, per_tensor, rtol=1e-15, atol=0)
+
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = fusedopt.Adagrad(params, backend="reference")
+    tables = []
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(4)
+        opt.step()
+        (bucket,) = opt._group_buckets(0)
+        tables.append(bucket._scalar_table[1])
+    assert tables[0] is tables[1] is tables[2]

@@ -218,6 +218,10 @@ def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype
     capturable=True), broadcast. One copy to the device per step and bucket, none when the
     per-tensor columns already live there.
     """
+    if not any(isinstance(c, torch.Tensor) for c in columns):
+        # one row, copied to every tensor's: four ops where a column each took one
+        row = torch.tensor([[float(c) for c in columns]], dtype=torch.float64).to(dtype)
+        return row.expand(n, -1).contiguous().to(device, non_blocking=True)
     # Built where the per-tensor columns live: on the CPU, or on the device when the
     # scalar state is kept there (fused/capturable), so no value crosses to the host.
     home = next((c.device for c in columns if isinstance(c, torch.Tensor) and c.dim()), torch.device("cpu"))

@@ -37,7 +37,13 @@ COLUMNS = ("neg_clr", "eps", "weight_decay")
 
 
 def scalars(steps: torch.Tensor, o: AdagradOptions) -> list[torch.Tensor | float]:
-    """`steps` already counts this step. Float64 arithmetic, as torch's Python floats."""
+    """`steps` already counts this step. Float64 arithmetic, as torch's Python floats: in
+    Python floats where every tensor is at one step (then, without lr_decay, the table is
+    the bucket's cached one), per tensor otherwise."""
+    if steps.device.type == "cpu":
+        counts = steps.tolist()
+        if counts and counts.count(counts[0]) == len(counts):
+            return [-(o.lr / (1 + (counts[0] - 1) * o.lr_decay)), o.eps, o.weight_decay]
     step = steps.to(torch.float64)
     clr = o.lr / (1 + (step - 1) * o.lr_decay)
     return [-clr, o.eps, o.weight_decay]
