@@ -315,23 +315,33 @@ def test_subclass_of_torch_optimizer_with_plain_step_method():
 
 # ---------------------------------------------------------------------------- scalar tables
 
+@pytest.mark.parametrize("variant", ["adam", "nadam", "radam"])
 @pytest.mark.parametrize("lr,betas,wd", [(1e-3, (0.9, 0.999), 0.01), (3e-4, (0.95, 0.98), 0.1), (0.1, (0.0, 0.99), 0.0)])
-def test_uniform_step_table_is_the_per_tensor_table(lr, betas, wd):
-    """Tensors all at one step get their Adam table row from Python floats (torch's
+def test_uniform_step_table_is_the_per_tensor_table(lr, betas, wd, variant):
+    """Tensors all at one step get their Adam-family table row from Python floats (torch's
     for-loop math) instead of per-tensor torch ops: the same fp32 table at every step up
-    to 20000, and float64 values a few ulps apart (torch's lr / bias_correction1 is one
-    division where the per-tensor ops multiply by a reciprocal; Python's pow and torch's
-    vectorised one differ in the last bit, which 1 - beta2 ** step magnifies early on)."""
+    to 5000, and float64 values that differ at most in their last bits (torch's
+    lr / bias_correction1 is one division where the per-tensor ops multiply by a
+    reciprocal; Python's pow and torch's vectorised one differ in the last bit, which
+    1 - beta2 ** step and RAdam's rho_t magnify)."""
     from fusedopt.kernels import adam
 
     o = adam.AdamOptions(lr=lr, beta1=betas[0], beta2=betas[1], eps=1e-8, weight_decay=wd, amsgrad=False,
-                         maximize=False, decoupled=True, variant="adam", momentum_decay=0.0)
-    steps = torch.arange(1, 20001, dtype=torch.float32)
+                         maximize=False, decoupled=True, variant=variant, momentum_decay=4e-3)
+    n = 5000
+    steps = torch.arange(1, n + 1, dtype=torch.float32)
+    products = None
+    if variant == "nadam":  # the float32 state, advanced as torch advances it
+        products, product = [], torch.ones(())
+        for step in range(1, n + 1):
+            product = product * adam.momentum_cache(torch.tensor(float(step), dtype=torch.float64), o)[0].float()
+            products.append(product.item())
     per_tensor = torch.stack([c if isinstance(c, torch.Tensor) else torch.full(steps.shape, float(c), dtype=torch.float64)
-                              for c in adam.scalars(steps, o)], dim=1)
-    uniform = torch.tensor([adam.uniform_scalars(s, o) for s in steps.tolist()], dtype=torch.float64)
+                              for c in adam.scalars(steps, o, None if products is None else torch.tensor(products))], dim=1)
+    uniform = torch.tensor([adam.uniform_scalars(s, o, None if products is None else products[i])
+                            for i, s in enumerate(steps.tolist())], dtype=torch.float64)
     assert torch.equal(uniform.float(), per_tensor.float())
-    torch.testing.assert_close(uniform, per_tensor, rtol=1e-14, atol=0)
+    torch.testing.assert_close(uniform, per_tensor, rtol=1e-12, atol=0)
 
 
 def test_adam_steps_take_the_uniform_table_until_steps_differ(monkeypatch):
@@ -340,7 +350,7 @@ def test_adam_steps_take_the_uniform_table_until_steps_differ(monkeypatch):
 
     calls = []
     real = adam.uniform_scalars
-    monkeypatch.setattr(adam, "uniform_scalars", lambda step, o: calls.append(step) or real(step, o))
+    monkeypatch.setattr(adam, "uniform_scalars", lambda step, *rest: calls.append(step) or real(step, *rest))
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(3)]
     opt = fusedopt.AdamW(params, backend="reference")
     for step in range(3):
@@ -389,3 +399,19 @@ def test_adagrad_tensors_at_one_step_share_one_float_and_the_cached_table():
         (bucket,) = opt._group_buckets(0)
         tables.append(bucket._scalar_table[1])
     assert tables[0] is tables[1] is tables[2]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("lagging", [False, True], ids=["together", "one-lags"])
+def test_nadam_mu_product_is_torchs_bit_for_bit(backend, lagging):
+    """NAdam's float32 mu_product, advanced by one multiply while every tensor is at one
+    step and per tensor once one lags, is torch's for-loop's to the bit after 60 steps."""
+    params = [torch.randn(4), torch.randn(2, 3), torch.randn(5)]
+    theirs, ref, ours, opt = twin(params, fusedopt.NAdam, torch.optim.NAdam, dict(lr=0.01, foreach=False), backend)
+    for step in range(60):
+        grads = random_grads(params, step)
+        if lagging and step == 3:
+            grads[1] = None
+        step_both(list(zip(theirs, ours)), (ref, opt), grads)
+    for a, b in zip(theirs, ours):
+        assert torch.equal(ref.state[a]["mu_product"], opt.state[b]["mu_product"])

@@ -99,6 +99,12 @@ def advance_mu_product(mu_product: torch.Tensor, steps: torch.Tensor, batch: _fl
     torch multiplies its float32 0-dim state by the Python float, which rounds the float
     to float32 first; so does this (in float64 where a checkpoint made the state float64).
     """
+    if batch.everyone and steps.device.type == "cpu" and not isinstance(o.beta1, torch.Tensor):
+        counts = steps.tolist()
+        if counts and counts.count(counts[0]) == len(counts):
+            # one step for all: torch's own update, the state times the Python float mu_t
+            mu_product.mul_(o.beta1 * (1.0 - 0.5 * 0.96 ** (counts[0] * o.momentum_decay)))
+            return
     index = slice(None) if batch.everyone else batch.index_tensor()
     mu, _ = momentum_cache(steps[index].to(torch.float64), o)
     mu_product[index] = mu_product[index] * mu.to(mu_product.dtype)
@@ -317,32 +323,63 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     bucket.scatter(p, batch.params, batch.index)
 
 
-def uniform_scalars(step: float, o: AdamOptions) -> list[float]:
-    """`scalars` for tensors that all have taken `step` steps, in Python floats: torch's
-    for-loop Adam computes its step size and bias corrections so (Adam, AdamW, Adamax)."""
+def uniform_scalars(step: float, o: AdamOptions, mu_product: float | None = None) -> list[float]:
+    """`scalars` for tensors that all have taken `step` steps (NAdam's: and share
+    `mu_product`, already advanced), in Python floats, as torch's for-loop computes its
+    step sizes, bias corrections, NAdam's momentum schedule and RAdam's rectification."""
     bias_correction1 = 1 - o.beta1 ** step
     bias_correction2 = 1 - o.beta2 ** step
-    return [o.lr / bias_correction1, math.sqrt(bias_correction2), 1 - o.beta1, o.beta2, 1 - o.beta2,
-            o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
+    shared = [o.lr / bias_correction1, math.sqrt(bias_correction2), 1 - o.beta1, o.beta2, 1 - o.beta2,
+              o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
+    if o.variant == "nadam":
+        mu = o.beta1 * (1.0 - 0.5 * 0.96 ** (step * o.momentum_decay))
+        mu_next = o.beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * o.momentum_decay))
+        return shared + [bias_correction2, -o.lr * (1.0 - mu) / (1.0 - mu_product),
+                         -o.lr * mu_next / (1.0 - mu_product * mu_next)]
+    if o.variant == "radam":
+        rho_inf = 2 / (1 - o.beta2) - 1
+        rho_t = rho_inf - 2 * step * o.beta2 ** step / bias_correction2
+        if rho_t > 5.0:
+            rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            return shared + [bias_correction1, o.lr, 1.0, rect]
+        return shared + [bias_correction1, o.lr, 0.0, 1.0]
+    return shared
+
+
+def _uniform_row(bucket: _flat.Bucket, o: AdamOptions) -> list[float] | None:
+    """`uniform_scalars` of the bucket when every tensor is at one step (NAdam: with one
+    `mu_product`) and the counts are on the host; None otherwise."""
+    steps = bucket.steps
+    if steps.device.type != "cpu" or isinstance(o.lr, torch.Tensor):
+        return None
+    counts = steps.tolist()
+    if not counts or counts.count(counts[0]) != len(counts):
+        return None
+    mu_product = None
+    if o.variant == "nadam":
+        products = bucket.scalar("mu_product").tolist()  # the float32 state, exact as floats
+        if products.count(products[0]) != len(products):
+            return None
+        mu_product = products[0]
+    return uniform_scalars(counts[0], o, mu_product)
 
 
 def step_bucket(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch.Tensor], o: AdamOptions) -> None:
     """Build the bucket's scalar table from its step counts (already advanced) and run its
-    path: the kernel or the reference."""
+    path: the kernel or the reference.
+
+    While every tensor is at the same step (the usual case) the table is one row of
+    Python floats copied to every tensor's, where the per-tensor math is twenty to forty
+    small torch ops: half the host time of a small model's step, which on a GPU is its
+    whole time."""
     cdt = _launch.compute_dtype(bucket.real_dtype)
-    table = None
-    steps = bucket.steps
-    if not EXTRA_COLUMNS[o.variant] and steps.device.type == "cpu" and not isinstance(o.lr, torch.Tensor):
-        # Every tensor at the same step (the usual case): one row of Python floats, copied
-        # to every tensor's row, where the per-tensor math is twenty small torch ops (half
-        # the host time of a small model's step, which on a GPU is its whole time).
-        counts = steps.tolist()
-        if counts and counts.count(counts[0]) == len(counts):
-            row = torch.tensor([uniform_scalars(counts[0], o)], dtype=torch.float64)
-            table = row.to(cdt).expand(len(counts), -1).contiguous().to(bucket.device, non_blocking=True)
-    if table is None:
+    row = _uniform_row(bucket, o)
+    if row is not None:
+        table = torch.tensor([row], dtype=torch.float64).to(cdt).expand(len(bucket), -1).contiguous()
+        table = table.to(bucket.device, non_blocking=True)
+    else:
         mu_product = bucket.scalar("mu_product") if o.variant == "nadam" else None
-        table = _launch.scalar_table(scalars(steps, o, mu_product), len(bucket), cdt, bucket.device)
+        table = _launch.scalar_table(scalars(bucket.steps, o, mu_product), len(bucket), cdt, bucket.device)
     run = adam_triton if bucket.path == "triton" else adam_reference
     run(bucket, batch, state, table, o)
 
