@@ -70,11 +70,22 @@ class ASGD(Optimizer):
         o = self._options(group)
         state = self._buffers(group, bucket, batch)
         eta, mu = bucket.scalar("eta"), bucket.scalar("mu")
-        # The per-tensor scalars come to the host: torch reads them with .item() too.
-        self._run_path(bucket, batch, state, kernels.scalars(eta.cpu(), mu.cpu(), o), o,
-                       kernels.asgd_triton, kernels.asgd_reference)
+        # The per-tensor scalars come to the host: torch reads them with .item() too. While
+        # every tensor has the same (every one stepped every time), they are one float each.
+        etas, mus = eta.tolist(), mu.tolist()
+        if etas.count(etas[0]) == len(etas) and mus.count(mus[0]) == len(mus):
+            columns = kernels.scalars(etas[0], mus[0], o)
+        else:
+            columns = kernels.scalars(eta.cpu(), mu.cpu(), o)
+        self._run_path(bucket, batch, state, columns, o, kernels.asgd_triton, kernels.asgd_reference)
         self._advance_steps(bucket, batch)
+        steps = bucket.steps.tolist()
+        if batch.everyone and steps.count(steps[0]) == len(steps):
+            (new_eta,), (new_mu,) = kernels.next_eta_mu(steps[:1], o)
+            eta.fill_(new_eta)  # rounded to the state's dtype as the per-tensor copy below rounds
+            mu.fill_(new_mu)
+            return
         index = batch.index_tensor()
-        new_eta, new_mu = kernels.next_eta_mu(bucket.steps.cpu()[index].tolist(), o)
+        new_eta, new_mu = kernels.next_eta_mu([steps[i] for i in batch.index], o)
         eta[index.to(eta.device)] = torch.tensor(new_eta, dtype=torch.float64).to(eta.dtype).to(eta.device)
         mu[index.to(mu.device)] = torch.tensor(new_mu, dtype=torch.float64).to(mu.dtype).to(mu.device)

@@ -42,10 +42,12 @@ class ASGDOptions:
 COLUMNS = ("decay", "neg_eta", "weight_decay", "mu")
 
 
-def scalars(eta: torch.Tensor, mu: torch.Tensor, o: ASGDOptions) -> list[torch.Tensor | float]:
-    """`eta`, `mu`: the bucket's float32 state vectors (before this step), on the CPU."""
-    eta = eta.to(torch.float64)
-    return [1 - o.lambd * eta, -eta, o.weight_decay, mu.to(torch.float64)]
+def scalars(eta: torch.Tensor | float, mu: torch.Tensor | float, o: ASGDOptions) -> list[torch.Tensor | float]:
+    """`eta`, `mu`: the bucket's float32 state vectors (before this step), on the CPU, or
+    the one value every tensor has (the same float64 arithmetic either way)."""
+    if isinstance(eta, torch.Tensor):
+        eta, mu = eta.to(torch.float64), mu.to(torch.float64)
+    return [1 - o.lambd * eta, -eta, o.weight_decay, mu]
 
 
 def next_eta_mu(steps: list[float], o: ASGDOptions) -> tuple[list[float], list[float]]:
