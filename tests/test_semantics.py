@@ -403,34 +403,23 @@ def test_adagrad_tensors_at_one_step_share_one_float_and_the_cached_table():
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("lagging", [False, True], ids=["together", "one-lags"])
-def test_nadam_mu_product_is_torchs_bit_for_bit(backend, lagging):
-    """NAdam's float32 mu_product, advanced by one multiply while every tensor is at one
-    step and per tensor once one lags, is torch's for-loop's to the bit after 60 steps."""
+@pytest.mark.parametrize("name,options,keys,steps", [
+    ("NAdam", dict(lr=0.01), ("mu_product",), 60),
+    ("ASGD", dict(lr=0.05, lambd=1e-3, t0=10, weight_decay=0.01), ("eta", "mu"), 30),   # past t0: mu moves
+])
+def test_per_tensor_scalar_state_is_torchs_bit_for_bit(name, options, keys, steps, backend, lagging):
+    """NAdam's float32 mu_product and ASGD's eta and mu, advanced as one float for all while
+    every tensor steps together and per tensor once one lags, are torch's for-loop's to the
+    bit, and so are the parameters' updates to rounding."""
     params = [torch.randn(4), torch.randn(2, 3), torch.randn(5)]
-    theirs, ref, ours, opt = twin(params, fusedopt.NAdam, torch.optim.NAdam, dict(lr=0.01, foreach=False), backend)
-    for step in range(60):
+    theirs, ref, ours, opt = twin(params, getattr(fusedopt, name), getattr(torch.optim, name),
+                                  dict(options, foreach=False), backend)
+    for step in range(steps):
         grads = random_grads(params, step)
         if lagging and step == 3:
             grads[1] = None
         step_both(list(zip(theirs, ours)), (ref, opt), grads)
     for a, b in zip(theirs, ours):
-        assert torch.equal(ref.state[a]["mu_product"], opt.state[b]["mu_product"])
-
-
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("lagging", [False, True], ids=["together", "one-lags"])
-def test_asgd_eta_mu_and_parameters_are_torchs(backend, lagging):
-    """ASGD's eta and mu, one float for all while every tensor steps together and per tensor
-    once one lags, are torch's for-loop's to the bit after 30 steps (t0 reached, so mu moves)."""
-    params = [torch.randn(4), torch.randn(2, 3), torch.randn(5)]
-    options = dict(lr=0.05, lambd=1e-3, t0=10, weight_decay=0.01, foreach=False)
-    theirs, ref, ours, opt = twin(params, fusedopt.ASGD, torch.optim.ASGD, options, backend)
-    for step in range(30):
-        grads = random_grads(params, step)
-        if lagging and step == 3:
-            grads[1] = None
-        step_both(list(zip(theirs, ours)), (ref, opt), grads)
-    for a, b in zip(theirs, ours):
-        for key in ("eta", "mu"):
+        for key in keys:
             assert torch.equal(ref.state[a][key], opt.state[b][key]), key
     assert_same_run(theirs, ref, ours, opt)
