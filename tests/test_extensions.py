@@ -334,6 +334,31 @@ def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it()
         assert torch.equal(a, b)  # coefficient 1: the same numbers as no clipping
 
 
+@pytest.mark.parametrize("chunk", [None, 64], ids=["chunk", "small-chunk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sum_of_squares_of_the_native_and_reference_paths(dtype, chunk, monkeypatch):
+    """The dot products over chunks against float64 and against the Triton kernel's sum:
+    with a small chunk, tensors larger than it are cut, smaller ones packed (bf16 widened),
+    and a chunk's pieces come from several tensors."""
+    from fusedopt.kernels import clip
+    if chunk is not None:
+        monkeypatch.setattr(clip, "CHUNK", chunk)
+    params = make_params(dtype, shapes=[(3, 70), (5,), (64,), (1,), (40,), (33, 2), (200,)])
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=torch.float64).to(dtype)
+    exact = sum(float(p.grad.double().square().sum()) for p in params)
+    sums = {}
+    for backend in ("reference", "triton"):
+        opt = fusedopt.AdamW(params, backend=backend, max_grad_norm=1.0)
+        bucket, = opt._group_buckets(0)
+        got = clip.sum_of_squares(bucket, bucket.collect(None))
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        sums[backend] = float(got)
+    rel = 1e-12 if dtype == torch.float64 else 1e-6
+    assert sums["reference"] == pytest.approx(exact, rel=rel)
+    assert sums["triton"] == pytest.approx(sums["reference"], rel=rel)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_max_grad_norm_above_the_norm_is_plain_steps_on_auto(dtype):
     """A coefficient of 1: the native path steps the user's gradients as without clipping
