@@ -78,7 +78,13 @@ class _ParamState(dict):
 
     Assigning a tensor to a key that holds a flat-buffer view copies the tensor into the
     view instead of replacing it, so the kernel keeps seeing what outside code wrote.
+
+    `sparse_dim` (an attribute, not a key): the sparse dimensions of the gradient that
+    seeded state torch keeps sparse (`Optimizer._sparse_state`), which `state_dict` then
+    exports in torch's sparse layout; None for a parameter with dense gradients.
     """
+
+    sparse_dim: int | None = None
 
     def __setitem__(self, key, value):
         current = self.get(key)
@@ -87,6 +93,7 @@ class _ParamState(dict):
                 raise ValueError(
                     f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
             if value.layout is torch.sparse_coo:  # torch's sparse momentum buffer (see Optimizer._adopt)
+                self.sparse_dim = value.sparse_dim()
                 value = value.to_dense()
             _flat.local(current).copy_(_flat.shard_like(value, current))
             return
@@ -159,6 +166,10 @@ class Optimizer(torch.optim.Optimizer):
     #: whether sparse gradients are stepped (torch's SGD and Adagrad take them):
     #: `_sparse_update` then steps those parameters, `_check_sparse` refuses options first
     _steps_sparse = False
+    #: flat state that torch keeps sparse for a parameter whose gradients are sparse (SGD's
+    #: momentum buffer: a copy of the first sparse gradient, updated with sparse ops); the
+    #: flat segment holds it dense and `state_dict` exports it sparse (see `_ParamState`)
+    _sparse_state: tuple[str, ...] = ()
     #: whether the kernels can clip gradients (their GRAD_OPS prologue): `max_grad_norm`
     _clips = False
     #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
@@ -293,6 +304,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         gi, bucket, i = slot
         state = _ParamState()
+        state.sparse_dim = getattr(entries, "sparse_dim", None)
         flat = False
         for key, value in entries.items():
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
@@ -310,8 +322,11 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(f"state '{key}' has a local shard of shape {tuple(value.shape)}; "
                                      f"this rank's shard of the parameter has shape {tuple(view.shape)}")
                 # torch's SGD keeps a sparse gradient's momentum buffer sparse: its values,
-                # zeros elsewhere, are the flat segment's
-                view.copy_(value.to_dense() if value.layout is torch.sparse_coo else value)
+                # zeros elsewhere, are the flat segment's (and it is exported sparse again)
+                if value.layout is torch.sparse_coo:
+                    state.sparse_dim = value.sparse_dim()
+                    value = value.to_dense()
+                view.copy_(value)
                 dict.__setitem__(state, key, bucket.state_view(key, i))
                 flat = True
             else:
@@ -347,7 +362,7 @@ class Optimizer(torch.optim.Optimizer):
                 b.initialized = [False] * len(b)
         for p, entries in foreign.items():
             if entries:
-                self._adopt(p, dict(entries))
+                self._adopt(p, entries)
 
     def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:
         """Create torch's initial state for parameters stepped for the first time."""
@@ -743,13 +758,24 @@ class Optimizer(torch.optim.Optimizer):
             return packed
 
         param_groups = [pack(g) for g in self.param_groups]
-        packed_state = {(mapping[id(k)] if isinstance(k, Tensor) else k): dict(v) for k, v in self.state.items()}
+        packed_state = {(mapping[id(k)] if isinstance(k, Tensor) else k): self._exported(v) for k, v in self.state.items()}
         state_dict = {"state": packed_state, "param_groups": param_groups}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
+
+    def _exported(self, entries: dict) -> dict:
+        """A parameter's state as torch's state_dict holds it: the live tensors, except that
+        state torch keeps sparse for a sparse-gradient parameter goes as a sparse copy of
+        the flat segment (its nonzero rows: where torch's has entries, up to entries that
+        are exactly zero), which torch's sparse SGD, Nesterov included, steps on."""
+        sparse_dim = getattr(entries, "sparse_dim", None)
+        if sparse_dim is None:
+            return dict(entries)
+        return {k: (v.to_sparse(sparse_dim) if k in self._sparse_state and isinstance(v, Tensor) and not v.is_sparse
+                    else v) for k, v in entries.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load torch's format (from torch.optim or fusedopt), validating it all first.
@@ -814,7 +840,8 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ pickling
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"defaults": self.defaults, "state": {p: dict(v) for p, v in self.state.items()},
+        # as state_dict holds it: state torch keeps sparse goes sparse, and is adopted so
+        return {"defaults": self.defaults, "state": {p: self._exported(v) for p, v in self.state.items()},
                 "param_groups": self.param_groups, "backend": self.backend, "max_grad_norm": self.max_grad_norm}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

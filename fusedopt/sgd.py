@@ -35,6 +35,7 @@ class SGD(Optimizer):
     _native = True
     _clips = True
     _steps_sparse = True
+    _sparse_state = ("momentum_buffer",)
     _fuses_average = True
     # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
     # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.
@@ -95,13 +96,15 @@ class SGD(Optimizer):
         momentum) has entries. torch keeps such a parameter's momentum buffer sparse; here it
         is the flat state's dense segment, with the same values (zeros where torch's has no
         entry) and so the same parameters, up to the order in which repeated indices are
-        summed. A checkpoint holds it dense, which torch's SGD steps as well."""
+        summed. A checkpoint holds it sparse, as torch's does: torch's Nesterov step
+        cannot add a dense buffer to a sparse gradient."""
         o = self._options(group)
         for i, g in sparse:
             p = bucket.params[i]
             if o.maximize:
                 g = -g
             if o.momentum != 0:
+                self.state[p].sparse_dim = g.sparse_dim()
                 buf = bucket.state_view("momentum_buffer", i)
                 if i in fresh:
                     buf.copy_(g.to_dense())  # torch: a copy of the gradient

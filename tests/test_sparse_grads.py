@@ -72,7 +72,8 @@ def test_sparse_gradients_step_as_torchs(name, options, backend):
 @pytest.mark.parametrize("name,options", [c for c in CASES if "momentum" in c.values[1] or c.values[0] == "Adagrad"])
 def test_checkpoints_with_sparse_state_load_both_ways(name, options):
     """torch keeps a sparse gradient's SGD momentum buffer sparse; fusedopt loads it (its
-    values, zeros elsewhere) and torch steps fusedopt's dense one."""
+    values, zeros elsewhere) and exports it sparse again, which torch steps (its Nesterov
+    cannot add a dense buffer to a sparse gradient)."""
     ref, new = Model(), Model()
     opt_ref = getattr(torch.optim, name)(ref.parameters(), **options)
     train(ref, opt_ref, 2)
@@ -83,8 +84,9 @@ def test_checkpoints_with_sparse_state_load_both_ways(name, options):
     train(ref, opt_ref, 3)
     train(new, opt_new, 3)
     assert_same(ref, opt_ref, new, opt_new)
-    if options.get("nesterov"):
-        return  # torch's Nesterov cannot add a dense buffer to a sparse gradient
+    exported = opt_new.state_dict()["state"][0]
+    for key, value in opt_ref.state_dict()["state"][0].items():
+        assert exported[key].layout == value.layout, key
     back, opt_back = Model(), getattr(torch.optim, name)(Model().parameters(), **options)
     back.load_state_dict(new.state_dict())
     opt_back = getattr(torch.optim, name)(back.parameters(), **options)
@@ -92,6 +94,29 @@ def test_checkpoints_with_sparse_state_load_both_ways(name, options):
     train(back, opt_back, 2)
     train(new, opt_new, 2)
     assert_same(back, opt_back, new, opt_new)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [c.values[1] for c in CASES if "momentum" in c.values[1]])
+def test_a_fusedopt_checkpoint_of_sparse_momentum_steps_in_torch(options, backend):
+    """Trained by fusedopt from the start, its checkpoint holds the momentum buffer sparse,
+    as torch's would, also after a deep copy of the optimizer; torch loads it and steps on
+    (with Nesterov too) to fusedopt's numbers."""
+    new = Model()
+    opt_new = fusedopt.SGD(new.parameters(), backend=backend, **options)
+    train(new, opt_new, 2)
+    opt_new = copy.deepcopy(opt_new)   # the parameters too: a new model around them
+    model = Model()
+    model.emb.weight, model.out.weight, model.out.bias = opt_new.param_groups[0]["params"]
+    saved = opt_new.state_dict()["state"]
+    assert saved[0]["momentum_buffer"].is_sparse and not saved[1]["momentum_buffer"].is_sparse
+    back = Model()
+    back.load_state_dict(model.state_dict())
+    opt_back = torch.optim.SGD(back.parameters(), **options)
+    opt_back.load_state_dict(copy.deepcopy(opt_new.state_dict()))
+    train(back, opt_back, 3)
+    train(model, opt_new, 3)
+    assert_same(back, opt_back, model, opt_new)
 
 
 @pytest.mark.parametrize("name,options,message", [
