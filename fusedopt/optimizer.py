@@ -484,7 +484,10 @@ class Optimizer(torch.optim.Optimizer):
                     self._init_state(group, bucket, fresh)
                 self._sparse_update(group, bucket, sparse, fresh)
             if batch is not None:
-                fresh = [] if all(bucket.initialized) else [i for i in batch.index if not bucket.initialized[i]]
+                # Without state (SGD without momentum) nothing is fresh: no per-tensor lists
+                # every step for a bucket that never becomes initialized.
+                fresh = [] if all(bucket.initialized) or not self._state_keys(group) else \
+                    [i for i in batch.index if not bucket.initialized[i]]
                 if fresh:
                     self._init_state(group, bucket, fresh)
                 if clipped is not None:
