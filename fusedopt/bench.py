@@ -174,10 +174,12 @@ class Settings:
 
 
 def measure(fns: dict[str, Callable[[], object]], timer: Timer, s: Settings) -> dict[str, dict]:
-    """Median seconds of each function, timed in interleaved rounds.
+    """Median milliseconds of each function, timed in interleaved rounds, and each round's
+    time (`samples_ms`, in round order: entry i of every path is from round i).
 
     A path past its time budget (a Python for-loop over thousands of tensors) stops after
-    `min_rounds`, so one slow path does not stretch the run.
+    `min_rounds`, so one slow path does not stretch the run; it stops for good (its sum
+    only grows), so its rounds are the first ones of every other path.
     """
     for fn in fns.values():
         for _ in range(s.warmup):
@@ -192,7 +194,16 @@ def measure(fns: dict[str, Callable[[], object]], timer: Timer, s: Settings) -> 
         for k in active[shift:] + active[:shift]:
             samples[k].append(timer(fns[k]))
     return {k: dict(ms=statistics.median(v) * 1e3, rounds=len(v),
-                    iqr_ms=(_quantile(v, 0.75) - _quantile(v, 0.25)) * 1e3) for k, v in samples.items()}
+                    iqr_ms=(_quantile(v, 0.75) - _quantile(v, 0.25)) * 1e3, samples_ms=[t * 1e3 for t in v])
+            for k, v in samples.items()}
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """The median over rounds of our time over theirs in the same round, and the quartiles
+    of those ratios. A shared machine's slow spells (another job's burst) slow every path
+    of a round alike, which this cancels and a ratio of two medians does not."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return statistics.median(ratios), _quantile(ratios, 0.25), _quantile(ratios, 0.75)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -391,11 +402,15 @@ def _row_header(case: str, algorithm: str, cls: str, dtype: torch.dtype, params)
 
 
 def _finish(result: dict, timings: dict, mismatch: dict, notes: dict) -> dict:
-    paths = {}
+    """The row: every path's timing and agreement, torch's fastest agreeing path (by
+    median), and fusedopt's ratio to it (`paired_ratio`, with its quartiles)."""
+    paths, samples = {}, {}
     for name in IMPLS:
         if name in timings:
             agrees = mismatch[name] <= AGREE_FRACTION
-            paths[name] = dict(timings[name], mismatch=mismatch[name], agrees=agrees)
+            timing = dict(timings[name])
+            samples[name] = timing.pop("samples_ms", None)
+            paths[name] = dict(timing, mismatch=mismatch[name], agrees=agrees)
         else:
             paths[name] = dict(ms=None, note=notes.get(name, "unavailable"))
     result["paths"] = paths
@@ -404,7 +419,13 @@ def _finish(result: dict, timings: dict, mismatch: dict, notes: dict) -> dict:
     ms = paths["fusedopt"]["ms"]
     result["torch_best"] = best
     result["torch_best_ms"] = candidates.get(best)
-    result["ratio"] = ms / candidates[best] if best and ms else None
+    result["ratio"] = result["ratio_quartiles"] = None
+    if best and ms:
+        if samples["fusedopt"] and samples[best]:
+            ratio, low, high = paired_ratio(samples["fusedopt"], samples[best])
+            result["ratio"], result["ratio_quartiles"] = ratio, [low, high]
+        else:
+            result["ratio"] = ms / candidates[best]
     moved = result["bytes_per_element"] * result["elements"]
     result["gbps"] = moved / (ms * 1e-3) / 1e9 if ms else None
     result["torch_best_gbps"] = moved / (candidates[best] * 1e-3) / 1e9 if best else None
@@ -446,7 +467,8 @@ def table(results: dict) -> str:
     out.insert(1, "-" * len(out[0]))
     meta = results["meta"]
     out.append(f"times: median ms per step ({_where(meta)}); "
-               f"vs fastest: fusedopt / torch's fastest agreeing path; copy ceiling {ceiling:.3g} GB/s; "
+               "vs fastest: the median over rounds of fusedopt / torch's fastest agreeing path (by median) in the "
+               f"same round; copy ceiling {ceiling:.3g} GB/s; "
                "! = disagrees with torch's for-loop after one step (never counted as fastest)")
     return "\n".join(out)
 
@@ -485,8 +507,9 @@ def report(results: dict) -> str:
         f"- rounds: at most {m['settings']['repeat']} after {m['settings']['warmup']} warm-up step(s), "
         f"at least {m['settings']['min_rounds']}, a path stopping after {m['settings']['budget']} s; "
         "median, paths interleaved", "",
-        "fusedopt's time over torch's fastest path that agrees with torch's for-loop after one step "
-        "(below 1: fusedopt faster), and fusedopt's median time per step:", "",
+        "fusedopt's time over that of torch's fastest path (by median) that agrees with torch's for-loop after "
+        "one step, the median over rounds of the two timed in the same round (below 1: fusedopt faster), and "
+        "fusedopt's median time per step:", "",
         summary(results), "", "Every path:", "", "```", table(results), "```", ""])
 
 

@@ -50,6 +50,9 @@ def test_quick_run_writes_every_row_and_field(tmp_path):
         assert set(r["paths"]) == {"forloop", "foreach", "fused", "fusedopt"}
         assert r["paths"]["fusedopt"]["ms"] > 0 and r["paths"]["fusedopt"]["agrees"], key
         assert r["ratio"] is not None and r["gbps"] > 0, key
+        low, high = r["ratio_quartiles"]
+        assert low <= r["ratio"] <= high, key
+        assert "samples_ms" not in r["paths"]["fusedopt"], key   # per-round times stay out of the file
         if r["algorithm"].startswith("AveragedModel"):
             continue
         assert r["fusedopt_path"] == "native", key      # 'auto' on a CPU
@@ -66,6 +69,18 @@ def test_quick_run_writes_every_row_and_field(tmp_path):
     assert "| Adam |" in (tmp_path / "results.md").read_text()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_the_ratio_pairs_each_round():
+    """Rounds slowed alike (a burst of another job) leave the ratio alone: fusedopt took half
+    torch's time in every round, though the median of its times is twice torch's median."""
+    timings = {"fusedopt": dict(ms=10.0, samples_ms=[1.0, 10.0, 10.0]),
+               "fused": dict(ms=5.0, samples_ms=[2.0, 20.0, 20.0 / 4])}
+    row = bench._finish(dict(bytes_per_element=28, elements=1000), timings, {"fusedopt": 0.0, "fused": 0.0}, {})
+    assert row["torch_best"] == "fused"
+    assert row["ratio"] == 0.5
+    assert row["ratio_quartiles"] == [0.5, 1.25]
+    assert "samples_ms" not in row["paths"]["fused"]
 
 
 def test_bytes_per_element_of_the_fusedopt_only_modes():
