@@ -447,7 +447,7 @@ def table(results: dict) -> str:
     """The printed table: one line per row, times in ms."""
     ceiling = results["meta"]["copy_gbps"]
     head = ["case", "algorithm", "dtype", "for-loop", "foreach", "fused", "fusedopt", "path", "vs fastest",
-            "GB/s", "% copy"]
+            "quartiles", "GB/s", "% copy"]
     lines = [head]
     for r in results["rows"]:
         cells = []
@@ -458,8 +458,10 @@ def table(results: dict) -> str:
                 cell += "!"
             cells.append(cell)
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        quartiles = r.get("ratio_quartiles")
+        spread = "-" if not quartiles else f"{quartiles[0]:.2f}-{quartiles[1]:.2f}"
         pct = "-" if r["gbps"] is None else f"{100 * r['gbps'] / ceiling:.0f}%"
-        lines.append([r["case"], r["algorithm"], r["dtype"], *cells, r.get("fusedopt_path", ""), ratio,
+        lines.append([r["case"], r["algorithm"], r["dtype"], *cells, r.get("fusedopt_path", ""), ratio, spread,
                       _fmt(r["gbps"]), pct])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
@@ -468,7 +470,7 @@ def table(results: dict) -> str:
     meta = results["meta"]
     out.append(f"times: median ms per step ({_where(meta)}); "
                "vs fastest: the median over rounds of fusedopt / torch's fastest agreeing path (by median) in the "
-               f"same round; copy ceiling {ceiling:.3g} GB/s; "
+               f"same round; quartiles: of those per-round ratios; copy ceiling {ceiling:.3g} GB/s; "
                "! = disagrees with torch's for-loop after one step (never counted as fastest)")
     return "\n".join(out)
 
