@@ -33,6 +33,7 @@ from torch import Tensor
 SEGMENT_ALIGN = 16
 
 _layout = operator.attrgetter("layout")
+_grad = operator.attrgetter("grad")
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,7 +275,7 @@ class Bucket:
             # The common case in one pass of cheap checks (thousands of tiny tensors make
             # the per-tensor cost count): every parameter has a dense gradient like itself.
             # (map over C callables: no Python frame per tensor)
-            grads = [p.grad for p in self.params] if given is None else given
+            grads = list(map(_grad, self.params)) if given is None else given
             if (not any(map(operator.is_, grads, repeat(None)))
                     and all(map(operator.is_, map(_layout, grads), repeat(torch.strided)))
                     and all(map(Tensor.is_contiguous, grads))):

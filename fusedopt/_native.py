@@ -231,9 +231,11 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     # the user's own tensors: no runs then.
     run_below = setup.run_below if batch.grad_ops is None else 0
     plan = _plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(), run_below)
-    params, grads = plan.gather(batch)
-    state = {k: plan.state_views(bucket, k) for k in state_keys}
-    scalars = {k: plan.scalar_views(bucket, k) for k in impl.scalars}
+    # (the guards spare a stateless step calls and comprehension frames, which cost most
+    # with the cold cache a step that follows another model's work starts with)
+    params, grads = plan.gather(batch) if plan.runs else (batch.params, batch.grads)
+    state = {k: plan.state_views(bucket, k) for k in state_keys} if state_keys else {}
+    scalars = {k: plan.scalar_views(bucket, k) for k in impl.scalars} if impl.scalars else {}
     if setup.fused and "step" in impl.scalars:
         # One op on the bucket's step vector, where torch's fused wrapper adds to each
         # tensor's step in turn (2000 tiny tensors: 3 ms on this CPU).
@@ -251,7 +253,8 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
                 return [xs[e] for e in pick]
             call(sub(params), sub(grads), {k: sub(v) for k, v in state.items()},
                  {k: sub(v) for k, v in scalars.items()}, sub(plan.reps), o, _Context(fresh_set, batch.grad_ops, foreach))
-    plan.scatter(bucket, impl.scalars)
+    if plan.runs:
+        plan.scatter(bucket, impl.scalars)
     return True
 
 
@@ -286,16 +289,18 @@ class _Setup:
         edited): building them is a few microseconds of Python every step otherwise.
 
         Values are compared by identity (no tensor's __eq__ runs), so the cache is kept only
-        for groups whose values are all immutable (numbers, strings, tuples of them): an lr
-        tensor, or a list, can change in place."""
-        key = tuple(v for k, v in group.items() if k not in _NOT_OPTIONS)
+        for groups whose options are all immutable (numbers, strings, tuples of them): an lr
+        tensor, or a list, can change in place. The key holds every value of the group, the
+        parameter list too, whose identity is all it needs of it (the options do not depend
+        on it): one C-level tuple, where leaving it out took a generator's frame per step."""
+        key = tuple(group.values())
         cached = self._config
         if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
             return cached[1]
         all_keys = tuple(opt._state_keys(group))
         made = opt._options(group), all_keys, [k for k in all_keys if k not in opt._scalar_state]
         immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
-                        for v in key)
+                        for k, v in group.items() if k not in _NOT_OPTIONS)
         self._config = (key, made) if immutable else None
         return made
 

@@ -446,8 +446,10 @@ class Optimizer(torch.optim.Optimizer):
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            loss = self._evaluate(closure)
-            self._step_body(self.param_groups, None, self._amp_inputs())
+            # (each call a step skips is one Python frame less to run with a cold cache)
+            loss = None if closure is None else self._evaluate(closure)
+            self._step_body(self.param_groups, None,
+                            self._amp_inputs() if getattr(self, "_step_supports_amp_scaling", False) else None)
         finally:
             torch._C._set_grad_enabled(enabled)
         return loss
@@ -459,7 +461,9 @@ class Optimizer(torch.optim.Optimizer):
         `grads` maps id(param) to the gradient to use instead of `param.grad` (None: read
         `.grad`); `amp` is GradScaler's (grad_scale, found_inf) or None.
         """
-        self._sync_state()
+        state = self.state
+        if state.__class__ is not _State or state._owner is not self:
+            self._sync_state()
         clipped = self._clip_inputs(amp, grads) if self.max_grad_norm is not None else None
         # Every bucket's batch first: a gradient that cannot be stepped (a sparse one an
         # option refuses) raises before any parameter or state has changed.
@@ -504,7 +508,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._update(group, bucket, batch, fresh)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])
-                batch.finish()
+                if batch.writeback:
+                    batch.finish()
         if averaging is not None:
             averaging.finish()
 

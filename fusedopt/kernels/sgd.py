@@ -141,17 +141,19 @@ def sgd_native(params, grads, momentum_buffers, first: list[bool], o: SGDOptions
     starts now and those continuing one go in two calls.
     """
     bufs = momentum_buffers if o.momentum != 0 else []
+    amp = _launch.native_amp_args(grad_ops) if grad_ops is not None else {}
     for is_first in (True, False):
-        if is_first not in first:
+        count = first.count(is_first)
+        if not count:
             continue
         ps, gs, bs = params, grads, bufs  # one call when all agree: every step but the first
-        if not all(f == is_first for f in first):
+        if count != len(first):
             pick = [i for i, f in enumerate(first) if f == is_first]
             ps, gs, bs = [params[i] for i in pick], [grads[i] for i in pick], [bufs[i] for i in pick] if bufs else []
         torch._fused_sgd_(ps, gs, bs,
                           weight_decay=o.weight_decay, momentum=o.momentum, lr=o.lr,
                           dampening=o.dampening, nesterov=o.nesterov, maximize=o.maximize,
-                          is_first_step=is_first, **_launch.native_amp_args(grad_ops))
+                          is_first_step=is_first, **amp)
 
 
 def sgd_multi_tensor(params, grads, momentum_buffers, first: list[bool] | None, o: SGDOptions) -> None:
