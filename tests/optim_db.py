@@ -142,6 +142,12 @@ OPTIMIZERS: list[OptimInfo] = [
             dict(lr=0.01, alpha=0.8, momentum=0.5, centered=True, weight_decay=0.05, maximize=True),
         ],
         second_group=dict(lr=0.003, alpha=0.95, eps=1e-7, weight_decay=0.1),
+        # torch's CPU sqrt is not correctly rounded (an ulp off for 17% of fp32 results on
+        # an AMD EPYC, 1 in 130 on a Xeon); the kernel's is, as torch's on CUDA. The
+        # momentum buffer sums terms of opposite sign, which turns that ulp of sqrt(v) into
+        # up to 7e-6 of the buffer on the EPYC (the Triton path; the reference and native
+        # paths run torch's own sqrt and match to 1e-6).
+        rtol32=2e-5,
         # No fp16: torch's fp16 square_avg of a small gradient (g*g below 6e-5) is
         # subnormal and loses most of its bits, so its step is not one to match.
         dtypes=(torch.float64, torch.bfloat16),

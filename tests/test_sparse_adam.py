@@ -173,7 +173,15 @@ def test_embedding_model(backend):
                 return loss
             losses.append(opt.step(closure))  # step returns the closure's loss
         assert torch.equal(losses[0], losses[1])
-        assert torch.equal(opt_new.state[new.weight]["exp_avg"], opt_ref.state[ref.weight]["exp_avg"])
+        if backend != "triton":
+            assert torch.equal(opt_new.state[new.weight]["exp_avg"], opt_ref.state[ref.weight]["exp_avg"])
+        else:
+            # The kernel's sqrt is correctly rounded, torch's CPU one is not (module
+            # docstring): a weight an ulp apart gives the next batch a gradient a few ulps
+            # apart (measured 4e-6 relative on an AMD EPYC, where 17% of torch's fp32
+            # square roots are an ulp off; exact on a Xeon, where 1 in 130 is).
+            assert_close("exp_avg", opt_new.state[new.weight]["exp_avg"], opt_ref.state[ref.weight]["exp_avg"],
+                         rtol=2e-5, atol=1e-9)
     assert_close("weight", new.weight, ref.weight)
 
 
