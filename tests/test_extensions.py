@@ -337,13 +337,15 @@ def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it()
 @pytest.mark.parametrize("chunk", [None, 64], ids=["chunk", "small-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_sum_of_squares_of_the_native_and_reference_paths(dtype, chunk, monkeypatch):
-    """The dot products over chunks against float64 and against the Triton kernel's sum:
-    with a small chunk, tensors larger than it are cut, smaller ones packed (bf16 widened),
-    and a chunk's pieces come from several tensors."""
+    """The sum of squares against float64 and against the Triton kernel's: norms of pieces
+    of the large tensors, dot products of packed chunks of the rest (bf16 widened), both
+    cut and packed across tensors with small sizes."""
     from fusedopt.kernels import clip
-    if chunk is not None:
+    if chunk is not None:   # and tensors of 100 or more elements read in place, in pieces of 64
         monkeypatch.setattr(clip, "CHUNK", chunk)
-    params = make_params(dtype, shapes=[(3, 70), (5,), (64,), (1,), (40,), (33, 2), (200,)])
+        monkeypatch.setattr(clip, "DIRECT", 100)
+        monkeypatch.setattr(clip, "NORM_PIECE", chunk)
+    params = make_params(dtype, shapes=[(3, 70), (5,), (64,), (1,), (40,), (33, 2), (200,), (80, 80)])
     for p in params:
         p.grad = torch.randn(p.shape, dtype=torch.float64).to(dtype)
     exact = sum(float(p.grad.double().square().sum()) for p in params)

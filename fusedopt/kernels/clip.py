@@ -54,27 +54,30 @@ def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
     return partial.sum()
 
 
-# Elements per dot product on the reference and native paths: a bf16/fp16 gradient is
-# widened into a scratch of this many compute-dtype elements (1 MB of fp32, in a core's
-# L2 cache) and dotted there. Measured on this project's CPU, 256K-element chunks took
-# 60% of the time of 64K ones on bf16 gradients (fewer calls, each dispatch ~5 us) and
-# tied on fp32 ones.
+# How the reference and native paths take the sum of squares (`_sum_of_squares_torch`),
+# measured on this project's CPUs. A gradient of the compute dtype with DIRECT elements or
+# more is read where it lies, by one `torch._foreach_norm` over all of them cut into
+# NORM_PIECE-element pieces; the rest are packed into a scratch of CHUNK elements (1 MB of
+# fp32, in a core's L2 cache), bf16/fp16 ones widened there, and dotted. In a step that
+# starts with a cold cache (the runner's), per-tensor `torch.dot` calls made a clipped
+# AdamW step 6-13% slower than one `_foreach_norm`; a norm over a whole tensor is the less
+# accurate sum (2-4e-6 relative to float64 on the runner's fp32 models, torch's own
+# clip_grad_norm_ precision), over 64K-element pieces it is 2-4e-7, at the same speed.
+# bf16 chunks of 256K elements took 60% of the time of 64K ones (fewer calls).
 CHUNK = 1 << 18
+DIRECT = 1 << 12
+NORM_PIECE = 1 << 16
 
 
 def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: torch.dtype) -> torch.Tensor:
-    """The reference and native paths' sum of squares: dot products of chunks of the
-    gradients in the compute dtype. A gradient of that dtype with CHUNK elements or more
-    is one dot product as it is; smaller ones are packed together by one `torch.cat` into
-    a reused scratch, and bf16/fp16 ones widened there, a chunk at a time.
+    """The reference and native paths' sum of squares of the gradients, a 0-dim tensor in
+    the compute dtype: norms of pieces of the large compute-dtype gradients, and dot
+    products of packed chunks of the rest (see DIRECT, NORM_PIECE, CHUNK).
 
-    A norm per gradient (`torch._foreach_norm`) costs a dispatch per tensor: 2000 tiny
-    ones took 3.4 ms on this CPU (bf16: 5.7), the chunks 1.3; on large fp32 tensors the
-    two tie. On large bf16 ones torch's norm is faster (it never widens; it rounds each
-    tensor's norm to bf16, 2**-9 relative, where this is exact to fp32's rounding). The
-    dot products are also the more accurate sum: relative errors of 1e-7 or less against
-    float64 on the runner's fp32 models (the squared norms: 2e-6)."""
-    parts, pending, size = [], [], 0
+    A norm per tensor costs a dispatch each: 2000 tiny ones took 3.4 ms on the Xeon (bf16:
+    5.7), the packed chunks 1.3. torch's bf16 norm is faster than widening, but it rounds
+    each norm to bf16 (2**-9 relative), where this is exact to fp32's rounding."""
+    parts, pending, size, pieces = [], [], 0, []
     scratch = bucket.__dict__.get("_sumsq_scratch")
     if scratch is None or scratch.dtype != cdt or scratch.numel() < min(CHUNK, bucket.size):
         scratch = bucket._sumsq_scratch = torch.empty(min(CHUNK, bucket.size), dtype=cdt, device=bucket.device)
@@ -95,8 +98,8 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
     for g in grads:
         n = g.numel()
         g = g if g.dim() == 1 else _flat.memory_order(g)
-        if n >= CHUNK and g.dtype == cdt:
-            parts.append(torch.dot(g, g))
+        if n >= DIRECT and g.dtype == cdt:
+            pieces += g.split(NORM_PIECE) if n > NORM_PIECE else (g,)
             continue
         for piece in (g.split(CHUNK) if n > CHUNK else (g,)):
             if size + piece.numel() > CHUNK:
@@ -104,6 +107,9 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
             pending.append(piece)
             size += piece.numel()
     flush()
+    if pieces:
+        norms = torch.stack(torch._foreach_norm(pieces))
+        parts.append(torch.dot(norms, norms))
     if len(parts) < 2:  # a sum of one is itself: two ops fewer for a small model
         return parts[0] if parts else torch.zeros((), dtype=cdt, device=bucket.device)
     return torch.stack(parts).sum()
