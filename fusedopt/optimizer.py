@@ -362,7 +362,11 @@ class Optimizer(torch.optim.Optimizer):
                 b.initialized = [False] * len(b)
         for p, entries in foreign.items():
             if entries:
-                self._adopt(p, entries)
+                copied = dict(entries)
+                if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (_ParamState)
+                    copied = _ParamState(copied)
+                    copied.sparse_dim = entries.sparse_dim
+                self._adopt(p, copied)
 
     def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:
         """Create torch's initial state for parameters stepped for the first time."""

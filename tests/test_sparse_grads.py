@@ -100,14 +100,15 @@ def test_checkpoints_with_sparse_state_load_both_ways(name, options):
 @pytest.mark.parametrize("options", [c.values[1] for c in CASES if "momentum" in c.values[1]])
 def test_a_fusedopt_checkpoint_of_sparse_momentum_steps_in_torch(options, backend):
     """Trained by fusedopt from the start, its checkpoint holds the momentum buffer sparse,
-    as torch's would, also after a deep copy of the optimizer; torch loads it and steps on
-    (with Nesterov too) to fusedopt's numbers."""
+    as torch's would, also after a deep copy of the optimizer and a state put back in
+    place; torch loads it and steps on (with Nesterov too) to fusedopt's numbers."""
     new = Model()
     opt_new = fusedopt.SGD(new.parameters(), backend=backend, **options)
     train(new, opt_new, 2)
     opt_new = copy.deepcopy(opt_new)   # the parameters too: a new model around them
     model = Model()
     model.emb.weight, model.out.weight, model.out.bias = opt_new.param_groups[0]["params"]
+    opt_new.state = {p: copy.copy(entries) for p, entries in opt_new.state.items()}   # adopted again
     saved = opt_new.state_dict()["state"]
     assert saved[0]["momentum_buffer"].is_sparse and not saved[1]["momentum_buffer"].is_sparse
     back = Model()
