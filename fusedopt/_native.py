@@ -56,16 +56,21 @@ MIN_RUN = 8
 # Which of torch's two non-fused implementations runs an entry: the multi-tensor one (an
 # op over every entry, then the next op: one dispatch per op) or the for-loop (every op on
 # one entry, then the next: the entry's tensors stay in the core's cache between ops).
-# Measured on this project's 2-core CPU (2 MB of L2 per core), four fp32 tensors each
-# way, the for-loop took 80-90% of the multi-tensor time for NAdam's tensors of 128 KB to
-# 1 MB (110% at 2 MB and above) and 70-80% for Adamax's, RMSprop's and Adadelta's from
-# 128 KB up to 8 MB at least; below 128 KB its dispatches cost more than it saves. For
-# ASGD, whose multi-tensor code makes more passes, it wins at every size. Entries whose bytes fall in an algorithm's
-# [low, high) window take the for-loop; the rest, and every entry of an unlisted
-# algorithm, the multi-tensor code. RAdam's for-loop does more work, Rprop's and SGD's
-# gain too little to pay for a second call.
+# Entries whose bytes fall in an algorithm's [low, high) window take the for-loop; the
+# rest, and every entry of an unlisted algorithm, the multi-tensor code. A window is where
+# the for-loop won on both CPUs this project has measured, fp32 tensors each way (cold
+# cache): an Intel Xeon with 2 MB of L2 a core and an AMD EPYC with 1 MB. For-loop time
+# over multi-tensor time, Xeon / EPYC:
+#   NAdam     128 KB-1 MB 0.80-0.90 / 0.86-0.98; from 2 MB 1.10 / 0.88-0.97
+#   Adamax    from 128 KB 0.70-0.80 / 0.72-0.92
+#   Adadelta  from 128 KB 0.70-0.80 / 0.75-0.94
+#   RMSprop   128-256 KB  0.70-0.80 / 1.02-1.07; from 512 KB 0.70-0.80 / 0.87-0.92
+#   ASGD      every size (its multi-tensor code makes more passes): 0.47-0.64 on the EPYC
+# Below 128 KB the for-loop's dispatches cost more than it saves. RAdam's for-loop does
+# more work, Rprop's and SGD's gain too little to pay for a second call. (The EPYC's
+# figures: `benchmarks/loop_window.py`.)
 LOOP_WINDOW = {"ASGD": (0, None), "NAdam": (1 << 17, 3 << 19), "Adamax": (1 << 17, None),
-               "Adadelta": (1 << 17, None), "RMSprop": (1 << 17, None)}
+               "Adadelta": (1 << 17, None), "RMSprop": (1 << 19, None)}
 
 
 @dataclass(frozen=True)

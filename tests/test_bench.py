@@ -139,3 +139,23 @@ def test_master_weight_row_runs_torchs_recipe_to_the_same_numbers():
             assert torch.equal(a, m.to(torch.bfloat16)), name
             torch.testing.assert_close(a, b, rtol=2 ** -7, atol=0, msg=name)
     assert bench._mismatch(recipes["fused"][0], ours, start) == 0
+
+
+def test_loop_window_script_measures_both_paths_on_the_same_work():
+    """benchmarks/loop_window.py (the figures behind `_native.LOOP_WINDOW`) at a tiny size:
+    a row per algorithm and size, naming what the window chooses now, with both of torch's
+    paths having stepped the same tensors to the same numbers (RMSprop's two paths agree
+    bitwise in fp32)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "loop_window.py")
+    spec = importlib.util.spec_from_file_location("loop_window", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.main(["--algorithms", "RMSprop,Adamax", "--sizes", "4,1024", "--rounds", "3", "--total-mb", "1",
+                        "--evict-mb", "1"])
+    assert [(r["algorithm"], r["kb"]) for r in rows] == [("RMSprop", 4), ("RMSprop", 1024), ("Adamax", 4),
+                                                         ("Adamax", 1024)]
+    assert [r["window"] for r in rows] == ["multi-tensor", "for-loop", "multi-tensor", "for-loop"]
+    assert all(r["ratio"] > 0 and r["q1"] <= r["q3"] for r in rows)
+    assert all(r["same"] for r in rows if r["algorithm"] == "RMSprop")

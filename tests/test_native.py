@@ -12,12 +12,12 @@ from _compare import assert_same_run, run_side_by_side
 from fusedopt import _native
 from optim_db import OPTIMIZERS
 
-# Forty small tensors (runs) around two large ones (entries of their own; the second in
-# the window where `_native.LOOP_WINDOW` sends tensors to torch's for-loop), with the
-# awkward ones of the parity table among them.
+# Forty small tensors (runs) around two large ones (entries of their own; the second, 547
+# KB in fp32, inside every window where `_native.LOOP_WINDOW` sends tensors to torch's
+# for-loop), with the awkward ones of the parity table among them.
 SMALL_SHAPES = [(n,) for n in (1, 3, 16, 17, 5, 31, 64, 2, 9, 100)] * 4
 SHAPES = SMALL_SHAPES[:12] + [(70, 300)] + SMALL_SHAPES[12:30] + ["channels_last", (), (0,)] + \
-    [(70000,)] + SMALL_SHAPES[30:]
+    [(140000,)] + SMALL_SHAPES[30:]
 # No gradient: tensor 3 on its first step (its step count lags behind its run's for good),
 # 13 and 14 on step 2, the large one on step 1; 20 never before step 3.
 MISSING = {(0, 3), (2, 13), (2, 14), (1, 12)} | {(s, 20) for s in range(3)}
