@@ -58,17 +58,18 @@ MIN_RUN = 8
 # one entry, then the next: the entry's tensors stay in the core's cache between ops).
 # Entries whose bytes fall in an algorithm's [low, high) window take the for-loop; the
 # rest, and every entry of an unlisted algorithm, the multi-tensor code. A window is where
-# the for-loop won on both CPUs this project has measured, fp32 tensors each way (cold
-# cache): an Intel Xeon with 2 MB of L2 a core and an AMD EPYC with 1 MB. For-loop time
-# over multi-tensor time, Xeon / EPYC:
-#   NAdam     128 KB-1 MB 0.80-0.90 / 0.86-0.98; from 2 MB 1.10 / 0.88-0.97
-#   Adamax    from 128 KB 0.70-0.80 / 0.72-0.92
+# the for-loop won on the Intel Xeon (2 MB of L2 a core) these choices were first measured
+# on and did not lose on the AMD EPYC (1 MB) measured since, fp32 tensors each way, cold
+# cache. For-loop time over multi-tensor time, Xeon / EPYC (two runs):
+#   NAdam     128 KB-1 MB 0.80-0.90 / 0.53-1.04 (a tie at 128 KB); from 2 MB 1.10 / 0.88-0.97
+#   Adamax    from 128 KB 0.70-0.80 / 0.40-0.92
 #   Adadelta  from 128 KB 0.70-0.80 / 0.75-0.94
-#   RMSprop   128-256 KB  0.70-0.80 / 1.02-1.07; from 512 KB 0.70-0.80 / 0.87-0.92
-#   ASGD      every size (its multi-tensor code makes more passes): 0.47-0.64 on the EPYC
+#   RMSprop   128-256 KB  0.70-0.80 / 1.02-1.07 (a loss); from 512 KB 0.70-0.80 / 0.81-0.92
+#   ASGD      every size (its multi-tensor code makes more passes): 0.14-0.75 on the EPYC
 # Below 128 KB the for-loop's dispatches cost more than it saves. RAdam's for-loop does
-# more work, Rprop's and SGD's gain too little to pay for a second call. (The EPYC's
-# figures: `benchmarks/loop_window.py`.)
+# more work, Rprop's and SGD's gain too little to pay for a second call.
+# `benchmarks/loop_window.py` measures these on any CPU; the EPYC's second run is
+# benchmarks/results/cpu-amd-epyc/loop_window.md.
 LOOP_WINDOW = {"ASGD": (0, None), "NAdam": (1 << 17, 3 << 19), "Adamax": (1 << 17, None),
                "Adadelta": (1 << 17, None), "RMSprop": (1 << 19, None)}
 
