@@ -141,7 +141,7 @@ def test_master_weight_row_runs_torchs_recipe_to_the_same_numbers():
     assert bench._mismatch(recipes["fused"][0], ours, start) == 0
 
 
-def test_loop_window_script_measures_both_paths_on_the_same_work():
+def test_loop_window_script_measures_both_paths_on_the_same_work(tmp_path):
     """benchmarks/loop_window.py (the figures behind `_native.LOOP_WINDOW`) at a tiny size:
     a row per algorithm and size, naming what the window chooses now, with both of torch's
     paths having stepped the same tensors to the same numbers (RMSprop's two paths agree
@@ -152,10 +152,13 @@ def test_loop_window_script_measures_both_paths_on_the_same_work():
     spec = importlib.util.spec_from_file_location("loop_window", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    out = tmp_path / "loop_window.md"
     rows = script.main(["--algorithms", "RMSprop,Adamax", "--sizes", "4,1024", "--rounds", "3", "--total-mb", "1",
-                        "--evict-mb", "1"])
+                        "--evict-mb", "1", "--out", str(out)])
     assert [(r["algorithm"], r["kb"]) for r in rows] == [("RMSprop", 4), ("RMSprop", 1024), ("Adamax", 4),
                                                          ("Adamax", 1024)]
     assert [r["window"] for r in rows] == ["multi-tensor", "for-loop", "multi-tensor", "for-loop"]
     assert all(r["ratio"] > 0 and r["q1"] <= r["q3"] for r in rows)
     assert all(r["same"] for r in rows if r["algorithm"] == "RMSprop")
+    table = out.read_text()
+    assert "--algorithms RMSprop,Adamax" in table and table.count("| RMSprop |") == 2 and "| Adamax | 1024 KB |" in table
