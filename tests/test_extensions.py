@@ -317,6 +317,42 @@ def test_max_grad_norm_in_float64(backend):
         assert_close(f"param {j}", p, copies[torch.float64][j], rtol=1e-10, atol=1e-12)
 
 
+def test_clip_coefficient_on_the_host_is_torchs_arithmetic():
+    """On the CPU the coefficient is computed in Python floats (`clip._coefficient_on_host`):
+    it must be what torch's ops give, `clamp(max_norm / (sqrt(total) + 1e-6), max=1)`, bit
+    for bit in fp32 and fp64, given the same (correctly rounded) square root; with a
+    GradScaler scale, over several buckets, and for inf and NaN norms."""
+    import math
+
+    from fusedopt.kernels import clip
+
+    gen = torch.Generator().manual_seed(0)
+
+    def by_torch(sums, max_norm, scale, dtype):
+        total = torch.stack([s.to(dtype) for s in sums]).sum() if len(sums) > 1 else sums[0].to(dtype)
+        total = torch.tensor(math.sqrt(total.item()), dtype=torch.float64).to(dtype)  # rounded once
+        if scale is not None:
+            total = total / scale.to(dtype)
+        return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+    checked = 0
+    for dtype in (torch.float32, torch.float64):
+        sums = torch.rand(2000, generator=gen, dtype=torch.float64).mul(10.0 ** torch.randint(-6, 9, (2000,),
+                                                                                            generator=gen)).to(dtype)
+        for j in range(0, 2000, 2):
+            for max_norm, scale in ((1.0, None), (0.37, torch.tensor(65536.0)), (3e3, torch.tensor(3.0))):
+                one = [sums[j]]
+                for given in (one, [sums[j], sums[j + 1]]) if dtype == torch.float32 else (one,):
+                    got = clip.clip_coefficient(given, max_norm, scale)
+                    want = by_torch(given, max_norm, scale, dtype)
+                    assert isinstance(got, float) and got == want.item(), (given, max_norm, scale, got, want)
+                    checked += 1
+    assert checked > 5000
+    for special, want in ((float("inf"), 0.0), (float("nan"), None)):
+        got = clip.clip_coefficient([torch.tensor(special)], 1.0, None)
+        assert got == want if want is not None else math.isnan(got)
+
+
 def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it():
     from fusedopt.kernels._launch import count_launches
     params = make_params(torch.float32, shapes=[(100,), (7,)]) + make_params(torch.float64, shapes=[(5,)])

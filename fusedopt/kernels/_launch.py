@@ -184,17 +184,19 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
 
 
 def grad_ops_tensor(device: torch.device, grad_scale: torch.Tensor | None = None,
-                    found_inf: torch.Tensor | None = None, multiplier: torch.Tensor | None = None,
+                    found_inf: torch.Tensor | None = None, multiplier: torch.Tensor | float | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(grad_scale, multiplier, found_inf) as one tensor on `device` (fp32 unless `dtype`
     says otherwise), with no host sync: GradScaler's scale and found_inf stay where they
-    are computed until the kernel reads them."""
+    are computed until the kernel reads them. A float multiplier was computed on the host."""
     given = (grad_scale, multiplier, found_inf)
-    if device.type == "cpu" and all(t is None or t.device.type == "cpu" for t in given):
+    if device.type == "cpu" and all(t is None or isinstance(t, float) or t.device.type == "cpu" for t in given):
         # Read on the host, where that costs no sync: one op instead of five. The values
         # are exact (a float holds any fp32 or fp64 value), as the conversion below is.
-        return torch.tensor([1.0 if t is None else t.item() for t in given[:2]]
+        return torch.tensor([1.0 if t is None else t if isinstance(t, float) else t.item() for t in given[:2]]
                             + [0.0 if found_inf is None else found_inf.item()], dtype=dtype)
+    if isinstance(multiplier, float):
+        multiplier = torch.tensor(multiplier, dtype=dtype)
     one = torch.ones((), dtype=dtype, device=device)
     parts = [t.to(device=device, dtype=dtype, non_blocking=True).reshape(()) if t is not None else z
              for t, z in ((grad_scale, one), (multiplier, one), (found_inf, torch.zeros_like(one)))]

@@ -4,7 +4,8 @@ torch's `clip_grad_norm_` reads every gradient to take the norm, then reads and 
 every gradient again to scale it, then the optimizer reads it a third time. Here the norm
 is one reduction launch per bucket over the same block table the update kernel runs on
 (each program writes the sum of squares of its block: no atomics, so the sum is the same
-every run), a tiny finish in torch on the device (no host sync), and the clip coefficient
+every run), a tiny finish in torch on the device (no host sync; on the CPU, where reading a
+value costs no sync, in Python floats), and the clip coefficient
 reaches the update kernel through its gradient prologue (`_launch.load_grad`): the
 gradients are read twice and never written.
 
@@ -13,6 +14,9 @@ handing its scale to the optimizer (fused=True) the gradients are still scaled w
 norm is taken, so the norm is divided by the scale: the norm of the unscaled gradient.
 """
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 
@@ -115,13 +119,17 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
     return torch.stack(parts).sum()
 
 
-def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None) -> torch.Tensor:
+def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None) -> torch.Tensor | float:
     """torch's clip coefficient from the buckets' sums of squares, on the first one's device.
 
     The total is accumulated in float64 when any bucket computes in it, else in float32.
+    Where everything is on the CPU the coefficient is a Python float (`_coefficient_on_host`).
     """
     device = sums[0].device
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
+    if device.type == "cpu" and all(s.device.type == "cpu" for s in sums) and \
+            (grad_scale is None or grad_scale.device.type == "cpu"):
+        return _coefficient_on_host(sums, max_norm, grad_scale, dtype)
     if len(sums) == 1 and sums[0].dtype == dtype:
         total = sums[0].sqrt()  # one bucket: its sum is the total
     else:
@@ -129,6 +137,34 @@ def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torc
     if grad_scale is not None:
         total = total / grad_scale.to(device=device, dtype=dtype, non_blocking=True).reshape(())
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+_FP32 = struct.Struct("f")
+
+
+def _round_fp32(x: float) -> float:
+    return _FP32.unpack(_FP32.pack(x))[0]
+
+
+def _coefficient_on_host(sums: list[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None,
+                         dtype: torch.dtype) -> float:
+    """`clip_coefficient` for tensors on the CPU, where reading them costs no sync: the same
+    operations in Python floats, each rounded to `dtype` as torch's op would round it (a
+    float64 result of an fp32 add, multiply, divide or square root, rounded to fp32, is the
+    correctly rounded fp32 result). Five tensor ops cost 40-70 us in a step that starts with
+    a cold cache (the runner's; a training step's after backward), these a few. Every path
+    on the CPU takes its coefficient from here, so they agree with each other; the square
+    root is correctly rounded, where torch's CPU `sqrt` can be an ulp off."""
+    r = _round_fp32 if dtype == torch.float32 else float
+    total = 0.0
+    for s in sums:
+        total = r(total + s.item())
+    total = r(math.sqrt(total))
+    if grad_scale is not None:
+        total = r(total / r(grad_scale.item()))
+    # torch's `max_norm / t` is `t.reciprocal() * max_norm`
+    coefficient = r(r(1.0 / r(total + r(1e-6))) * r(max_norm))
+    return coefficient if coefficient != coefficient else min(coefficient, 1.0)   # clamp keeps a NaN
 
 
 # ------------------------------------------------------------------------- AOT variants
