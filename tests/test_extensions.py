@@ -373,15 +373,18 @@ def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it()
 @pytest.mark.parametrize("chunk", [None, 64], ids=["chunk", "small-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_sum_of_squares_of_the_native_and_reference_paths(dtype, chunk, monkeypatch):
-    """The sum of squares against float64 and against the Triton kernel's: norms of pieces
-    of the large tensors, dot products of packed chunks of the rest (bf16 widened), both
-    cut and packed across tensors with small sizes."""
+    """The sum of squares against float64 and against the Triton kernel's: norms of the
+    large tensors (whole, or by rows and what is left after the last row), dot products of
+    packed chunks of the rest (bf16 widened), cut and packed across tensors."""
     from fusedopt.kernels import clip
-    if chunk is not None:   # and tensors of 100 or more elements read in place, in pieces of 64
+    if chunk is not None:
+        # read in place from 100 elements: up to 128 whole, larger by rows of 64 (3x70:
+        # three rows and 18 packed; 80x80: a hundred rows); packed 64 at a time
         monkeypatch.setattr(clip, "CHUNK", chunk)
         monkeypatch.setattr(clip, "DIRECT", 100)
-        monkeypatch.setattr(clip, "NORM_PIECE", chunk)
-    params = make_params(dtype, shapes=[(3, 70), (5,), (64,), (1,), (40,), (33, 2), (200,), (80, 80)])
+        monkeypatch.setattr(clip, "NORM_PIECE", 128)
+        monkeypatch.setattr(clip, "ROW", 64)
+    params = make_params(dtype, shapes=[(3, 70), (5,), (64,), (1,), (120,), (40,), (33, 2), (200,), (80, 80)])
     for p in params:
         p.grad = torch.randn(p.shape, dtype=torch.float64).to(dtype)
     exact = sum(float(p.grad.double().square().sum()) for p in params)

@@ -60,28 +60,37 @@ def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
 
 # How the reference and native paths take the sum of squares (`_sum_of_squares_torch`),
 # measured on this project's CPUs. A gradient of the compute dtype with DIRECT elements or
-# more is read where it lies, by one `torch._foreach_norm` over all of them cut into
-# NORM_PIECE-element pieces; the rest are packed into a scratch of CHUNK elements (1 MB of
-# fp32, in a core's L2 cache), bf16/fp16 ones widened there, and dotted. In a step that
-# starts with a cold cache (the runner's), per-tensor `torch.dot` calls made a clipped
-# AdamW step 6-13% slower than one `_foreach_norm`; a norm over a whole tensor is the less
-# accurate sum (2-4e-6 relative to float64 on the runner's fp32 models, torch's own
-# clip_grad_norm_ precision), over 64K-element pieces it is 2-4e-7, at the same speed.
-# bf16 chunks of 256K elements took 60% of the time of 64K ones (fewer calls).
+# more is read where it lies: up to NORM_PIECE elements as a whole, in one
+# `torch._foreach_norm` over all such; a larger one as rows of ROW elements, one
+# `linalg.vector_norm(dim=1)` a tensor; the norms are then dotted with themselves. The rest
+# (the small gradients, bf16/fp16 ones, what is left of a larger one after its last whole
+# row) is packed into a scratch of CHUNK elements (1 MB of fp32, in a core's L2 cache),
+# widened there, and dotted.
+# Why rows: a norm over a whole large tensor is the less accurate sum (2-4e-6 relative to
+# float64 on the runner's fp32 models, torch's own clip_grad_norm_ precision); cut into
+# 64K-element pieces for one `_foreach_norm` it is 2-4e-7, but costs a reduction a piece;
+# rows of 4096 are 2-5e-8 off, and on the EPYC took 70-75% of the pieces' time (four
+# 512x512 gradients: 0.20 against 0.28 ms, a cold cache), which made the runner's clipped
+# AdamW step 3-5% faster on its few-large and GPT-2 lists (ResNet-50's: no change).
+# bf16 rows widened inside the reduction (`dtype=torch.float32`) were no faster than
+# widening into the scratch. In a step that starts with a cold cache (the runner's),
+# per-tensor `torch.dot` calls made a clipped AdamW step 6-13% slower on the Xeon than one
+# `_foreach_norm`. bf16 chunks of 256K elements took 60% of the time of 64K ones.
 CHUNK = 1 << 18
 DIRECT = 1 << 12
 NORM_PIECE = 1 << 16
+ROW = 1 << 12
 
 
 def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: torch.dtype) -> torch.Tensor:
     """The reference and native paths' sum of squares of the gradients, a 0-dim tensor in
-    the compute dtype: norms of pieces of the large compute-dtype gradients, and dot
-    products of packed chunks of the rest (see DIRECT, NORM_PIECE, CHUNK).
+    the compute dtype: norms of the large gradients (whole, or by rows), and dot products
+    of packed chunks of the rest (see DIRECT, NORM_PIECE, ROW, CHUNK).
 
     A norm per tensor costs a dispatch each: 2000 tiny ones took 3.4 ms on the Xeon (bf16:
     5.7), the packed chunks 1.3. torch's bf16 norm is faster than widening, but it rounds
     each norm to bf16 (2**-9 relative), where this is exact to fp32's rounding."""
-    parts, pending, size, pieces = [], [], 0, []
+    parts, pending, size, whole, rows = [], [], 0, [], []
     scratch = bucket.__dict__.get("_sumsq_scratch")
     if scratch is None or scratch.dtype != cdt or scratch.numel() < min(CHUNK, bucket.size):
         scratch = bucket._sumsq_scratch = torch.empty(min(CHUNK, bucket.size), dtype=cdt, device=bucket.device)
@@ -101,18 +110,29 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
 
     for g in grads:
         n = g.numel()
-        g = g if g.dim() == 1 else _flat.memory_order(g)
         if n >= DIRECT and g.dtype == cdt:
-            pieces += g.split(NORM_PIECE) if n > NORM_PIECE else (g,)
-            continue
+            if n <= NORM_PIECE:
+                whole.append(g)
+                continue
+            # a batch's gradients are dense: its elements in memory order, as rows
+            k = n // ROW
+            rows.append(torch.linalg.vector_norm(g.as_strided((k, ROW), (ROW, 1)), dim=1))
+            n -= k * ROW
+            if not n:
+                continue
+            g = g.as_strided((n,), (1,), g.storage_offset() + k * ROW)
+        elif g.dim() != 1:
+            g = _flat.memory_order(g)
         for piece in (g.split(CHUNK) if n > CHUNK else (g,)):
             if size + piece.numel() > CHUNK:
                 flush()
             pending.append(piece)
             size += piece.numel()
     flush()
-    if pieces:
-        norms = torch.stack(torch._foreach_norm(pieces))
+    if whole:
+        rows.append(torch.stack(torch._foreach_norm(whole)))
+    if rows:
+        norms = rows[0] if len(rows) == 1 else torch.cat(rows)
         parts.append(torch.dot(norms, norms))
     if len(parts) < 2:  # a sum of one is itself: two ops fewer for a small model
         return parts[0] if parts else torch.zeros((), dtype=cdt, device=bucket.device)
