@@ -90,17 +90,18 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     if "step" in impl.scalars:
         opt._advance_steps(bucket, batch)
     scale = mult = None
-    if batch.grad_ops is not None:
-        # Reading them on the CPU costs no sync.
-        scale, mult, found_inf = batch.grad_ops.tolist()
+    # Reading them on the CPU costs no sync; their values are the compute dtype's.
+    ops = batch.host_ops if batch.grad_ops is None else batch.grad_ops.tolist()
+    if ops is not None:
+        scale, mult, found_inf = ops
         if found_inf:
             return True  # GradScaler found inf/NaN: nothing changes; the caller takes the steps back
         if kdt == cdt:
             # The reference's order and dtype: g / scale * coefficient in the compute
-            # dtype (0-dim operands of it), on a copy; a factor of 1 is left out (exact).
-            ops = batch.grad_ops.to(cdt)
-            scale = ops[0] if scale != 1 else None
-            mult = ops[1] if mult != 1 else None
+            # dtype (a Python float operand is the compute dtype's value, as a 0-dim tensor
+            # of it would be), on a copy; a factor of 1 is left out (exact).
+            scale = scale if scale != 1 else None
+            mult = mult if mult != 1 else None
         else:
             # A bf16 copy for torch's bf16 kernel: the gradient times coefficient / scale,
             # a Python float, which torch multiplies in fp32 and rounds once, to bf16 (2**-9

@@ -126,6 +126,11 @@ class Batch:
     # (grad_scale, multiplier, found_inf) on the bucket's device when the optimizer unscales
     # (GradScaler with fused=True) or clips inside the kernel; see kernels/_launch.load_grad.
     grad_ops: Tensor | None = None
+    # The same three values as Python floats, instead of the tensor, where the native path
+    # clips on the CPU: they are known on the host, and a tensor made of them only to be
+    # read back cost 50-70 us a bucket in a step that starts with a cold cache.
+    # `Optimizer._step_body` makes the tensor where the native path declines the bucket.
+    host_ops: tuple[float, float, float] | None = None
     # An attached averaged model's buffer and segments (kernels/averaging.FusedAverage) when
     # the update kernel also averages the new parameters (Optimizer.attach_averaged_model).
     average: object | None = None

@@ -500,15 +500,20 @@ class Optimizer(torch.optim.Optimizer):
                     self._init_state(group, bucket, fresh)
                 if clipped is not None:
                     # In the compute dtype, so that an fp64 bucket's coefficient is not rounded to fp32.
-                    batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *(amp or (None, None)),
-                                                             multiplier=clipped[1],
-                                                             dtype=_launch.compute_dtype(bucket.real_dtype))
+                    cdt = _launch.compute_dtype(bucket.real_dtype)
+                    if bucket.path == "native":
+                        batch.host_ops = _launch.host_grad_ops(*(amp or (None, None)), clipped[1], cdt)
+                    if batch.host_ops is None:
+                        batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *(amp or (None, None)),
+                                                                 multiplier=clipped[1], dtype=cdt)
                 elif amp is not None:
                     batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *amp)
                 if averaging is not None:
                     batch.average = averaging.fuse(self, bucket, batch)
                 # The native path declines what it cannot run (then the reference steps).
                 if not (bucket.path == "native" and _native.step(self, group, bucket, batch, fresh)):
+                    if batch.host_ops is not None:
+                        batch.grad_ops = torch.tensor(batch.host_ops, dtype=_launch.compute_dtype(bucket.real_dtype))
                     self._update(group, bucket, batch, fresh)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])

@@ -15,6 +15,7 @@ import functools
 import math
 import operator
 import os
+import struct
 
 import torch
 
@@ -183,18 +184,40 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
     record_launch(name)
 
 
+_FP32 = struct.Struct("f")
+
+
+def round_fp32(x: float) -> float:
+    """A Python float rounded as an fp32 tensor would hold it: to nearest even, overflowing
+    to inf (`struct` rounds as a C float cast does)."""
+    return _FP32.unpack(_FP32.pack(x))[0]
+
+
+def host_grad_ops(grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                  multiplier: torch.Tensor | float | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[float, float, float] | None:
+    """`grad_ops_tensor`'s three values as Python floats, each rounded to `dtype` as the
+    tensor holds it, where every one of them is on the CPU (reading them costs no sync);
+    None where one is on another device."""
+    given = (grad_scale, multiplier, found_inf)
+    if not all(t is None or isinstance(t, float) or t.device.type == "cpu" for t in given):
+        return None
+    values = [d if t is None else t if isinstance(t, float) else t.item()
+              for t, d in zip(given, (1.0, 1.0, 0.0))]
+    return tuple(map(round_fp32, values)) if dtype == torch.float32 else tuple(values)
+
+
 def grad_ops_tensor(device: torch.device, grad_scale: torch.Tensor | None = None,
                     found_inf: torch.Tensor | None = None, multiplier: torch.Tensor | float | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(grad_scale, multiplier, found_inf) as one tensor on `device` (fp32 unless `dtype`
     says otherwise), with no host sync: GradScaler's scale and found_inf stay where they
     are computed until the kernel reads them. A float multiplier was computed on the host."""
-    given = (grad_scale, multiplier, found_inf)
-    if device.type == "cpu" and all(t is None or isinstance(t, float) or t.device.type == "cpu" for t in given):
-        # Read on the host, where that costs no sync: one op instead of five. The values
-        # are exact (a float holds any fp32 or fp64 value), as the conversion below is.
-        return torch.tensor([1.0 if t is None else t if isinstance(t, float) else t.item() for t in given[:2]]
-                            + [0.0 if found_inf is None else found_inf.item()], dtype=dtype)
+    if device.type == "cpu":
+        # Read on the host, where that costs no sync: one op instead of five.
+        host = host_grad_ops(grad_scale, found_inf, multiplier, dtype)
+        if host is not None:
+            return torch.tensor(host, dtype=dtype)
     if isinstance(multiplier, float):
         multiplier = torch.tensor(multiplier, dtype=dtype)
     one = torch.ones((), dtype=dtype, device=device)

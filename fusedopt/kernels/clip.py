@@ -16,7 +16,6 @@ norm is taken, so the norm is divided by the scale: the norm of the unscaled gra
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 
@@ -159,13 +158,6 @@ def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torc
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-_FP32 = struct.Struct("f")
-
-
-def _round_fp32(x: float) -> float:
-    return _FP32.unpack(_FP32.pack(x))[0]
-
-
 def _coefficient_on_host(sums: list[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None,
                          dtype: torch.dtype) -> float:
     """`clip_coefficient` for tensors on the CPU, where reading them costs no sync: the same
@@ -175,7 +167,7 @@ def _coefficient_on_host(sums: list[torch.Tensor], max_norm: float, grad_scale: 
     a cold cache (the runner's; a training step's after backward), these a few. Every path
     on the CPU takes its coefficient from here, so they agree with each other; the square
     root is correctly rounded, where torch's CPU `sqrt` can be an ulp off."""
-    r = _round_fp32 if dtype == torch.float32 else float
+    r = _launch.round_fp32 if dtype == torch.float32 else float
     total = 0.0
     for s in sums:
         total = r(total + s.item())
