@@ -88,7 +88,7 @@ class AttachedAverage:
                     continue
                 target = avg  # one (device, dtype): one averaged bucket
                 positions[i], segments[i] = pos, avg.offsets[j]
-        device_segments = (torch.tensor(segments, dtype=torch.int64).to(bucket.device, non_blocking=True)
+        device_segments = (_launch.on_device(torch.tensor(segments, dtype=torch.int64), bucket.device)
                            if target is not None else None)
         plan = (positions, device_segments, target)
         bucket._average_plan = (self, layout, round_.sources_key, *plan)

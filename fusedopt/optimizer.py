@@ -721,7 +721,7 @@ class Optimizer(torch.optim.Optimizer):
         if "step" not in bucket.scalars:
             return
         steps = bucket.steps
-        back = found_inf.to(device=steps.device, dtype=steps.dtype, non_blocking=True).reshape(())
+        back = _launch.on_device(found_inf, steps.device, steps.dtype).reshape(())
         if batch.everyone:
             steps.sub_(back)
         else:

@@ -5,6 +5,8 @@ unscales gradients itself and skips `step()` on inf/NaN: frameworks (Lightning) 
 clip unscaled gradients between `unscale_` and `step`.
 """
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +115,36 @@ def test_fused_true_unscales_in_the_kernel_like_torch_fused(torch_cls, fused_cls
             got = opt.state_dict()["state"][k][key]
             assert got.device == value.device and got.dtype == value.dtype, key
             assert_close(f"{key} of param {k}", got, value)
+
+
+class _AsyncCopiesToTheCPU(torch.overrides.TorchFunctionMode):
+    """Records where fusedopt's code calls `Tensor.to(..., non_blocking=True)` with the CPU as
+    the destination (torch's GradScaler does so for CPU tensors, where it is a no-op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.to and kwargs.get("non_blocking") and isinstance(out, torch.Tensor) \
+                and out.device.type == "cpu":
+            caller = sys._getframe(1).f_code
+            if Path(fusedopt.__file__).parent in Path(caller.co_filename).parents:
+                self.seen.append(f"{caller.co_filename}:{caller.co_name}")
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_copy_to_the_cpu_is_asynchronous(backend):
+    """A non_blocking copy from a GPU to the CPU returns before its data has landed, and a
+    CPU op that reads it reads garbage: every copy whose destination may be the CPU (the
+    found_inf that takes a skipped step back, GradScaler's scale and the clip coefficient,
+    a tensor lr's column) waits. Steps GradScaler skips, clipped, with a tensor lr."""
+    model, x, y = model_and_data()
+    opt = fusedopt.AdamW(model.parameters(), lr=torch.tensor(1e-2), fused=True, backend=backend, max_grad_norm=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with _AsyncCopiesToTheCPU() as mode:
+        train(model, opt, scaler, x, y, 3, inf_at=(1,))
+    assert mode.seen == []

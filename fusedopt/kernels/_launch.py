@@ -126,7 +126,7 @@ def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tenso
         full[batch.index_tensor()] = offsets
         offsets = full
     align = 16 // size if aligned else 1
-    offsets = offsets.to(bucket.device, non_blocking=True)
+    offsets = on_device(offsets, bucket.device)
     bucket._pointer_table = (key, offsets, align)
     return offsets, align
 
@@ -184,6 +184,15 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
     record_launch(name)
 
 
+def on_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`t.to(device, dtype)`, asynchronous where that is safe: a copy to an accelerator is
+    ordered on its stream, but one to the CPU is not. torch lands it in pinned memory
+    after returning, and a CPU op that reads it first reads garbage (torch's guide to
+    non_blocking says so), so a copy to the CPU waits."""
+    device = torch.device(device)
+    return t.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
+
+
 _FP32 = struct.Struct("f")
 
 
@@ -221,7 +230,7 @@ def grad_ops_tensor(device: torch.device, grad_scale: torch.Tensor | None = None
     if isinstance(multiplier, float):
         multiplier = torch.tensor(multiplier, dtype=dtype)
     one = torch.ones((), dtype=dtype, device=device)
-    parts = [t.to(device=device, dtype=dtype, non_blocking=True).reshape(()) if t is not None else z
+    parts = [on_device(t, device, dtype).reshape(()) if t is not None else z
              for t, z in ((grad_scale, one), (multiplier, one), (found_inf, torch.zeros_like(one)))]
     return torch.stack(parts)
 
@@ -246,13 +255,13 @@ def scalar_table(columns: list[torch.Tensor | float], n: int, dtype: torch.dtype
     if not any(isinstance(c, torch.Tensor) for c in columns):
         # one row, copied to every tensor's: four ops where a column each took one
         row = torch.tensor([[float(c) for c in columns]], dtype=torch.float64).to(dtype)
-        return row.expand(n, -1).contiguous().to(device, non_blocking=True)
+        return on_device(row.expand(n, -1).contiguous(), device)
     # Built where the per-tensor columns live: on the CPU, or on the device when the
     # scalar state is kept there (fused/capturable), so no value crosses to the host.
     home = next((c.device for c in columns if isinstance(c, torch.Tensor) and c.dim()), torch.device("cpu"))
-    cols = [(c.to(device=home, dtype=torch.float64, non_blocking=True).expand(n) if isinstance(c, torch.Tensor)
+    cols = [(on_device(c, home, torch.float64).expand(n) if isinstance(c, torch.Tensor)
              else torch.full((n,), float(c), dtype=torch.float64, device=home)) for c in columns]
-    return torch.stack(cols, dim=1).to(dtype).to(device, non_blocking=True)
+    return on_device(torch.stack(cols, dim=1).to(dtype), device)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -376,7 +376,7 @@ def step_bucket(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, torch
     row = _uniform_row(bucket, o)
     if row is not None:
         table = torch.tensor([row], dtype=torch.float64).to(cdt).expand(len(bucket), -1).contiguous()
-        table = table.to(bucket.device, non_blocking=True)
+        table = _launch.on_device(table, bucket.device)
     else:
         mu_product = bucket.scalar("mu_product") if o.variant == "nadam" else None
         table = _launch.scalar_table(scalars(bucket.steps, o, mu_product), len(bucket), cdt, bucket.device)

@@ -170,7 +170,7 @@ def fused_scalars(device: torch.device, dtype: torch.dtype, formula: str, n_aver
     if table is None:
         if len(cache) > 8:  # an SWA's weight changes every update: keep only recent ones
             cache.clear()
-        table = torch.tensor(values, dtype=torch.float64).to(dtype).to(device, non_blocking=True)
+        table = _launch.on_device(torch.tensor(values, dtype=torch.float64).to(dtype), device)
         cache[key] = table
     return table
 
@@ -182,7 +182,7 @@ def scalar_tensor(bucket: _flat.Bucket, values: tuple[float, float]) -> torch.Te
     if cached is not None and cached[0] == values:
         return cached[1]
     table = torch.tensor(values, dtype=torch.float64).to(_launch.compute_dtype(bucket.real_dtype))
-    table = table.to(bucket.device, non_blocking=True)
+    table = _launch.on_device(table, bucket.device)
     bucket._average_scalars = (values, table)
     return table
 

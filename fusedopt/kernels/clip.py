@@ -152,9 +152,9 @@ def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torc
     if len(sums) == 1 and sums[0].dtype == dtype:
         total = sums[0].sqrt()  # one bucket: its sum is the total
     else:
-        total = torch.stack([s.to(device=device, dtype=dtype, non_blocking=True) for s in sums]).sum().sqrt()
+        total = torch.stack([_launch.on_device(s, device, dtype) for s in sums]).sum().sqrt()
     if grad_scale is not None:
-        total = total / grad_scale.to(device=device, dtype=dtype, non_blocking=True).reshape(())
+        total = total / _launch.on_device(grad_scale, device, dtype).reshape(())
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
