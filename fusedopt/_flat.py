@@ -108,6 +108,23 @@ def memory_order(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
+
+def add_sparse_(dense: Tensor, sparse: Tensor, alpha: float = 1.0) -> Tensor:
+    """`dense.add_(sparse, alpha=alpha)`, right also for a view at a storage offset (a flat
+    buffer's segment; a parameter that is a view into a larger tensor).
+
+    torch 2.13's CPU add of a sparse tensor without dense dimensions (`g.to_sparse()` of a
+    whole gradient) into such a view writes each entry at twice the view's offset: past the
+    segment, and past the buffer's end for a late one (heap corruption). Its kernel for
+    tensors flagged uncoalesced does too when there is one entry. So at an offset the
+    entries are added by `index_put_(accumulate=True)`: alpha times each value, added to
+    its element, as torch's kernels do (a coalesced gradient adds each element once, so
+    the sums are the same bits)."""
+    if dense.storage_offset() == 0:
+        return dense.add_(sparse, alpha=alpha)
+    values = sparse._values() if alpha == 1 else sparse._values() * alpha
+    return dense.index_put_(tuple(sparse._indices()), values, accumulate=True)
+
 @dataclass
 class Batch:
     """What one step of one bucket works on: the parameters that have a gradient.

@@ -1,8 +1,8 @@
 """Adagrad: torch.optim.Adagrad's signature, defaults, validation and numbers, fused."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
-from torch.optim import adagrad
 
 from . import _flat
 from .kernels import adagrad as kernels
@@ -102,13 +102,21 @@ class Adagrad(Optimizer):
 
     def _sparse_update(self, group, bucket: _flat.Bucket, sparse, fresh) -> None:
         """torch's single-tensor Adagrad, which steps a sparse gradient's entries only, on
-        each such parameter with its flat `sum` segment and its step count."""
+        each such parameter with its flat `sum` segment and its step count: torch's ops,
+        with its sparse adds into the segment made by `_flat.add_sparse_`'s indexing (torch's
+        own add faults at a storage offset)."""
         o = self._options(group)
         steps = bucket.scalar("step")
         for i, g in sparse:
-            adagrad.adagrad([bucket.params[i]], [g], [bucket.state_view("sum", i)], [steps[i]], foreach=False,
-                            has_sparse_grad=True, lr=o.lr, weight_decay=0.0, lr_decay=o.lr_decay, eps=o.eps,
-                            maximize=o.maximize)
+            steps[i] += 1
+            clr = o.lr / (1 + (steps[i].item() - 1) * o.lr_decay)
+            g = (-g if o.maximize else g).coalesce()   # the update is not linear: unique indices
+            where, values = tuple(g._indices()), g._values()
+            total = bucket.state_view("sum", i)
+            total.index_put_(where, values.pow(2), accumulate=True)
+            std = total[where].sqrt_().add_(o.eps)
+            update = torch.sparse_coo_tensor(g._indices(), values / std, g.shape, check_invariants=False)
+            _flat.add_sparse_(bucket.params[i], update, alpha=-clr)
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)

@@ -109,9 +109,9 @@ class SGD(Optimizer):
                 if i in fresh:
                     buf.copy_(g.to_dense())  # torch: a copy of the gradient
                 else:
-                    buf.mul_(o.momentum).add_(g, alpha=1 - o.dampening)
+                    _flat.add_sparse_(buf.mul_(o.momentum), g, alpha=1 - o.dampening)
                 g = torch.add(g.to_dense(), buf, alpha=o.momentum) if o.nesterov else buf
-            p.add_(g, alpha=-o.lr)
+            _flat.add_sparse_(p, g, alpha=-o.lr) if g.is_sparse else p.add_(g, alpha=-o.lr)
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)

@@ -69,6 +69,35 @@ def test_sparse_gradients_step_as_torchs(name, options, backend):
     assert not torch.equal(new.emb.weight, before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", CASES)
+@pytest.mark.parametrize("rows", [[4], [1, 4]], ids=["one-entry", "two-entries"])
+def test_whole_sparse_gradients_of_a_later_segment(name, options, backend, rows):
+    """`g.to_sparse()` of a whole gradient (no dense dimensions) for a parameter whose state
+    segment starts past the buffer's start: torch's own sparse add writes such a view's
+    entries at twice its offset (here into the next parameter's segment; past a buffer's
+    end, heap corruption). The parameters and every state segment are torch's."""
+    def run(lib, **extra):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n)) for n in (40, 6, 200)]
+        opt = getattr(lib, name)(params, **options, **extra)
+        for s in range(3):
+            params[0].grad, params[2].grad = torch.randn(40), torch.randn(200)
+            g = torch.zeros(6)
+            g[rows] = torch.randn(len(rows))
+            params[1].grad = g.to_sparse()
+            opt.step()
+        return params, opt
+
+    (ref, opt_ref), (new, opt_new) = run(torch.optim), run(fusedopt, backend=backend)
+    for i, (a, b) in enumerate(zip(ref, new)):
+        assert_close(f"param {i}", b, a, 2e-6, 1e-6)
+        s_ref, s_new = dense_state(opt_ref, a), dense_state(opt_new, b)
+        assert s_ref.keys() == s_new.keys()
+        for k in s_ref:
+            assert_close(f"param {i} {k}", torch.as_tensor(s_new[k]), torch.as_tensor(s_ref[k]), 2e-6, 1e-6)
+
+
 @pytest.mark.parametrize("name,options", [c for c in CASES if "momentum" in c.values[1] or c.values[0] == "Adagrad"])
 def test_checkpoints_with_sparse_state_load_both_ways(name, options):
     """torch keeps a sparse gradient's SGD momentum buffer sparse; fusedopt loads it (its
