@@ -107,8 +107,8 @@ class AdamFamily(Optimizer):
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]))
             dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
-    def _adopt(self, p: Tensor, entries: dict) -> None:
-        super()._adopt(p, entries)
+    def _adopt(self, p: Tensor, entries: dict, into=None) -> None:
+        super()._adopt(p, entries, into)
         # State from an optimizer without master weights (torch's, or fusedopt's without
         # the option): the master copy starts from the parameter, as on a first step.
         slot = self._slot(p) if isinstance(p, Tensor) and isinstance(entries, dict) else None

@@ -19,6 +19,7 @@ bucket, the batch of tensors that have gradients, and the path.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -77,7 +78,13 @@ class _ParamState(dict):
     """`opt.state[p]` for a parameter that has flat state.
 
     Assigning a tensor to a key that holds a flat-buffer view copies the tensor into the
-    view instead of replacing it, so the kernel keeps seeing what outside code wrote.
+    view instead of replacing it, so the kernel keeps seeing what outside code wrote. Every
+    other change (a new key, a number, None, a removed key: `del`, `pop`, `popitem`,
+    `clear`, `update`, `setdefault`, `|=`) makes the optimizer adopt the dict again
+    (`Optimizer._adopt`), so that the next step sees what torch's would: a number is
+    written into the scalar state, a new tensor into the flat buffer, an emptied dict
+    starts afresh, and a missing key is refused when the parameter is stepped. A dict no
+    longer in `opt.state` (replaced there) is a plain dict.
 
     `sparse_dim` (an attribute, not a key): the sparse dimensions of the gradient that
     seeded state torch keeps sparse (`Optimizer._sparse_state`), which `state_dict` then
@@ -85,6 +92,8 @@ class _ParamState(dict):
     """
 
     sparse_dim: int | None = None
+    _owner: weakref.ref | None = None   # the optimizer (weak: no cycle keeps its buffers alive)
+    _param: Tensor | None = None
 
     def __setitem__(self, key, value):
         current = self.get(key)
@@ -97,11 +106,61 @@ class _ParamState(dict):
                 value = value.to_dense()
             _flat.local(current).copy_(_flat.shard_like(value, current))
             return
+        if value is current and key in self:
+            return
         super().__setitem__(key, value)
+        self._changed()
+
+    def _changed(self) -> None:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and isinstance(owner.state, _State) and dict.get(owner.state, self._param) is self:
+            owner._adopt(self._param, self, into=self)
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+    def popitem(self):
+        item = super().popitem()
+        self._changed()
+        return item
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __reduce__(self):   # pickles and copies without the optimizer
+        return (_rebuild_param_state, (dict(self), self.sparse_dim))
+
+
+def _rebuild_param_state(entries: dict, sparse_dim: int | None) -> _ParamState:
+    state = _ParamState(entries)
+    state.sparse_dim = sparse_dim
+    return state
 
 
 class _State(defaultdict):
-    """`opt.state`: adopts whole per-parameter dicts assigned into it."""
+    """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
+    `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
+    `pop`, `popitem` and `clear`): its next step starts afresh, as torch's does."""
 
     def __init__(self, owner: Optimizer):
         super().__init__(dict)
@@ -109,6 +168,7 @@ class _State(defaultdict):
 
     def __missing__(self, p):
         entry = _ParamState()
+        entry._owner, entry._param = weakref.ref(self._owner), p
         dict.__setitem__(self, p, entry)
         return entry
 
@@ -118,6 +178,40 @@ class _State(defaultdict):
     def __delitem__(self, p):
         super().__delitem__(p)
         self._owner._forget(p)
+
+    def pop(self, p, *default):
+        if p not in self:
+            return super().pop(p, *default)
+        entry = dict.__getitem__(self, p)
+        del self[p]
+        return entry
+
+    def popitem(self):
+        p, entry = super().popitem()
+        self._owner._forget(p)
+        return p, entry
+
+    def clear(self):
+        for p in list(self):
+            del self[p]
+
+    def update(self, *args, **kwargs):
+        for p, entries in dict(*args, **kwargs).items():
+            self[p] = entries
+
+    def setdefault(self, p, default=None):
+        if p not in self:
+            self[p] = default
+        return dict.__getitem__(self, p)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def copy(self):   # torch's state is a defaultdict(dict): its copy is one, sharing the entries
+        return defaultdict(dict, self)
+
+    __copy__ = copy
 
     def __reduce__(self):  # pickles and deep-copies as the plain dict torch would have
         return (dict, (dict(self),))
@@ -170,6 +264,9 @@ class Optimizer(torch.optim.Optimizer):
     #: momentum buffer: a copy of the first sparse gradient, updated with sparse ops); the
     #: flat segment holds it dense and `state_dict` exports it sparse (see `_ParamState`)
     _sparse_state: tuple[str, ...] = ()
+    #: state torch reads with `.get` and starts afresh when it is None (SGD's momentum
+    #: buffer); any other missing state is an error when its parameter is stepped
+    _optional_state: tuple[str, ...] = ()
     #: whether the kernels can clip gradients (their GRAD_OPS prologue): `max_grad_norm`
     _clips = False
     #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
@@ -296,17 +393,25 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def _adopt(self, p: Tensor, entries: dict) -> None:
-        """Make `entries` p's state: flat kinds are copied into p's segments."""
+    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None) -> None:
+        """Make `entries` p's state: flat kinds are copied into p's segments, numbers for
+        scalar kinds into their vectors; anything else is kept as given. `into`: the
+        `_ParamState` to refill (`entries` itself, after outside code changed it)."""
         slot = self._slot(p) if isinstance(p, Tensor) else None
         if slot is None or not isinstance(entries, dict):
             dict.__setitem__(self.state, p, entries)
             return
         gi, bucket, i = slot
-        state = _ParamState()
-        state.sparse_dim = getattr(entries, "sparse_dim", None)
+        items = list(entries.items())
+        if into is None:
+            state = _ParamState()
+            state.sparse_dim = getattr(entries, "sparse_dim", None)
+        else:
+            state = into
+            dict.clear(state)
+        state._owner, state._param = weakref.ref(self), p
         flat = False
-        for key, value in entries.items():
+        for key, value in items:
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
                 vec = bucket.scalar(key)
                 if isinstance(value, Tensor) and value.dtype == torch.float64 and vec.dtype != torch.float64:
@@ -326,12 +431,16 @@ class Optimizer(torch.optim.Optimizer):
                 if value.layout is torch.sparse_coo:
                     state.sparse_dim = value.sparse_dim()
                     value = value.to_dense()
-                view.copy_(value)
+                if not (value.data_ptr() == view.data_ptr() and value.stride() == view.stride()):
+                    view.copy_(value)
                 dict.__setitem__(state, key, bucket.state_view(key, i))
                 flat = True
+            elif value is None and key in self._optional_state:
+                continue   # torch starts such state afresh (SGD's momentum_buffer = None)
             else:
                 dict.__setitem__(state, key, value)
         bucket.initialized[i] = flat
+        bucket.state_keys = None   # the next step checks every parameter's keys (`_buffers`)
         dict.__setitem__(self.state, p, state)
 
     def _widen_scalar(self, bucket: _flat.Bucket, key: str) -> Tensor:
@@ -373,7 +482,6 @@ class Optimizer(torch.optim.Optimizer):
         keys = self._state_keys(group)
         if not keys:  # stateless (SGD without momentum): torch keeps no entry at all
             return
-        bucket.state_keys = tuple(keys)
         for i in fresh:
             state = self.state[bucket.params[i]]
             for key in keys:
@@ -421,18 +529,36 @@ class Optimizer(torch.optim.Optimizer):
     def _buffers(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch) -> dict[str, Tensor]:
         """The flat buffers the update reads, checking the stepped tensors have them."""
         all_keys = self._state_keys(group)
-        keys = [k for k in all_keys if k not in self._scalar_state]
-        if not keys or tuple(all_keys) == getattr(bucket, "state_keys", None):
-            # (no flat state, as SGD without momentum: nothing to check, a tensor at a time)
-            return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in keys}
-        for i in batch.index:
-            state = dict.get(self.state, bucket.params[i], {})
-            missing = [k for k in keys if not isinstance(state.get(k), Tensor)]
-            if missing:
+        if all_keys and tuple(all_keys) != getattr(bucket, "state_keys", None):
+            self._check_state(bucket, batch, all_keys)
+        return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in all_keys if k not in self._scalar_state}
+
+    def _check_state(self, bucket: _flat.Bucket, batch: _flat.Batch, all_keys: list[str]) -> None:
+        """Raise, as torch's step would, when a stepped parameter's state lacks a kind its
+        group's options need (an option such as amsgrad turned on after its first step, a
+        key removed or replaced by outside code); nothing has changed yet. When every
+        parameter with state has them all, the bucket remembers the keys and later steps
+        skip this (`_adopt` forgets them)."""
+        stepped = set(batch.index) if batch is not None else set()
+        complete = True
+        for i, p in enumerate(bucket.params):
+            if not bucket.initialized[i]:
+                continue
+            state = dict.get(self.state, p, {})
+            wrong = next((k for k in all_keys if not isinstance(state.get(k), Tensor)), None)
+            if wrong is None:
+                continue
+            complete = False
+            if i not in stepped:
+                continue
+            index = self._global_index(p)
+            if wrong not in state:
                 raise KeyError(
-                    f"parameter {self._global_index(bucket.params[i])} has no optimizer state {missing[0]!r}, which "
-                    f"this group's options need (was an option such as amsgrad turned on after the first step?)")
-        return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in keys}
+                    f"parameter {index} has no optimizer state {wrong!r}, which this group's options need (was an "
+                    f"option such as amsgrad turned on after its first step, or the key removed from opt.state?)")
+            raise TypeError(f"parameter {index}'s optimizer state {wrong!r} is {state[wrong]!r}; expected a tensor")
+        if complete:
+            bucket.state_keys = tuple(all_keys)
 
     # ------------------------------------------------------------------ step
 
@@ -482,6 +608,10 @@ class Optimizer(torch.optim.Optimizer):
                                            sparse)
                 if sparse:
                     self._check_sparse(group, bucket)
+                if batch is not None and self._flat_state:
+                    keys = self._state_keys(group)
+                    if keys and tuple(keys) != getattr(bucket, "state_keys", None):
+                        self._check_state(bucket, batch, keys)
                 if batch is not None or sparse:
                     work.append((group, bucket, batch, sparse))
         averaging = self._attached.begin() if self._attached is not None else None
@@ -814,13 +944,14 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in groups)))
+        group_of = {key: s for s in saved_groups for key in s["params"]}
         state: dict[Any, Any] = {}
         for key, value in state_dict["state"].items():
             if key not in id_map:
                 state[key] = value
                 continue
             p = id_map[key]
-            self._validate_entry(key, p, value)
+            self._validate_entry(key, p, value, {**self.defaults, **group_of[key]})
             state[p] = {k: self._cast(p, k, v) for k, v in value.items()}
         for g, s in zip(groups, saved_groups):
             s["params"] = g["params"]
@@ -831,7 +962,11 @@ class Optimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _validate_entry(self, key, p: Tensor, entry) -> None:
+    def _validate_entry(self, key, p: Tensor, entry, group: dict) -> None:
+        """Refuse a parameter's loaded state that its step could not use: not a dict, flat
+        state of another shape, a scalar kind that is not a number, or (for a parameter that
+        has state) a kind its group's options need missing, which torch refuses at load
+        (`step`, NAdam's `mu_product`, ASGD's `eta`) or at the step."""
         if not isinstance(entry, dict):
             raise ValueError(f"loaded state dict has state {entry!r} for parameter {key}; expected a dict")
         for name, value in entry.items():
@@ -842,8 +977,19 @@ class Optimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"loaded state dict has state '{name}' of shape {tuple(value.shape)} for parameter {key}, "
                         f"whose shape is {tuple(p.shape)}")
-            if name in self._scalar_state and isinstance(value, Tensor) and value.numel() != 1:
-                raise ValueError(f"loaded state dict has a '{name}' of {value.numel()} elements for parameter {key}")
+            if name in self._scalar_state:
+                if isinstance(value, Tensor):
+                    if value.numel() != 1:
+                        raise ValueError(f"loaded state dict has a '{name}' of {value.numel()} elements for parameter {key}")
+                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"loaded state dict has '{name}' = {value!r} for parameter {key}; expected a number "
+                                     "or a 1-element tensor")
+        if entry and self._flat_state:
+            needed = [k for k in self._state_keys(group) if k not in self._optional_state]
+            missing = [k for k in needed if entry.get(k) is None]
+            if missing:
+                raise KeyError(f"loaded state dict has no {missing[0]!r} in the state of parameter {key}, which its "
+                               f"group's options need (it has {sorted(entry)})")
 
     @staticmethod
     def _cast(p: Tensor, key, value):

@@ -36,6 +36,7 @@ class SGD(Optimizer):
     _clips = True
     _steps_sparse = True
     _sparse_state = ("momentum_buffer",)
+    _optional_state = ("momentum_buffer",)
     _fuses_average = True
     # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
     # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.

@@ -1,4 +1,6 @@
 """torch.optim's semantics, one test each, on every path, compared with torch.optim."""
+import copy
+import pickle
 from collections import defaultdict
 
 import pytest
@@ -213,6 +215,105 @@ def test_state_entry_deleted_restarts_that_parameter(backend):
     del opt.state[ours[1]]
     step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 1))
     assert_same_run(theirs, ref, ours, opt)
+
+
+# Every way a dict can lose or gain entries, as outside code writes them: the next step is
+# torch's (a removed entry, an emptied one or SGD's momentum buffer set to None starts
+# afresh; a number or a new key is used), never the hidden flat state of before.
+EDITS = {
+    "state.clear": lambda o, ps: o.state.clear(),
+    "state.pop": lambda o, ps: o.state.pop(ps[1]),
+    "state.popitem": lambda o, ps: o.state.popitem(),
+    "entry.clear": lambda o, ps: o.state[ps[1]].clear(),
+    "entry.popitem-all": lambda o, ps: [o.state[ps[0]].popitem() for _ in range(len(o.state[ps[0]]))],
+    "entry.update": lambda o, ps: o.state[ps[1]].update(exp_avg=torch.full((3,), 0.5)),
+    "entry|=": lambda o, ps: o.state[ps[1]].__ior__({"exp_avg_sq": torch.full((3,), 4.0)}),
+    "state.update": lambda o, ps: o.state.update({ps[1]: {"step": torch.tensor(5.0), "exp_avg": torch.ones(3),
+                                                          "exp_avg_sq": torch.full((3,), 2.0)}}),
+    "state.setdefault": lambda o, ps: (o.state.pop(ps[1]), o.state.setdefault(ps[1], {
+        "step": torch.tensor(2.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)})),
+    "new-key": lambda o, ps: (o.param_groups[0].update(amsgrad=True),
+                              [o.state[p].__setitem__("max_exp_avg_sq", torch.full_like(p, 4.0)) for p in ps]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_state_dict_methods_reach_the_next_step(edit, backend):
+    params = [torch.randn(10), torch.randn(3)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    EDITS[edit](ref, theirs)
+    EDITS[edit](opt, ours)
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["pop", "none"])
+def test_sgd_momentum_buffer_removed_restarts_it(how, backend):
+    params = [torch.randn(10), torch.randn(3)]
+    theirs, ref, ours, opt = twin(params, fusedopt.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    for o, ps in ((ref, theirs), (opt, ours)):
+        if how == "pop":
+            o.state[ps[1]].pop("momentum_buffer")
+        else:
+            o.state[ps[1]]["momentum_buffer"] = None
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+def test_a_number_written_to_scalar_state_is_used():
+    """torch's Adam refuses a Python-number step; fusedopt writes it into the step vector
+    (and shows it as a tensor), where it counts on: the step is torch's from that count."""
+    params = [torch.randn(10)]
+    theirs, ref, ours, opt = twin(params, fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), "auto")
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 0))
+    ref.state[theirs[0]]["step"] = torch.tensor(7.0)
+    opt.state[ours[0]]["step"] = 7
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 1))
+    assert float(opt.state[ours[0]]["step"]) == 8.0
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["pop-exp_avg", "pop-step", "none-exp_avg", "amsgrad-on"])
+def test_state_a_step_needs_removed_raises_before_anything_changes(how, backend):
+    """torch fails at the step too (KeyError, or on None); here the failure comes before
+    any parameter or state has changed, the first parameter's included."""
+    params = [torch.randn(10), torch.randn(3)]
+    opt = fusedopt.Adam([p.clone() for p in params], lr=0.01, backend=backend)
+    ours = opt.param_groups[0]["params"]
+    for p, g in zip(ours, random_grads(params, 0)):
+        p.grad = g
+    opt.step()
+    if how == "amsgrad-on":
+        opt.param_groups[0]["amsgrad"] = True
+    elif how.startswith("pop"):
+        opt.state[ours[1]].pop(how.split("-")[1])
+    else:
+        opt.state[ours[1]]["exp_avg"] = None
+    before = [p.clone() for p in ours], {k: v.clone() for k, v in opt.state[ours[0]].items()}
+    for p, g in zip(ours, random_grads(params, 1)):
+        p.grad = g
+    with pytest.raises(TypeError if how.startswith("none") else KeyError, match="parameter 0|parameter 1"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, before[0]))
+    assert all(torch.equal(opt.state[ours[0]][k], v) for k, v in before[1].items())
+
+
+def test_copies_of_the_state_are_torchs():
+    params = [torch.randn(10)]
+    opt = fusedopt.SGD(params, lr=0.1, momentum=0.9)
+    params[0].grad = torch.ones(10)
+    opt.step()
+    for copied in (opt.state.copy(), copy.copy(opt.state)):
+        assert type(copied) is defaultdict and copied[params[0]] is opt.state[params[0]]
+    entry = pickle.loads(pickle.dumps(opt.state[params[0]]))
+    assert torch.equal(entry["momentum_buffer"], opt.state[params[0]]["momentum_buffer"])
 
 
 # ---------------------------------------------------------------------------- .data replaced

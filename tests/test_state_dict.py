@@ -171,6 +171,31 @@ def test_a_state_dict_that_does_not_fit_is_rejected_before_anything_changes(case
     assert all(torch.equal(a, b) for a, b in zip(params, twin.param_groups[0]["params"]))
 
 
+@pytest.mark.parametrize("cls,options,key,value,error,message", [
+    ("Adam", {}, "step", None, KeyError, "no 'step' in the state of parameter 1"),
+    ("Adam", {}, "exp_avg", None, KeyError, "no 'exp_avg'"),
+    ("Adam", dict(amsgrad=True), "max_exp_avg_sq", None, KeyError, "no 'max_exp_avg_sq'"),
+    ("NAdam", {}, "mu_product", None, KeyError, "no 'mu_product'"),
+    ("ASGD", {}, "eta", None, KeyError, "no 'eta'"),
+    ("Adam", {}, "step", "3", ValueError, "'step' = '3' for parameter 1"),
+])
+def test_state_a_step_needs_missing_is_rejected_at_load(cls, options, key, value, error, message):
+    """torch refuses a missing `step` (NAdam's `mu_product`, ASGD's `eta`) at load and any
+    other missing kind at the step; fusedopt refuses all at load, before anything changes."""
+    params = make_params()
+    opt = getattr(fusedopt, cls)(params, lr=0.01, **options)
+    train(params, opt, 2)
+    bad = copy.deepcopy(opt.state_dict())
+    if value is None:
+        del bad["state"][1][key]
+    else:
+        bad["state"][1][key] = value
+    before = snapshot(params, opt)
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(bad)
+    assert_unchanged(before, params, opt)
+
+
 # ---------------------------------------------------------------------------- copies
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
