@@ -660,7 +660,27 @@ def _mixed_implementations(S):
     ],
 )
 def test_warnings_match_torch(scenario):
-    assert len(_warnings_of(scenario, FS)) == len(_warnings_of(scenario, TS))
+    """The same warnings, each opening with torch's first sentence: a filter written for
+    torch (`warnings.filterwarnings(message=...)` matches from the start) matches ours."""
+    ours, theirs = _warnings_of(scenario, FS), _warnings_of(scenario, TS)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        first = b.split(". ")[0].rstrip(".") + "."
+        assert a.startswith(first), (a, first)
+
+
+def test_torchs_deprecated_base_class_name_is_there():
+    """torch still exports `_LRScheduler`, which older custom schedulers subclass."""
+
+    class Warmup(FS._LRScheduler):
+        def get_lr(self):
+            return [base * min(1.0, (self.last_epoch + 1) / 4) for base in self.base_lrs]
+
+    opt = make_optimizer()
+    sched = Warmup(opt)
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr() == [0.05, 0.025]
 
 
 @pytest.mark.parametrize("S", [FS, TS], ids=["fusedopt", "torch"])

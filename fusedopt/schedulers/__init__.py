@@ -14,7 +14,7 @@ This package imports nothing else from fusedopt and works with any
 """
 
 from . import _curves as curves
-from ._base import LRScheduler
+from ._base import LRScheduler, _LRScheduler
 from ._composite import ChainedScheduler, SequentialLR
 from ._cyclic import CyclicLR, OneCycleLR
 from ._decay import (

@@ -28,8 +28,9 @@ from torch.optim import lr_scheduler as _torch_lr_scheduler
 
 __all__ = ["LRScheduler"]
 
-# The first sentence is kept verbatim from torch so that existing
-# ``warnings.filterwarnings(message=...)`` filters keep matching.
+# Each warning opens with torch's first sentence, verbatim: `warnings.filterwarnings`
+# matches its `message` pattern against the start of the text, so filters written for
+# torch.optim keep matching. What follows is fusedopt's own explanation.
 ORDER_WARNING = (
     "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
     "The scheduler moved on before the optimizer ever used the first value of "
@@ -37,18 +38,18 @@ ORDER_WARNING = (
     "`lr_scheduler.step()` after it."
 )
 REPLACED_STEP_WARNING = (
-    "`optimizer.step` was replaced after the learning-rate scheduler was "
-    "created, so the scheduler cannot check that `optimizer.step()` runs "
-    "before `lr_scheduler.step()`; make sure it does."
+    "Seems like `optimizer.step()` has been overridden after learning rate scheduler initialization. "
+    "The scheduler therefore cannot check that `optimizer.step()` runs before "
+    "`lr_scheduler.step()`; make sure it does."
 )
 EPOCH_WARNING = (
-    "Passing `epoch` to `scheduler.step()` is deprecated, as in torch.optim: "
-    "the scheduler jumps to that epoch with its closed form where it has one. "
-    "Call `scheduler.step()` without arguments instead."
+    "The epoch parameter in `scheduler.step()` was not necessary and is being deprecated where possible. "
+    "Passing `epoch` makes the scheduler jump to that epoch with its closed form where "
+    "it has one; call `scheduler.step()` without arguments instead."
 )
 GET_LR_WARNING = (
-    "`get_lr()` computes the next learning rates; to read the learning rates "
-    "in use, call `get_last_lr()`."
+    "To get the last learning rate computed by the scheduler, please use `get_last_lr()`. "
+    "`get_lr()` computes the next learning rates."
 )
 
 
@@ -338,10 +339,17 @@ class LRScheduler(_torch_lr_scheduler.LRScheduler):
         self.__dict__.update(state_dict)
 
 
+class _LRScheduler(LRScheduler):
+    """torch's deprecated name for the base class, still exported by torch, which older
+    custom schedulers subclass."""
+
+
 # --------------------------------------------------------------------------
 # Shared by LambdaLR, MultiplicativeLR and CyclicLR: callables are saved only
 # when they are objects (their ``__dict__``), never functions or lambdas.
 # --------------------------------------------------------------------------
+
+
 def callable_state(fn):
     """``fn.__dict__`` copied for callable objects; None for functions and lambdas."""
     if fn is None or isinstance(fn, types.FunctionType):
