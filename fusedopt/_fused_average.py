@@ -34,7 +34,7 @@ class AttachedAverage:
     def __init__(self, averaged, model: Module):
         self.averaged = averaged
         self._model = weakref.ref(model)
-        self._n: tuple[int, int, int] | None = None  # (id, version, value) of n_averaged last read
+        self._n: tuple[int, int, int, int] | None = None  # (id, address, version, value) last read
         self._scalars: dict = {}
 
     def model(self) -> Module:
@@ -45,11 +45,18 @@ class AttachedAverage:
         return model
 
     def n_averaged(self) -> int:
-        """n_averaged on the host, read from its tensor only when another writer changed it."""
+        """n_averaged on the host. On the CPU it is read every step (a read costs nothing and
+        sees every write, `.data.fill_(0)` included). On a GPU, where a read is a sync, it is
+        read again only when the tensor, its storage or its version changed: an in-place op
+        on it (`fill_`, `zero_`, `copy_`) or a new tensor is seen; a write through `.data`,
+        which torch does not count, is not (`attach_averaged_model` says so)."""
         t = self.averaged.n_averaged
-        if self._n is None or self._n[:2] != (id(t), t._version):
-            self._n = (id(t), t._version, int(t))
-        return self._n[2]
+        if t.device.type == "cpu":
+            return int(t)
+        key = (id(t), t.data_ptr(), t._version)
+        if self._n is None or self._n[:3] != key:
+            self._n = (*key, int(t))
+        return self._n[3]
 
     def begin(self) -> _Round:
         """Start a step: the averaged model's current layout and the model's tensors."""

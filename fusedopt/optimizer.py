@@ -672,6 +672,10 @@ class Optimizer(torch.optim.Optimizer):
         parameters), as ``scaler.step(opt)`` then ``update_parameters`` would; without
         ``fused=True`` GradScaler does not call ``step()`` on such an iteration, so nothing
         is averaged. The attachment is not part of ``state_dict()``, copies or pickles.
+        ``averaged_model.n_averaged`` is read every step on the CPU; on a GPU (where a read
+        is a sync) again only after it changed by an in-place op on the tensor itself
+        (``fill_``, ``zero_``, ``copy_``) or was replaced: a write through ``.data`` is
+        not seen there.
         """
         from .swa import AveragedModel
         from .swa._averages import average_of

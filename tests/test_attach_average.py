@@ -202,6 +202,27 @@ def test_counts_updates_made_outside_the_step():
     assert int(averaged.n_averaged) == 5
 
 
+@pytest.mark.parametrize("write", ["data.fill_", "data=", "fill_"])
+def test_n_averaged_reset_by_any_write_restarts_the_average(write):
+    """Restarting an SWA average by writing n_averaged = 0, also through `.data` (which torch
+    does not count as a version): the next step copies the model, as update_parameters
+    would. (On a GPU only in-place ops on the tensor are seen: see attach_averaged_model.)"""
+    averaged, opt, model = run_twins("Adam", "swa_multi", "auto", steps=2)
+    reference = copy.deepcopy(averaged)
+    for avg in (averaged, reference):
+        if write == "data.fill_":
+            avg.n_averaged.data.fill_(0)
+        elif write == "data=":
+            avg.n_averaged.data = torch.zeros_like(avg.n_averaged)
+        else:
+            avg.n_averaged.fill_(0)
+    backward(model, 5)
+    opt.step()
+    reference.update_parameters(model)
+    assert int(averaged.n_averaged) == 1
+    assert_equal_state(averaged.state_dict(), reference.state_dict(), f"after n_averaged {write} 0")
+
+
 def test_detach_copies_and_state_dict():
     averaged, opt, model = run_twins("Adam", "ema_multi", "triton", steps=1)
     # the optimizer's checkpoint is torch's, attached or not
