@@ -65,6 +65,19 @@ def check_max_grad_norm(max_grad_norm) -> float | None:
     return float(max_grad_norm)
 
 
+def _refuse_duplicates(params, gi: int) -> None:
+    """torch.optim accepts a parameter listed twice in a group, with a deprecation warning
+    (pytorch#40967), and steps it once per listing with one state. A fused step updates each
+    parameter once, so fusedopt refuses it rather than give other numbers."""
+    seen: dict[int, int] = {}
+    for j, p in enumerate(params):
+        first = seen.setdefault(id(p), j)
+        if first != j:
+            raise ValueError(f"fusedopt: parameter group {gi} lists a parameter twice (positions {first} and {j}); "
+                             "torch.optim steps such a parameter once per listing and deprecates it, a fused step "
+                             "updates each parameter once. help: list each parameter once")
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
@@ -325,6 +338,12 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ layout
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):
+            params = param_group.get("params")
+            params = [params] if isinstance(params, Tensor) else params
+            if not isinstance(params, set) and params is not None:
+                params = param_group["params"] = list(params)   # (a generator is read once)
+                _refuse_duplicates(params, len(self.param_groups))
         super().add_param_group(param_group)
         # Buckets are built lazily, at the next step or state access.
 
@@ -360,6 +379,7 @@ class Optimizer(torch.optim.Optimizer):
     def _build_group(self, gi: int, ids: tuple[int, ...]) -> list[_flat.Bucket]:
         """(Re)build group gi's buckets, carrying over any state its parameters have."""
         group = self.param_groups[gi]
+        _refuse_duplicates(group["params"], gi)   # (a list edited after construction)
         carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
         buckets = []
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):

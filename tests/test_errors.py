@@ -84,3 +84,25 @@ def test_differentiable_is_refused_clearly(info):
     assert "differentiable" in accepted(info.torch)
     with pytest.raises(RuntimeError, match="differentiable=True is not supported"):
         info.fused([torch.nn.Parameter(torch.randn(3))], differentiable=True)
+
+
+@pytest.mark.parametrize("info", ROWS)
+def test_a_parameter_listed_twice_in_a_group_is_refused(info):
+    """torch deprecates it (and steps such a parameter once per listing, with one state); a
+    fused step would step it once, so it is refused: at construction, by add_param_group
+    (leaving the groups as they were), and at the step for a list edited afterwards."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        info.torch([p, q, p])
+    with pytest.raises(ValueError, match="lists a parameter twice"):
+        info.fused([p, q, p])
+    opt = info.fused([p])
+    with pytest.raises(ValueError, match="parameter group 1 lists a parameter twice"):
+        opt.add_param_group({"params": iter([q, q])})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["params"].append(p)
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="parameter group 0 lists a parameter twice"):
+        opt.step(lambda: torch.tensor(0.0)) if info.closure else opt.step()
+    assert torch.equal(p, before)
