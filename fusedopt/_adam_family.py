@@ -141,8 +141,8 @@ class AdamFamily(Optimizer):
         scalar = _as_float if not on_device else (lambda x: x.to(torch.float64) if isinstance(x, Tensor) else x)
         return kernels.AdamOptions(
             lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=group["eps"],
-            weight_decay=_as_float(group["weight_decay"]), amsgrad=group.get("amsgrad", False), maximize=group["maximize"],
-            decoupled=group.get("decoupled_weight_decay", False), variant=self._variant,
+            weight_decay=_as_float(group["weight_decay"]), amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]),
+            decoupled=bool(group.get("decoupled_weight_decay", False)), variant=self._variant,
             momentum_decay=group.get("momentum_decay", 0.0))
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:

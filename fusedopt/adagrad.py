@@ -92,7 +92,7 @@ class Adagrad(Optimizer):
     def _options(self, group) -> kernels.AdagradOptions:
         return kernels.AdagradOptions(lr=_as_float(group["lr"]), lr_decay=group["lr_decay"],
                                       weight_decay=group["weight_decay"], eps=group["eps"],
-                                      maximize=group["maximize"])
+                                      maximize=bool(group["maximize"]))
 
     def _check_sparse(self, group, bucket: _flat.Bucket) -> None:
         super()._check_sparse(group, bucket)

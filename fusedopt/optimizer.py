@@ -19,6 +19,7 @@ bucket, the batch of tensors that have gradients, and the path.
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections import defaultdict
 from copy import deepcopy
@@ -79,7 +80,15 @@ def _refuse_duplicates(params, gi: int) -> None:
 
 
 def _as_float(x) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
+    """A hyperparameter as a float: a number or a 1-element tensor (a string, which float()
+    would parse, is refused as torch's arithmetic refuses it)."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise TypeError(f"expected a number or a 1-element tensor, got a tensor of shape {tuple(x.shape)}")
+        return float(x.item())
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"expected a number or a 1-element tensor, got {x!r}")
+    return float(x)
 
 
 # A profiler range from C++ (inductor's generated code opens its ranges with it); torch's
@@ -330,6 +339,7 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict[str, Any], *, backend: str = "auto"):
         self.backend = _backend.resolve(backend)
         self._buckets: dict[int, tuple[tuple[int, ...], list[_flat.Bucket]]] = {}
+        self._valid_groups: dict[int, tuple] = {}   # group index -> the values last validated
         self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
         super().__init__(params, defaults)
         self.state = _State(self)
@@ -578,7 +588,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"option such as amsgrad turned on after its first step, or the key removed from opt.state?)")
             raise TypeError(f"parameter {index}'s optimizer state {wrong!r} is {state[wrong]!r}; expected a tensor")
         if complete:
-            bucket.state_keys = tuple(all_keys)
+            bucket.state_keys = all_keys if isinstance(all_keys, tuple) else tuple(all_keys)
 
     # ------------------------------------------------------------------ step
 
@@ -619,6 +629,7 @@ class Optimizer(torch.optim.Optimizer):
         # option refuses) raises before any parameter or state has changed.
         work = []
         for gi, group in enumerate(groups):
+            keys = self._validate_group(gi, group)
             for bucket in self._group_buckets(gi):
                 sparse = [] if self._steps_sparse else None
                 if clipped is not None:
@@ -628,10 +639,8 @@ class Optimizer(torch.optim.Optimizer):
                                            sparse)
                 if sparse:
                     self._check_sparse(group, bucket)
-                if batch is not None and self._flat_state:
-                    keys = self._state_keys(group)
-                    if keys and tuple(keys) != getattr(bucket, "state_keys", None):
-                        self._check_state(bucket, batch, keys)
+                if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:
+                    self._check_state(bucket, batch, keys)
                 if batch is not None or sparse:
                     work.append((group, bucket, batch, sparse))
         averaging = self._attached.begin() if self._attached is not None else None
@@ -671,6 +680,26 @@ class Optimizer(torch.optim.Optimizer):
                     batch.finish()
         if averaging is not None:
             averaging.finish()
+
+    def _validate_group(self, gi: int, group: dict) -> tuple[str, ...]:
+        """Raise what the group's options raise (an lr of None or a string, a tensor of
+        several elements), before any group is stepped: torch fails on such a value when
+        it reaches that group, after stepping the groups before it. Returns the group's
+        state keys, one tuple object while the group's values stay the values last
+        validated, compared by identity (a scheduler's new lr each step costs one more
+        check, a steady step one tuple)."""
+        values = tuple(group.values())
+        seen = self._valid_groups.get(gi)
+        if seen is not None and len(seen[0]) == len(values) and all(map(operator.is_, seen[0], values)):
+            return seen[1]
+        if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
+            self._options(group)
+            _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
+        keys = tuple(self._state_keys(group)) if self._flat_state else ()
+        if seen is not None and seen[1] == keys:
+            keys = seen[1]   # the same object: buckets that checked it need not again
+        self._valid_groups[gi] = values, keys
+        return keys
 
     def attach_averaged_model(self, averaged_model, model: torch.nn.Module | None = None) -> None:
         """fusedopt only: update `averaged_model` inside every `step()` from now on.
@@ -1039,7 +1068,7 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
-        self._buckets, self._slots = {}, {}
+        self._buckets, self._slots, self._valid_groups = {}, {}, {}
         if "_handle" not in self.__dict__:  # unpickled or copied; load_state_dict keeps its handle
             self._handle = _compile.register(self)
         self.state = foreign if not isinstance(foreign, _State) else dict(foreign)

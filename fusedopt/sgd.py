@@ -81,7 +81,7 @@ class SGD(Optimizer):
     def _options(self, group) -> kernels.SGDOptions:
         return kernels.SGDOptions(lr=_as_float(group["lr"]), momentum=group["momentum"],
                                   dampening=group["dampening"], weight_decay=_as_float(group["weight_decay"]),
-                                  nesterov=group["nesterov"], maximize=group["maximize"])
+                                  nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _check_sparse(self, group, bucket: _flat.Bucket) -> None:
         super()._check_sparse(group, bucket)

@@ -106,3 +106,40 @@ def test_a_parameter_listed_twice_in_a_group_is_refused(info):
     with pytest.raises(ValueError, match="parameter group 0 lists a parameter twice"):
         opt.step(lambda: torch.tensor(0.0)) if info.closure else opt.step()
     assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("info", ROWS)
+@pytest.mark.parametrize("value", [None, "0.1", torch.tensor([0.1, 0.2])], ids=["None", "str", "2-element"])
+def test_a_bad_value_in_a_later_group_raises_before_any_group_steps(info, value):
+    """torch raises TypeError when it reaches the group, after stepping the ones before it;
+    here nothing has changed when it raises."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
+    opt = info.fused([{"params": [params[0]]}, {"params": [params[1]]}])
+    opt.param_groups[1]["lr"] = value
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}   # (Adagrad's exists already)
+    with pytest.raises(TypeError):
+        opt.step((lambda: torch.tensor(0.0)) if info.closure else None)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.state[params[0]].keys() == state.keys(), "the first group was stepped"
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_truthy_flags_work_as_in_torch(flag, value):
+    """torch tests flags for truth (`if amsgrad:`): an int from a config file works."""
+    import fusedopt
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(2)]
+    ours, theirs = [p.detach().clone().requires_grad_() for p in params], params
+    opt = fusedopt.Adam(ours, lr=0.1, **{flag: value})
+    ref = torch.optim.Adam(theirs, lr=0.1, **{flag: value})
+    for step in range(2):
+        for a, b in zip(ours, theirs):
+            a.grad = b.grad = torch.full_like(a, step + 1.0)
+        opt.step()
+        ref.step()
+    assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
