@@ -180,7 +180,8 @@ class Batch:
 class Bucket:
     """The parameters of one group that share a device and a dtype, and their flat state."""
 
-    def __init__(self, params: list[Tensor], positions: list[int], *, scalar_device=None):
+    def __init__(self, params: list[Tensor], positions: list[int], *, scalar_device=None,
+                 scalar_dtype: torch.dtype = torch.float32):
         # Layout, pointers and kernels use local shards; `params` stay the user's tensors
         # (the keys of opt.state), and `specs` say how to show state as DTensors like them.
         cls = dtensor_class()
@@ -212,6 +213,7 @@ class Bucket:
         # capturable or fused. Here each kind is one float32 vector per bucket, and
         # state[p][key] a 0-dim view of it.
         self.scalar_device = torch.device("cpu") if scalar_device is None else scalar_device
+        self.scalar_dtype = scalar_dtype
         self.scalars: dict[str, Tensor] = {}
         self.initialized = [False] * len(params)
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
@@ -250,10 +252,11 @@ class Bucket:
         return dtensor_class().from_local(view, mesh, placements, run_check=False, shape=shape, stride=stride)
 
     def scalar(self, name: str) -> Tensor:
-        """The float32 vector of one per-parameter scalar kind, allocated on first use."""
+        """The vector of one per-parameter scalar kind (float32, or torch's scalar dtype:
+        float64 under a float64 default dtype), allocated on first use."""
         vec = self.scalars.get(name)
         if vec is None:
-            vec = torch.zeros(len(self.params), dtype=torch.float32, device=self.scalar_device)
+            vec = torch.zeros(len(self.params), dtype=self.scalar_dtype, device=self.scalar_device)
             self.scalars[name] = vec
         return vec
 

@@ -397,7 +397,11 @@ class Optimizer(torch.optim.Optimizer):
             # (so a GradScaler-skipped step can be taken back without a host sync).
             on_device = self._scalars_on_param_device or group.get("fused") or group.get("capturable")
             scalar_device = _flat.local(params[0]).device if on_device else None
-            bucket = _flat.Bucket(params, positions, scalar_device=scalar_device)
+            # torch's scalar state dtype: float64 under a float64 default dtype, except
+            # for fused groups (torch.optim.optimizer._get_scalar_dtype)
+            scalar_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") \
+                else torch.float32
+            bucket = _flat.Bucket(params, positions, scalar_device=scalar_device, scalar_dtype=scalar_dtype)
             bucket.path = self._choose_path(bucket.device, bucket.dtype)
             for i, p in enumerate(params):
                 self._slots[id(p)] = (gi, bi, i)
