@@ -448,8 +448,9 @@ class Optimizer(torch.optim.Optimizer):
         for key, value in items:
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
                 vec = bucket.scalar(key)
-                if isinstance(value, Tensor) and value.dtype == torch.float64 and vec.dtype != torch.float64:
-                    vec = self._widen_scalar(bucket, key)
+                if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != vec.dtype and \
+                        (value.dtype == torch.float64 or key != "step"):
+                    vec = self._retype_scalar(bucket, key, value.dtype)
                 vec[i] = _as_float(value)
                 dict.__setitem__(state, key, vec[i])
                 flat = True
@@ -477,18 +478,19 @@ class Optimizer(torch.optim.Optimizer):
         bucket.state_keys = None   # the next step checks every parameter's keys (`_buffers`)
         dict.__setitem__(self.state, p, state)
 
-    def _widen_scalar(self, bucket: _flat.Bucket, key: str) -> Tensor:
-        """Make a scalar kind's vector float64. torch creates NAdam's mu_product and ASGD's
-        eta and mu as float32 but casts loaded state to the parameter's dtype, so after a
-        checkpoint an fp64 parameter's are fp64 (and so is their later arithmetic); the
-        bucket's one vector follows. The views already handed out are re-pointed."""
-        wide = bucket.scalars[key].to(torch.float64)
-        bucket.scalars[key] = wide
+    def _retype_scalar(self, bucket: _flat.Bucket, key: str, dtype: torch.dtype) -> Tensor:
+        """Give a scalar kind's vector the dtype of loaded state. torch creates NAdam's
+        mu_product and ASGD's eta and mu in its scalar dtype but casts loaded state to the
+        parameter's dtype, so after a checkpoint a bf16 parameter's are bf16 and an fp64
+        one's fp64, and so is their later arithmetic (a loaded fp64 step stays fp64 too);
+        the bucket's one vector follows. The views already handed out are re-pointed."""
+        vec = bucket.scalars[key].to(dtype)
+        bucket.scalars[key] = vec
         for j, q in enumerate(bucket.params):
             state = dict.get(self.state, q)
             if state is not None and isinstance(state.get(key), Tensor):
-                dict.__setitem__(state, key, wide[j])
-        return wide
+                dict.__setitem__(state, key, vec[j])
+        return vec
 
     def _forget(self, p: Tensor) -> None:
         slot = self._slot(p)
