@@ -731,6 +731,28 @@ def test_errors_match_torch():
             one_cycle.step()
 
 
+@pytest.mark.parametrize("name,kwargs", [
+    ("CosineAnnealingWarmRestarts", dict(T_0="3")),
+    ("CosineAnnealingWarmRestarts", dict(T_0=None)),
+    ("CosineAnnealingWarmRestarts", dict(T_0=2.5)),
+    ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=None)),
+    ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=1.5)),
+    ("OneCycleLR", dict(max_lr=0.1, total_steps="10")),
+    ("OneCycleLR", dict(max_lr=0.1, total_steps=0)),
+    ("ReduceLROnPlateau", dict(mode=None)),
+    ("ReduceLROnPlateau", dict(mode="up")),
+    ("ReduceLROnPlateau", dict(threshold_mode=None)),
+    ("ConstantLR", dict(factor=1.5)),
+])
+def test_bad_arguments_raise_torchs_exception_type(name, kwargs):
+    """What is not a number (or a mode that is not a string) is a TypeError in torch, a
+    value out of range a ValueError."""
+    with pytest.raises(Exception) as theirs:
+        getattr(TS, name)(make_optimizer(), **kwargs)
+    with pytest.raises(type(theirs.value)):
+        getattr(FS, name)(make_optimizer(), **kwargs)
+
+
 # --------------------------------------------------------------------------
 # Compiled steps compile once
 # --------------------------------------------------------------------------

@@ -225,7 +225,8 @@ class OneCycleLR(LRScheduler):
 
         if total_steps is not None:
             if not isinstance(total_steps, int) or total_steps <= 0:
-                raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+                error = ValueError if isinstance(total_steps, (int, float)) else TypeError   # (as torch's)
+                raise error(f"total_steps must be a positive int, got {total_steps!r}")
             self.total_steps = total_steps
         elif epochs is not None and steps_per_epoch is not None:
             if not isinstance(epochs, int) or epochs <= 0:

@@ -75,10 +75,12 @@ class ReduceLROnPlateau(LRScheduler, _torch_lr_scheduler.ReduceLROnPlateau):
         self._reset()
 
     def _init_is_better(self, mode, threshold, threshold_mode) -> None:
+        # (torch raises TypeError for a mode that is not a string, ValueError for another one)
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise (ValueError if isinstance(mode, str) else TypeError)(f"mode must be 'min' or 'max', got {mode!r}")
         if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+            raise (ValueError if isinstance(threshold_mode, str) else TypeError)(
+                f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
         self.mode_worse = inf if mode == "min" else -inf
         self.mode = mode
         self.threshold = threshold
