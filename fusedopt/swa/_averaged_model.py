@@ -261,6 +261,9 @@ class AveragedModel(Module):
             run = {"triton": kernels.average_triton, "reference": kernels.average_reference,
                    "native": kernels.average_cpu}[path]
             run(bucket, batch, bucket.buffers[FLAT], average.formula, values, first_copy)
+        for bucket in layout.buckets:
+            if bucket.source_mixed:
+                self._average_one_by_one(bucket, 0 if n == 0 else bucket.first_copy)
         for bucket, batch, first_copy in integer:
             # torch averages integer tensors in floating point and truncates; its functions do it
             pairs = [(i, bucket.params[i], x) for i, x in zip(batch.index, batch.params)]
@@ -271,6 +274,17 @@ class AveragedModel(Module):
             if averaged:
                 self._apply_functions([a for a, _ in averaged], [x for _, x in averaged])
         self.n_averaged += 1
+
+    def _average_one_by_one(self, bucket: _flat.Bucket, first_copy: int) -> None:
+        """The model tensors `_collect` set aside (another dtype than their average, or
+        complex), averaged or copied with torch's own functions, as update_parameters does."""
+        pairs = [(i, bucket.params[i], x) for i, x in bucket.source_mixed]
+        for i, a, x in pairs:
+            if i >= first_copy:
+                a.copy_(x)
+        averaged = [(a, x) for i, a, x in pairs if i < first_copy]
+        if averaged:
+            self._apply_functions([a for a, _ in averaged], [x for _, x in averaged])
 
     @staticmethod
     def _collect(layout: _Layout, pool: list[Tensor | None]) -> None:
@@ -286,17 +300,25 @@ class AveragedModel(Module):
             return
         cacheable = True
         for bucket in layout.buckets:
-            index, xs = [], []
+            index, xs, mixed = [], [], []
             for i, pos in enumerate(bucket.positions):
                 x = pool[pos]
-                if x is not None:
-                    conformed = _conform(bucket, i, x)
-                    cacheable = cacheable and conformed is x
-                    index.append(i)
-                    xs.append(conformed)
-            if bucket.is_complex:
-                xs = [torch.view_as_real(x) for x in xs]
+                if x is None:
+                    continue
+                if _fusable(bucket.dtype) and (bucket.is_complex or x.dtype != bucket.dtype):
+                    # torch's arithmetic: complex, or in the wider of the two dtypes with
+                    # one rounding; the kernel's would round the model's value first, or
+                    # take a complex number as two reals (`_update` averages these)
+                    moved = x.to(bucket.device)
+                    cacheable = cacheable and moved is x
+                    mixed.append((i, moved))
+                    continue
+                conformed = _conform(bucket, i, x)
+                cacheable = cacheable and conformed is x
+                index.append(i)
+                xs.append(conformed)
             bucket.source_batch = _flat.Batch(index, xs, xs, len(index) == len(bucket)) if index else None
+            bucket.source_mixed = mixed
         layout.source_key = key if cacheable else None
 
     def _apply_functions(self, averaged: list[Tensor], current: list[Tensor]) -> None:
