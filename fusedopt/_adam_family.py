@@ -119,10 +119,11 @@ class AdamFamily(Optimizer):
 
     def _cast(self, p: Tensor, key, value):
         # torch casts floating state to the parameter's dtype: that would round the master
-        # copy and fp32 moments of a bf16 parameter. With a precision option, flat state
-        # keeps its dtype here and is rounded once, to its buffer's dtype, when copied in.
-        if (key in self._flat_state and isinstance(value, Tensor) and value.is_floating_point()
-                and (self.master_weights or self.state_dtype is not None)):
+        # copy and fp32 moments of a bf16 parameter, and NAdam's fp32 mu_product, which the
+        # fp32 math then reads. With a precision option, that state keeps its dtype here and
+        # is rounded once, to its buffer's dtype, when copied in.
+        if ((key in self._flat_state or key in self._scalar_state) and isinstance(value, Tensor)
+                and value.is_floating_point() and (self.master_weights or self.state_dtype is not None)):
             return value.to(device=p.device)
         return Optimizer._cast(p, key, value)
 
