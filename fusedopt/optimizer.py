@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 import weakref
 from collections import defaultdict
 from copy import deepcopy
@@ -63,7 +64,28 @@ def check_max_grad_norm(max_grad_norm) -> float | None:
         return None
     if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
         raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a positive number, or None for no clipping)")
+    if _built_by_zero():
+        raise ValueError("fusedopt: max_grad_norm inside ZeroRedundancyOptimizer would clip each rank's partition "
+                         "by that partition's own norm, not by the model's. help: leave it out and call "
+                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) before step()")
     return float(max_grad_norm)
+
+
+def _built_by_zero() -> bool:
+    """Whether ZeroRedundancyOptimizer is building this optimizer for its rank's partition
+    (it passes every keyword it was given on): the optimizer sees only that partition and
+    cannot know the whole model's gradients."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _refuse_duplicates(params, gi: int) -> None:

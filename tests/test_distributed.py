@@ -301,6 +301,19 @@ def _one_parameter():
     return nn.Linear(5, 1, bias=False)
 
 
+def zero_refuses_max_grad_norm(rank):
+    """Each rank's optimizer holds its partition only: its clip would be by that norm."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    with pytest.raises(ValueError, match="max_grad_norm inside ZeroRedundancyOptimizer"):
+        _zero(DDP(_model()), fusedopt.AdamW, dict(lr=0.01, max_grad_norm=1.0))
+    _zero(DDP(_model()), fusedopt.AdamW, dict(lr=0.01))   # without it: fine
+
+
+def test_zero_refuses_max_grad_norm(pair):
+    run(pair, "zero_refuses_max_grad_norm")
+
+
 def test_zero_rank_with_empty_partition_still_steps(pair, tmp_path):
     local = run(pair, "zero", str(tmp_path), ["AdamW", "SGD"], "_one_parameter")
     assert sorted(local) == [0, 1]
@@ -373,6 +386,29 @@ def fsdp2(rank):
 
 def test_fsdp2_matches_torch_on_uneven_and_empty_shards(pair):
     run(pair, "fsdp2")
+
+
+def fsdp2_clip(rank):
+    """max_grad_norm on DTensor parameters clips by the whole model's norm, as torch's
+    clip_grad_norm_ does (each rank's shards alone give another coefficient per rank)."""
+    ref_model = _sharded()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05)
+    for step in range(3):
+        x, y = _batch(step, rank)
+        nn.functional.mse_loss(ref_model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.01)
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+    for backend in [k for k, _ in _kinds(None, {})] + ["reference"]:
+        model = _sharded()
+        opt = fusedopt.AdamW(model.parameters(), lr=0.05, max_grad_norm=0.01, backend=backend)
+        _train(model, opt, 3, rank)
+        _close(f"clipped on {backend} vs torch.optim", _full(model.parameters()), _full(ref_model.parameters()),
+               rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_max_grad_norm_is_the_global_norm(pair):
+    run(pair, "fsdp2_clip")
 
 
 def fsdp2_state_writes(rank):

@@ -43,6 +43,8 @@ def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
     """The sum of squares of the batch's gradients, a 0-dim tensor on the bucket's device in
     the bucket's compute dtype, without a host sync."""
     cdt = _launch.compute_dtype(bucket.real_dtype)
+    if bucket.sharded:
+        return _sharded_sum_of_squares(bucket, batch, cdt)
     if bucket.path != "triton":
         return _sum_of_squares_torch(bucket, batch.grads, cdt)
     block, num_warps = _launch.block_config(bucket)
@@ -55,6 +57,28 @@ def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
                                                   block_start, partial, BLOCK=block, ALIGN=align, num_warps=num_warps)
         _launch.record_launch("sumsq")
     return partial.sum()
+
+
+def _sharded_sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch, cdt: torch.dtype) -> torch.Tensor:
+    """The sum of squares of DTensor gradients (FSDP2, tensor parallelism) over the whole
+    tensors, as torch's clip_grad_norm_ takes their norm: each rank's sum over the local
+    shards it holds, summed over the mesh dimensions the parameter is sharded on (a Partial
+    sum made Replicate: one all-reduce per mesh and placement) and not over those it is
+    replicated on. Every rank holds the same buckets and tensors, so the collectives match."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    groups: dict[tuple, tuple] = {}
+    for i, g in zip(batch.index, batch.grads):
+        p = bucket.params[i]
+        key = (id(p.device_mesh), tuple(p.placements))
+        groups.setdefault(key, (p.device_mesh, p.placements, []))[2].append(g)
+    total = None
+    for mesh, placements, grads in groups.values():
+        local = _sum_of_squares_torch(bucket, grads, cdt)
+        summed = DTensor.from_local(local, mesh, [Replicate() if pl.is_replicate() else Partial() for pl in placements],
+                                    run_check=False).full_tensor()
+        total = summed if total is None else total + summed
+    return total
 
 
 # How the reference and native paths take the sum of squares (`_sum_of_squares_torch`),
