@@ -787,8 +787,9 @@ class Optimizer(torch.optim.Optimizer):
         """`step()` as dynamo traces it: only cheap Python, then the `fusedopt::step` op.
 
         The lists below are the op's inputs (see `fusedopt/_compile.py`); reading
-        `param_groups` makes dynamo guard on every option that is a Python number (as for
-        torch.optim: a float lr that changes recompiles; a tensor lr does not).
+        `param_groups` makes dynamo guard on every option that is a Python number: one that
+        changes recompiles, every time (the op's `list[float]` cannot be symbolic, where
+        torch.optim's float lr becomes a graph input after one recompile); a tensor does not.
         """
         loss = self._evaluate(closure)
         groups = self.param_groups
