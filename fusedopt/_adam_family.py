@@ -122,8 +122,9 @@ class AdamFamily(Optimizer):
         # copy and fp32 moments of a bf16 parameter, and NAdam's fp32 mu_product, which the
         # fp32 math then reads. With a precision option, that state keeps its dtype here and
         # is rounded once, to its buffer's dtype, when copied in.
+        precision = self.master_weights or self.state_dtype is not None or self.stochastic_rounding
         if ((key in self._flat_state or key in self._scalar_state) and isinstance(value, Tensor)
-                and value.is_floating_point() and (self.master_weights or self.state_dtype is not None)):
+                and value.is_floating_point() and precision):
             return value.to(device=p.device)
         return Optimizer._cast(p, key, value)
 

@@ -143,6 +143,24 @@ def test_master_copy_survives_state_dict_without_loss(backend, cls):
             assert value.dtype == other.state[b][key].dtype and torch.equal(value, other.state[b][key]), key
 
 
+@pytest.mark.parametrize("backend", PATHS + ["auto"])
+def test_stochastic_rounding_resumes_from_its_checkpoint(backend):
+    """NAdam's fp32 mu_product keeps its dtype through load_state_dict under stochastic
+    rounding too: a resumed run is the uninterrupted one, bit for bit."""
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    opt = fusedopt.NAdam(params, lr=1e-3, backend=backend, stochastic_rounding=True)
+    _run(opt, params, 2)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    other = fusedopt.NAdam(twins, lr=1e-3, backend=backend, stochastic_rounding=True)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _run(opt, params, 2)
+    _run(other, twins, 2)
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert value.dtype == other.state[b][key].dtype and torch.equal(value, other.state[b][key]), key
+
+
 def test_state_dict_interchange_with_torch():
     """The options are optimizer attributes: param_groups stay torch's, torch.optim loads
     the state dict (ignoring the master copy), and a torch state dict starts the master
