@@ -110,6 +110,16 @@ def test_plain_bf16_loses_what_master_weights_keep():
     assert torch.equal(mastered.detach(), master.bfloat16()) and torch.all(mastered < 1.0)
 
 
+def _assert_same_continuation(opt, params, other, twins, steps=2):
+    """Both optimizers step on, and every parameter and state entry stays bit-equal."""
+    _run(opt, params, steps)
+    _run(other, twins, steps)
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert value.dtype == other.state[b][key].dtype and torch.equal(value, other.state[b][key]), key
+
+
 @pytest.mark.parametrize("backend", PATHS + ["auto"])
 @pytest.mark.parametrize("cls", [fusedopt.AdamW, fusedopt.NAdam], ids=["AdamW", "NAdam"])
 def test_master_copy_survives_state_dict_without_loss(backend, cls):
@@ -135,12 +145,7 @@ def test_master_copy_survives_state_dict_without_loss(backend, cls):
         for key in ("exp_avg", "exp_avg_sq"):  # fp32 moments beside a bf16 parameter: no loss either
             assert torch.equal(other.state[t][key], loaded_sd["state"][j][key]), f"{key} {j} changed"
     # and both continue identically
-    _run(opt, params, 2)
-    _run(other, twins, 2)
-    for a, b in zip(params, twins):
-        assert torch.equal(a, b)
-        for key, value in opt.state[a].items():
-            assert value.dtype == other.state[b][key].dtype and torch.equal(value, other.state[b][key]), key
+    _assert_same_continuation(opt, params, other, twins)
 
 
 @pytest.mark.parametrize("backend", PATHS + ["auto"])
@@ -153,12 +158,7 @@ def test_stochastic_rounding_resumes_from_its_checkpoint(backend):
     twins = [p.detach().clone().requires_grad_() for p in params]
     other = fusedopt.NAdam(twins, lr=1e-3, backend=backend, stochastic_rounding=True)
     other.load_state_dict(copy.deepcopy(opt.state_dict()))
-    _run(opt, params, 2)
-    _run(other, twins, 2)
-    for a, b in zip(params, twins):
-        assert torch.equal(a, b)
-        for key, value in opt.state[a].items():
-            assert value.dtype == other.state[b][key].dtype and torch.equal(value, other.state[b][key]), key
+    _assert_same_continuation(opt, params, other, twins)
 
 
 def test_state_dict_interchange_with_torch():

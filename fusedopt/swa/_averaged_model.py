@@ -263,22 +263,18 @@ class AveragedModel(Module):
             run(bucket, batch, bucket.buffers[FLAT], average.formula, values, first_copy)
         for bucket in layout.buckets:
             if bucket.source_mixed:
-                self._average_one_by_one(bucket, 0 if n == 0 else bucket.first_copy)
+                # another dtype than their average, or complex: see `_collect`
+                self._with_functions(bucket, bucket.source_mixed, 0 if n == 0 else bucket.first_copy)
         for bucket, batch, first_copy in integer:
             # torch averages integer tensors in floating point and truncates; its functions do it
-            pairs = [(i, bucket.params[i], x) for i, x in zip(batch.index, batch.params)]
-            for i, a, x in pairs:
-                if i >= first_copy:
-                    a.copy_(x)
-            averaged = [(a, x) for i, a, x in pairs if i < first_copy]
-            if averaged:
-                self._apply_functions([a for a, _ in averaged], [x for _, x in averaged])
+            self._with_functions(bucket, list(zip(batch.index, batch.params)), first_copy)
         self.n_averaged += 1
 
-    def _average_one_by_one(self, bucket: _flat.Bucket, first_copy: int) -> None:
-        """The model tensors `_collect` set aside (another dtype than their average, or
-        complex), averaged or copied with torch's own functions, as update_parameters does."""
-        pairs = [(i, bucket.params[i], x) for i, x in bucket.source_mixed]
+    def _with_functions(self, bucket: _flat.Bucket, sources: list[tuple[int, Tensor]], first_copy: int) -> None:
+        """Average the model tensors `sources` ((position in the bucket, tensor) pairs) with
+        torch's own functions, or copy those at `first_copy` and after, as update_parameters
+        does."""
+        pairs = [(i, bucket.params[i], x) for i, x in sources]
         for i, a, x in pairs:
             if i >= first_copy:
                 a.copy_(x)
