@@ -118,7 +118,25 @@ def _as_float(x) -> float:
 _record_range = getattr(torch._C._profiler, "_RecordFunctionFast", torch.autograd.profiler.record_function)
 
 
-class _ParamState(dict):
+class _WritesThroughSetitem:
+    """`update`, `setdefault` and `|=` made of `__setitem__`, which the dict classes of
+    `opt.state` override (dict's own would store the values without it)."""
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return dict.__getitem__(self, key)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
+class _ParamState(_WritesThroughSetitem, dict):
     """`opt.state[p]` for a parameter that has flat state.
 
     Assigning a tensor to a key that holds a flat-buffer view copies the tensor into the
@@ -178,19 +196,6 @@ class _ParamState(dict):
         super().clear()
         self._changed()
 
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = default
-        return self[key]
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
     def __reduce__(self):   # pickles and copies without the optimizer
         return (_rebuild_param_state, (dict(self), self.sparse_dim))
 
@@ -201,7 +206,7 @@ def _rebuild_param_state(entries: dict, sparse_dim: int | None) -> _ParamState:
     return state
 
 
-class _State(defaultdict):
+class _State(_WritesThroughSetitem, defaultdict):
     """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
     `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
     `pop`, `popitem` and `clear`): its next step starts afresh, as torch's does."""
@@ -238,19 +243,6 @@ class _State(defaultdict):
     def clear(self):
         for p in list(self):
             del self[p]
-
-    def update(self, *args, **kwargs):
-        for p, entries in dict(*args, **kwargs).items():
-            self[p] = entries
-
-    def setdefault(self, p, default=None):
-        if p not in self:
-            self[p] = default
-        return dict.__getitem__(self, p)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
 
     def copy(self):   # torch's state is a defaultdict(dict): its copy is one, sharing the entries
         return defaultdict(dict, self)
