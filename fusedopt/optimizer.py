@@ -897,10 +897,10 @@ class Optimizer(torch.optim.Optimizer):
                 batch = bucket.collect(refused, None if grads is None else [grads[id(p)] for p in bucket.params])
                 if batch is not None:
                     batches[id(bucket)] = batch
-                    sums.append(_clip.sum_of_squares(bucket, batch))
+                    sums.append(_clip.sum_of_squares(bucket, batch, amp[0] if amp is not None else None))
         if not sums:
             return None
-        return batches, _clip.clip_coefficient(sums, self.max_grad_norm, amp[0] if amp is not None else None)
+        return batches, _clip.clip_coefficient(sums, self.max_grad_norm)
 
     @staticmethod
     def _evaluate(closure):

@@ -11,7 +11,11 @@ gradients are read twice and never written.
 
 The coefficient is torch's: ``min(max_norm / (total_norm + 1e-6), 1)``. With GradScaler
 handing its scale to the optimizer (fused=True) the gradients are still scaled when the
-norm is taken, so the norm is divided by the scale: the norm of the unscaled gradient.
+norm is taken: each element is divided by the scale before it is squared, as torch's recipe
+(`unscale_`, then `clip_grad_norm_`) squares unscaled gradients. Dividing the scaled sum
+afterwards would overflow fp32 once scale x norm passed 1.8e19 (GradScaler doubles its
+scale every 2000 steps without an inf, so under bf16 autocast it gets there), and an
+infinite norm is a coefficient of 0: the step would stop moving the parameters, silently.
 """
 from __future__ import annotations
 
@@ -21,13 +25,13 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import locate
+from ._launch import ieee_div, locate
 from ._triton import tl, triton
 
 
 @triton.jit
-def sumsq_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr, out_ptr,
-                 BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+def sumsq_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_ptr, block_start_ptr, scale_ptr,
+                 out_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, UNSCALE: tl.constexpr):
     t, start, numel, seg, p_ptr, g_ptr = locate(anchor_ptr, table_ptr, segments_ptr, numels_ptr,
                                                 block_tensor_ptr, block_start_ptr, BLOCK, ALIGN)
     offs = start + tl.arange(0, BLOCK)
@@ -36,30 +40,36 @@ def sumsq_kernel(anchor_ptr, table_ptr, segments_ptr, numels_ptr, block_tensor_p
         g = tl.load(g_ptr + offs).to(cdt)
     else:
         g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(cdt)
+    if UNSCALE:   # as the update kernel unscales it (`_launch.load_grad`)
+        g = ieee_div(g, tl.load(scale_ptr).to(cdt))
     tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
-def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch) -> torch.Tensor:
-    """The sum of squares of the batch's gradients, a 0-dim tensor on the bucket's device in
-    the bucket's compute dtype, without a host sync."""
+def sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum of squares of the batch's gradients, each divided by GradScaler's
+    `grad_scale` where one is given, a 0-dim tensor on the bucket's device in the bucket's
+    compute dtype, without a host sync."""
     cdt = _launch.compute_dtype(bucket.real_dtype)
     if bucket.sharded:
-        return _sharded_sum_of_squares(bucket, batch, cdt)
+        return _sharded_sum_of_squares(bucket, batch, cdt, grad_scale)
     if bucket.path != "triton":
-        return _sum_of_squares_torch(bucket, batch.grads, cdt)
+        return _sum_of_squares_torch(bucket, batch.grads, cdt, grad_scale)
     block, num_warps = _launch.block_config(bucket)
     offsets, align = _launch.pointer_table(bucket, batch)
     segments, numels, block_tensor, block_start = _launch.grid_tables(bucket, batch, block)
     partial = torch.zeros(block_tensor.numel(), dtype=cdt, device=bucket.device)
+    scale = partial if grad_scale is None else _launch.on_device(grad_scale, bucket.device)
     if partial.numel():
         with _launch.device_guard(bucket.device):
             sumsq_kernel[(block_tensor.numel(),)](bucket.anchor(), offsets, segments, numels, block_tensor,
-                                                  block_start, partial, BLOCK=block, ALIGN=align, num_warps=num_warps)
+                                                  block_start, scale, partial, BLOCK=block, ALIGN=align,
+                                                  UNSCALE=grad_scale is not None, num_warps=num_warps)
         _launch.record_launch("sumsq")
     return partial.sum()
 
 
-def _sharded_sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch, cdt: torch.dtype) -> torch.Tensor:
+def _sharded_sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch, cdt: torch.dtype,
+                            grad_scale: torch.Tensor | None) -> torch.Tensor:
     """The sum of squares of DTensor gradients (FSDP2, tensor parallelism) over the whole
     tensors, as torch's clip_grad_norm_ takes their norm: each rank's sum over the local
     shards it holds, summed over the mesh dimensions the parameter is sharded on (a Partial
@@ -74,7 +84,7 @@ def _sharded_sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch, cdt: torch
         groups.setdefault(key, (p.device_mesh, p.placements, []))[2].append(g)
     total = None
     for mesh, placements, grads in groups.values():
-        local = _sum_of_squares_torch(bucket, grads, cdt)
+        local = _sum_of_squares_torch(bucket, grads, cdt, grad_scale)
         summed = DTensor.from_local(local, mesh, [Replicate() if pl.is_replicate() else Partial() for pl in placements],
                                     run_check=False).full_tensor()
         total = summed if total is None else total + summed
@@ -105,10 +115,15 @@ NORM_PIECE = 1 << 16
 ROW = 1 << 12
 
 
-def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: torch.dtype) -> torch.Tensor:
+def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: torch.dtype,
+                          grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The reference and native paths' sum of squares of the gradients, a 0-dim tensor in
     the compute dtype: norms of the large gradients (whole, or by rows), and dot products
     of packed chunks of the rest (see DIRECT, NORM_PIECE, ROW, CHUNK).
+
+    With a `grad_scale` every gradient is packed and divided by it in the scratch before
+    it is squared: torch's norm of a row or a tensor accumulates its squares in fp32 too,
+    and would overflow where the unscaled gradients do not.
 
     A norm per tensor costs a dispatch each: 2000 tiny ones took 3.4 ms on the Xeon (bf16:
     5.7), the packed chunks 1.3. torch's bf16 norm is faster than widening, but it rounds
@@ -128,12 +143,17 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
                 torch.cat(pending, out=flat)
             else:   # cat widening as it goes takes a slow path: gather, then widen
                 flat.copy_(torch.cat(pending))
+            if grad_scale is not None:
+                flat.div_(scale)
             parts.append(torch.dot(flat, flat))
             pending, size = [], 0
 
+    if grad_scale is not None:
+        scale = _launch.on_device(grad_scale, bucket.device, cdt).reshape(())
+
     for g in grads:
         n = g.numel()
-        if n >= DIRECT and g.dtype == cdt:
+        if n >= DIRECT and g.dtype == cdt and grad_scale is None:
             if n <= NORM_PIECE:
                 whole.append(g)
                 continue
@@ -162,28 +182,25 @@ def _sum_of_squares_torch(bucket: _flat.Bucket, grads: list[torch.Tensor], cdt: 
     return torch.stack(parts).sum()
 
 
-def clip_coefficient(sums: list[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None) -> torch.Tensor | float:
-    """torch's clip coefficient from the buckets' sums of squares, on the first one's device.
+def clip_coefficient(sums: list[torch.Tensor], max_norm: float) -> torch.Tensor | float:
+    """torch's clip coefficient from the buckets' sums of squares (of the unscaled
+    gradients), on the first one's device.
 
     The total is accumulated in float64 when any bucket computes in it, else in float32.
     Where everything is on the CPU the coefficient is a Python float (`_coefficient_on_host`).
     """
     device = sums[0].device
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
-    if device.type == "cpu" and all(s.device.type == "cpu" for s in sums) and \
-            (grad_scale is None or grad_scale.device.type == "cpu"):
-        return _coefficient_on_host(sums, max_norm, grad_scale, dtype)
+    if device.type == "cpu" and all(s.device.type == "cpu" for s in sums):
+        return _coefficient_on_host(sums, max_norm, dtype)
     if len(sums) == 1 and sums[0].dtype == dtype:
         total = sums[0].sqrt()  # one bucket: its sum is the total
     else:
         total = torch.stack([_launch.on_device(s, device, dtype) for s in sums]).sum().sqrt()
-    if grad_scale is not None:
-        total = total / _launch.on_device(grad_scale, device, dtype).reshape(())
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-def _coefficient_on_host(sums: list[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None,
-                         dtype: torch.dtype) -> float:
+def _coefficient_on_host(sums: list[torch.Tensor], max_norm: float, dtype: torch.dtype) -> float:
     """`clip_coefficient` for tensors on the CPU, where reading them costs no sync: the same
     operations in Python floats, each rounded to `dtype` as torch's op would round it (a
     float64 result of an fp32 add, multiply, divide or square root, rounded to fp32, is the
@@ -196,8 +213,6 @@ def _coefficient_on_host(sums: list[torch.Tensor], max_norm: float, grad_scale: 
     for s in sums:
         total = r(total + s.item())
     total = r(math.sqrt(total))
-    if grad_scale is not None:
-        total = r(total / r(grad_scale.item()))
     # torch's `max_norm / t` is `t.reciprocal() * max_norm`
     coefficient = r(r(1.0 / r(total + r(1e-6))) * r(max_norm))
     return coefficient if coefficient != coefficient else min(coefficient, 1.0)   # clamp keeps a NaN
@@ -211,9 +226,11 @@ def _variants():
     out = []
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         pointers = layout_pointers(dtype)
-        pointers.update(out_ptr=_launch.compute_dtype(dtype))
+        pointers.update(scale_ptr=torch.float32, out_ptr=_launch.compute_dtype(dtype))
         # one stream read, no vector store (one value per program)
-        out.append(Variant(f"sumsq-{str(dtype)[6:]}", sumsq_kernel, pointers, {}, loads=1, stores=0, dtype=dtype))
+        for unscale in (False, True):
+            name = f"sumsq-{str(dtype)[6:]}" + ("-unscale" if unscale else "")
+            out.append(Variant(name, sumsq_kernel, pointers, dict(UNSCALE=unscale), loads=1, stores=0, dtype=dtype))
     return out
 
 
