@@ -101,10 +101,12 @@ class AdamFamily(Optimizer):
             bucket.buffer("master_param", torch.float32)
 
     def _init_master(self, bucket: _flat.Bucket, indices) -> None:
-        """The master copy starts as the parameter's value (exact: fp32 holds bf16/fp16)."""
+        """The master copy starts as the parameter's value (exact: fp32 holds bf16/fp16).
+        Detached: at load_state_dict, outside the step's no_grad, copying the parameter
+        itself would make the flat buffer a node of the parameter's autograd graph."""
         bucket.buffer("master_param", torch.float32)
         for i in indices:
-            bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]))
+            bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
             dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
     def _adopt(self, p: Tensor, entries: dict, into=None) -> None:

@@ -166,7 +166,8 @@ class _ParamState(_WritesThroughSetitem, dict):
             if value.layout is torch.sparse_coo:  # torch's sparse momentum buffer (see Optimizer._adopt)
                 self.sparse_dim = value.sparse_dim()
                 value = value.to_dense()
-            _flat.local(current).copy_(_flat.shard_like(value, current))
+            # detached: the state is a copy, not a node of the value's graph (`p * 0.5`)
+            _flat.local(current).copy_(_flat.shard_like(value.detach(), current))
             return
         if value is current and key in self:
             return
@@ -481,7 +482,7 @@ class Optimizer(torch.optim.Optimizer):
                     state.sparse_dim = value.sparse_dim()
                     value = value.to_dense()
                 if not (value.data_ptr() == view.data_ptr() and value.stride() == view.stride()):
-                    view.copy_(value)
+                    view.copy_(value.detach())   # (state set to `p * 0` must not join p's graph)
                 dict.__setitem__(state, key, bucket.state_view(key, i))
                 flat = True
             elif value is None and key in self._optional_state:

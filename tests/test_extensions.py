@@ -183,6 +183,7 @@ def test_state_dict_interchange_with_torch():
     fresh.load_state_dict(torch_sd)
     for p in back:
         assert torch.equal(fresh.state[p]["master_param"], p.detach().float())
+        assert not fresh.state[p]["master_param"].requires_grad   # made from p at load, outside no_grad
         assert fresh.state[p]["exp_avg"].dtype == torch.float32
     _run(fresh, back, 1)
 

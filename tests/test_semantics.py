@@ -232,6 +232,7 @@ EDITS = {
                                                           "exp_avg_sq": torch.full((3,), 2.0)}}),
     "state.setdefault": lambda o, ps: (o.state.pop(ps[1]), o.state.setdefault(ps[1], {
         "step": torch.tensor(2.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)})),
+    "from-the-graph": lambda o, ps: o.state[ps[1]].__setitem__("exp_avg", ps[1] * 0.5),
     "new-key": lambda o, ps: (o.param_groups[0].update(amsgrad=True),
                               [o.state[p].__setitem__("max_exp_avg_sq", torch.full_like(p, 4.0)) for p in ps]),
 }
@@ -248,6 +249,21 @@ def test_state_dict_methods_reach_the_next_step(edit, backend):
     for step in (1, 2):
         step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
     assert_same_run(theirs, ref, ours, opt)
+
+
+def test_state_assigned_from_the_autograd_graph_stays_out_of_it():
+    """`opt.state[p]["exp_avg"] = p * 0.5`: the value is copied into the flat buffer,
+    detached, so the buffer (every parameter's state in the bucket) does not become a node
+    of p's graph, and the state dict can still be deep-copied."""
+    params = [torch.randn(10, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = fusedopt.Adam(params, lr=0.01)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[params[1]]["exp_avg"] = params[1] * 0.5
+    assert all(not v.requires_grad for entry in opt.state.values() for v in entry.values())
+    saved = copy.deepcopy(opt.state_dict())
+    assert torch.equal(saved["state"][1]["exp_avg"], params[1].detach() * 0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
