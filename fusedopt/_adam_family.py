@@ -3,6 +3,7 @@ Adam's kernel (kernels/adam.py) with the class's VARIANT."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 from torch import Tensor
@@ -110,14 +111,50 @@ class AdamFamily(Optimizer):
             dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
     def _adopt(self, p: Tensor, entries: dict, into=None) -> None:
+        loaded = isinstance(entries, dict) and "master_param" in entries
         super()._adopt(p, entries, into)
-        # State from an optimizer without master weights (torch's, or fusedopt's without
-        # the option): the master copy starts from the parameter, as on a first step.
         slot = self._slot(p) if isinstance(p, Tensor) and isinstance(entries, dict) else None
-        if slot is not None and "master_param" not in entries:
-            _, bucket, i = slot
-            if self._has_master(bucket) and bucket.initialized[i]:
-                self._init_master(bucket, [i])
+        if slot is None:
+            return
+        _, bucket, i = slot
+        if not (self._has_master(bucket) and bucket.initialized[i]):
+            return
+        if not loaded:
+            # State from an optimizer without master weights (torch's, or fusedopt's
+            # without the option): the master copy starts from the parameter, as on a
+            # first step; at that step again, in case the model is loaded after this.
+            self._init_master(bucket, [i])
+        # The parameter is the value the user sees, and the master copy must round to
+        # it. A loaded one may not: its checkpoint may have been stepped since by an
+        # optimizer that only carried it along (torch.optim keeps the key), and the first
+        # step would put the parameter back where that optimizer found it, silently.
+        bucket.unchecked[i] = loaded
+
+    def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
+        """A master copy that does not round to its parameter restarts from it, with a
+        warning where it was loaded (not where it was made at load from a parameter that
+        the model's load has since replaced)."""
+        if self._has_master(bucket):
+            stale = []
+            for i in batch.index:
+                if i not in bucket.unchecked:
+                    continue
+                p = _flat.local(bucket.params[i])
+                master = bucket.view("master_param", i)
+                rounded = master.to(p.dtype)
+                if not torch.equal(rounded, p) and not bool(((rounded == p) | (p != p) & (rounded != rounded)).all()):
+                    master.copy_(p)
+                    if bucket.unchecked[i]:
+                        stale.append(self._global_index(bucket.params[i]))
+                del bucket.unchecked[i]
+            if stale:
+                warnings.warn(
+                    f"fusedopt.{type(self).__name__}: the loaded master copy of parameter(s) {stale} does not round "
+                    "to the parameter's value, so the parameter changed after the master copy was saved (stepped "
+                    "by an optimizer without master weights, or set by hand): the master copy restarts from the "
+                    "parameter", stacklevel=4)
+            return
+        super()._check_loaded(bucket, batch)
 
     def _cast(self, p: Tensor, key, value):
         # torch casts floating state to the parameter's dtype: that would round the master

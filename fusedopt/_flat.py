@@ -216,6 +216,10 @@ class Bucket:
         self.scalar_dtype = scalar_dtype
         self.scalars: dict[str, Tensor] = {}
         self.initialized = [False] * len(params)
+        # Parameters whose state came from outside the step (a load, an assignment), to be
+        # checked against the parameter at the next step (`Optimizer._check_loaded`):
+        # index -> whether a mismatch is news to the user
+        self.unchecked: dict[int, bool] = {}
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._ptrs = [p.data_ptr() for p in shards]
         self._anchor: Tensor | None = None

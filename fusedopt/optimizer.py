@@ -493,6 +493,12 @@ class Optimizer(torch.optim.Optimizer):
         bucket.state_keys = None   # the next step checks every parameter's keys (`_buffers`)
         dict.__setitem__(self.state, p, state)
 
+    def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
+        """Check state that came from outside against the parameters about to be stepped
+        (`bucket.unchecked`), once: at the first step after it came, when the model has
+        been loaded too, whichever was loaded first. No state of the base class needs it."""
+        bucket.unchecked.clear()
+
     def _retype_scalar(self, bucket: _flat.Bucket, key: str, dtype: torch.dtype) -> Tensor:
         """Give a scalar kind's vector the dtype of loaded state. torch creates NAdam's
         mu_product and ASGD's eta and mu in its scalar dtype but casts loaded state to the
@@ -672,6 +678,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._init_state(group, bucket, fresh)
                 self._sparse_update(group, bucket, sparse, fresh)
             if batch is not None:
+                if bucket.unchecked:
+                    self._check_loaded(bucket, batch)
                 # Without state (SGD without momentum) nothing is fresh: no per-tensor lists
                 # every step for a bucket that never becomes initialized.
                 fresh = [] if all(bucket.initialized) or not self._state_keys(group) else \
