@@ -263,7 +263,8 @@ class Optimizer(torch.optim.Optimizer):
     * ``foreach``: changes nothing; torch's validation of it is kept.
     * ``fused``: on Adam, AdamW, SGD and Adagrad (torch's fused algorithms) ``True`` declares
       ``_step_supports_amp_scaling``: GradScaler's unscaling and inf-skip happen in the kernel.
-      ``step`` then lives on the parameter's device, as in torch.
+      ``step`` then lives on the parameter's device, as in torch, and stepping a parameter
+      that is not floating point (complex, integer) raises RuntimeError, as torch's does.
     * ``capturable``: ``step`` lives on the parameter's device, as in torch. The Adam family
       also keeps a tensor lr/betas on the device and reads nothing back to the host, so its
       step can be captured in a CUDA graph (README, "Using fusedopt with CUDA graphs").
@@ -554,6 +555,17 @@ class Optimizer(torch.optim.Optimizer):
             raise RuntimeError(f"fusedopt.{type(self).__name__}(fused=True) does not support sparse gradients, as torch's "
                                "fused kernels do not. help: fused=False")
 
+    def _refuse_fused(self, bucket: _flat.Bucket, i: int) -> None:
+        """torch's fused kernels take floating-point parameters only, and torch checks that
+        when it steps such a parameter (`_device_dtype_check_for_fused`); fusedopt's kernels
+        could step complex ones, but `fused=True` must refuse what torch's refuses, with its
+        exception type, at its moment. Called before anything changes."""
+        p = bucket.params[i]
+        raise RuntimeError(
+            f"fusedopt.{type(self).__name__}(fused=True) requires floating-point parameters, as torch's fused "
+            f"kernels do; parameter {self._global_index(p)} is {p.dtype} on {p.device.type}. help: fused=False "
+            "(complex parameters step without it)")
+
     def _sparse_update(self, group: dict, bucket: _flat.Bucket, sparse: list[tuple[int, Tensor]],
                        fresh: list[int]) -> None:
         """Step the bucket's parameters whose gradients are sparse ((position, gradient)
@@ -657,6 +669,8 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params],
                                            sparse)
+                if group.get("fused") and (batch is not None or sparse) and not bucket.dtype.is_floating_point:
+                    self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
                 if sparse:
                     self._check_sparse(group, bucket)
                 if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:

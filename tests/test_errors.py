@@ -143,3 +143,61 @@ def test_truthy_flags_work_as_in_torch(flag, value):
         opt.step()
         ref.step()
     assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+
+
+FUSED_ROWS = [pytest.param(info, id=info.name) for info in OPTIMIZERS if "fused" in accepted(info.torch)]
+
+
+def snapshot(opt):
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for p, s in opt.state.items()}
+    return params, state
+
+
+def assert_unchanged(opt, before):
+    params, state = before
+    after = [p for g in opt.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(after, params)), "a parameter changed"
+    assert {id(p): s.keys() for p, s in opt.state.items()} == {k: s.keys() for k, s in state.items()}, "state created"
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]) if isinstance(v, torch.Tensor) else v == state[id(p)][k], k
+
+
+def _non_float(dtype):
+    # an integer tensor cannot require grad: a plain tensor, given a gradient by hand
+    return torch.randn(3, dtype=dtype) if dtype.is_complex else torch.arange(3, dtype=dtype)
+
+
+@pytest.mark.parametrize("info", FUSED_ROWS)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32])
+@pytest.mark.parametrize("how", ["constructor", "added group"])
+def test_fused_refuses_non_floating_params_at_the_step_as_torch(info, dtype, how):
+    """torch's fused optimizers accept such a parameter at construction and raise
+    RuntimeError when it is first stepped; fusedopt raises it there too, before anything
+    changes (fusedopt's kernels would step a complex parameter: fused=False does). The
+    odd parameter comes first: torch's SGD and Adagrad check only the first one stepped,
+    and on a later one fail in the kernel instead (NotImplementedError)."""
+    def build(cls):
+        odd, real = _non_float(dtype), torch.nn.Parameter(torch.randn(4))
+        if how == "constructor":
+            return cls([odd, real], fused=True)
+        opt = cls([real])
+        opt.add_param_group({"params": [odd], "fused": True})
+        return opt
+
+    def grads(opt):
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        return opt
+
+    theirs = grads(build(info.torch))
+    with pytest.raises(RuntimeError) as expected:
+        theirs.step()
+    ours = grads(build(info.fused))
+    before = snapshot(ours)
+    with pytest.raises(RuntimeError, match=rf"fused=True\) requires floating-point parameters.*{dtype}") as got:
+        ours.step()
+    assert type(got.value) is type(expected.value)
+    assert_unchanged(ours, before)
