@@ -726,6 +726,7 @@ class Optimizer(torch.optim.Optimizer):
         seen = self._valid_groups.get(gi)
         if seen is not None and len(seen[0]) == len(values) and all(map(operator.is_, seen[0], values)):
             return seen[1]
+        self._check_group(group)
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
             self._options(group)
             _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
@@ -734,6 +735,11 @@ class Optimizer(torch.optim.Optimizer):
             keys = seen[1]   # the same object: buckets that checked it need not again
         self._valid_groups[gi] = values, keys
         return keys
+
+    def _check_group(self, group: dict) -> None:
+        """Raise what torch's step raises for a combination of a group's options that its
+        constructor would have refused (a group added or edited later); nothing has
+        changed yet. The algorithms torch checks at the step override this."""
 
     def attach_averaged_model(self, averaged_model, model: torch.nn.Module | None = None) -> None:
         """fusedopt only: update `averaged_model` inside every `step()` from now on.

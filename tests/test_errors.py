@@ -201,3 +201,46 @@ def test_fused_refuses_non_floating_params_at_the_step_as_torch(info, dtype, how
         ours.step()
     assert type(got.value) is type(expected.value)
     assert_unchanged(ours, before)
+
+
+LATER_GROUP_REFUSALS = [
+    dict(lr=torch.tensor(0.01), foreach=True),
+    dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+    dict(fused=True, differentiable=True),
+]
+
+
+def later_group_cases():
+    """Each combination with each optimizer whose torch class refuses it at the step."""
+    return [pytest.param(info, options, how, id=f"{info.name}-{how}-" + ",".join(options))
+            for info in OPTIMIZERS for options in LATER_GROUP_REFUSALS for how in ("added", "edited")
+            if info.name in ("Adam", "AdamW") or (info.name == "Adagrad" and "fused" in options)]
+
+
+@pytest.mark.parametrize("info,options,how", later_group_cases())
+def test_options_a_constructor_refuses_are_refused_at_the_step_in_a_later_group(info, options, how):
+    """torch's constructor refuses a tensor lr or betas with foreach=True (without
+    capturable) and fused=True with differentiable=True; in a group added or edited
+    later, its step raises the same for Adam, AdamW and Adagrad. fusedopt raises it there
+    too, with torch's type, before any group has stepped."""
+    def build(cls):
+        params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))]
+        if how == "added":
+            opt = cls(params[:1])
+            opt.add_param_group({"params": params[1:], **options})
+        else:
+            opt = cls([{"params": params[:1]}, {"params": params[1:]}])
+            opt.param_groups[1].update(options)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return opt
+
+    with pytest.raises(Exception) as expected:  # noqa: PT011 - whatever torch raises is the spec
+        build(info.torch).step()
+    assert isinstance(expected.value, (RuntimeError, ValueError)), expected.value
+    ours = build(info.fused)
+    before = snapshot(ours)
+    with pytest.raises(Exception) as got:  # noqa: PT011
+        ours.step()
+    assert type(got.value) is type(expected.value), got.value
+    assert_unchanged(ours, before)
