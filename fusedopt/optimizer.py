@@ -18,6 +18,7 @@ bucket, the batch of tensors that have gradients, and the path.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import sys
@@ -99,6 +100,16 @@ def _refuse_duplicates(params, gi: int) -> None:
             raise ValueError(f"fusedopt: parameter group {gi} lists a parameter twice (positions {first} and {j}); "
                              "torch.optim steps such a parameter once per listing and deprecates it, a fused step "
                              "updates each parameter once. help: list each parameter once")
+
+
+def check_numbers(options, gi: int) -> None:
+    """Refuse a group's numeric option (a field of its kernel options) that is None or a
+    string: torch's arithmetic raises TypeError on it when the step reaches the group,
+    after stepping the groups before it; here before any group steps."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if (value is None or isinstance(value, (str, bytes))) and "float" in str(f.type):
+            raise TypeError(f"param group {gi}: {f.name} is {value!r}; expected a number or a 1-element tensor")
 
 
 def _as_float(x) -> float:
@@ -716,8 +727,8 @@ class Optimizer(torch.optim.Optimizer):
             averaging.finish()
 
     def _validate_group(self, gi: int, group: dict) -> tuple[str, ...]:
-        """Raise what the group's options raise (an lr of None or a string, a tensor of
-        several elements), before any group is stepped: torch fails on such a value when
+        """Raise what the group's options raise (an lr or another numeric option of None or
+        a string, a tensor of several elements), before any group is stepped: torch fails on such a value when
         it reaches that group, after stepping the groups before it. Returns the group's
         state keys, one tuple object while the group's values stay the values last
         validated, compared by identity (a scheduler's new lr each step costs one more
@@ -728,7 +739,7 @@ class Optimizer(torch.optim.Optimizer):
             return seen[1]
         self._check_group(group)
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
-            self._options(group)
+            check_numbers(self._options(group), gi)
             _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
         keys = tuple(self._state_keys(group)) if self._flat_state else ()
         if seen is not None and seen[1] == keys:

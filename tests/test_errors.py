@@ -4,6 +4,7 @@ import inspect
 import pytest
 import torch
 
+import fusedopt
 from optim_db import OPTIMIZERS
 
 ROWS = [pytest.param(info, id=info.name) for info in OPTIMIZERS]
@@ -244,3 +245,49 @@ def test_options_a_constructor_refuses_are_refused_at_the_step_in_a_later_group(
         ours.step()
     assert type(got.value) is type(expected.value), got.value
     assert_unchanged(ours, before)
+
+
+NUMERIC_OPTIONS = ["eps", "weight_decay", "momentum", "dampening", "rho", "alpha", "lambd", "t0", "lr_decay",
+                   "momentum_decay", "betas", "etas", "step_sizes"]
+# A string torch's step does not read at the second step, so torch does not fail on it
+# there; fusedopt refuses it anyway, before anything changes (it checks a group's options
+# when they change, not when the math first uses them).
+TORCH_IGNORES = {("RAdam", "eps"): "read only once the variance is tractable (step 6)",
+                 ("SGD", "dampening"): "read only with momentum",
+                 ("SGD", "momentum"): "its first step with momentum copies the gradient into the buffer"}
+ROWS_WITH_SPARSE_ADAM = [(info.name, info.fused, info.torch) for info in OPTIMIZERS] + [
+    ("SparseAdam", fusedopt.SparseAdam, torch.optim.SparseAdam)]
+
+
+def string_option_cases():
+    cases = []
+    for name, ours, theirs in ROWS_WITH_SPARSE_ADAM:
+        for key in NUMERIC_OPTIONS:
+            if key in accepted(theirs) and (name, key) not in TORCH_IGNORES:
+                cases.append(pytest.param(ours, theirs, key, id=f"{name}-{key}"))
+    return cases
+
+
+@pytest.mark.parametrize("ours,theirs,key", string_option_cases())
+def test_a_string_option_in_a_later_group_raises_what_torch_raises_before_any_group_steps(ours, theirs, key):
+    """torch raises TypeError when its step reaches the group, after stepping the groups
+    before it; fusedopt raises it before anything has changed."""
+    sparse = theirs is torch.optim.SparseAdam
+
+    def build(cls):
+        params = [torch.nn.Parameter(torch.randn(4, 2)) for _ in range(2)]
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}])
+        for p in params:
+            p.grad = torch.ones(4, 2).to_sparse() if sparse else torch.ones_like(p)
+        opt.step()
+        default = opt.param_groups[1][key]
+        opt.param_groups[1][key] = ("x", default[1]) if isinstance(default, tuple) else "x"
+        return opt
+
+    with pytest.raises(TypeError):
+        build(theirs).step()
+    opt = build(ours)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="'x'"):
+        opt.step()
+    assert_unchanged(opt, before)
