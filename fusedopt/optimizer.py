@@ -106,10 +106,16 @@ def check_numbers(options, gi: int) -> None:
     """Refuse a group's numeric option (a field of its kernel options) that is None or a
     string: torch's arithmetic raises TypeError on it when the step reaches the group,
     after stepping the groups before it; here before any group steps."""
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if (value is None or isinstance(value, (str, bytes))) and "float" in str(f.type):
-            raise TypeError(f"param group {gi}: {f.name} is {value!r}; expected a number or a 1-element tensor")
+    for name in _numeric_fields(type(options)):
+        value = getattr(options, name)
+        if value is None or isinstance(value, (str, bytes)):
+            raise TypeError(f"param group {gi}: {name} is {value!r}; expected a number or a 1-element tensor")
+
+
+@functools.cache
+def _numeric_fields(options_class) -> tuple[str, ...]:
+    # (a scheduler's new lr each step re-validates the group: the fields are looked up once)
+    return tuple(f.name for f in dataclasses.fields(options_class) if "float" in str(f.type))
 
 
 def _as_float(x) -> float:
