@@ -83,6 +83,10 @@ class Adagrad(Optimizer):
                 if "sum" in bucket.buffers:
                     bucket.buffers["sum"].share_memory_()
 
+    def _check_group(self, group):
+        # torch's step refuses it for a group added or edited after construction
+        refuse_differentiable(group.get("fused") and group.get("differentiable"))
+
     def _state_keys(self, group):
         return ["step", "sum"]
 

@@ -99,5 +99,16 @@ class Adam(AdamFamily):
         "decoupled_weight_decay": False, "fused": None,
     }
 
+    def _check_group(self, group):
+        # torch's step refuses these for a group added or edited after construction
+        # (its constructor refuses them in the keywords, as __init__ does here).
+        refuse_differentiable(group.get("fused") and group.get("differentiable"))
+        if group.get("foreach") and not group.get("capturable"):
+            if isinstance(group["lr"], Tensor):
+                raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")
+            for index, beta in enumerate(group["betas"], 1):
+                if isinstance(beta, Tensor):
+                    raise ValueError(f"beta{index} as a Tensor is not supported for capturable=False and foreach=True")
+
     def _state_keys(self, group):
         return ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])

@@ -338,12 +338,20 @@ class LBFGS(Optimizer):
         max_iter, max_eval = group["max_iter"], group["max_eval"]
         tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
         line_search_fn, history_size = group["line_search_fn"], group["history_size"]
+        # torch raises on these after evaluating the closure and counting it, or after
+        # moving the parameters; here before anything changes, with torch's types.
+        if line_search_fn not in (None, "strong_wolfe"):
+            raise RuntimeError(f"only 'strong_wolfe' is supported (line_search_fn={line_search_fn!r})")
+        if tolerance_grad is None or isinstance(tolerance_grad, (str, bytes)):
+            raise TypeError(f"tolerance_grad is {tolerance_grad!r}; expected a number")
+
+        first = self._params[0]   # (an empty group raises IndexError, as in torch)
         flat = self._flat()
 
         # Global state, registered under the first parameter as torch does (so that
         # load_state_dict casts it). Plain dict writes: these tensors are replaced, not
         # copied into, as in torch.
-        state = self.state[self._params[0]]
+        state = self.state[first]
 
         def put(key, value):
             dict.__setitem__(state, key, value)

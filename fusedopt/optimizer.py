@@ -18,6 +18,7 @@ bucket, the batch of tensors that have gradients, and the path.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import sys
@@ -99,6 +100,22 @@ def _refuse_duplicates(params, gi: int) -> None:
             raise ValueError(f"fusedopt: parameter group {gi} lists a parameter twice (positions {first} and {j}); "
                              "torch.optim steps such a parameter once per listing and deprecates it, a fused step "
                              "updates each parameter once. help: list each parameter once")
+
+
+def check_numbers(options, gi: int) -> None:
+    """Refuse a group's numeric option (a field of its kernel options) that is None or a
+    string: torch's arithmetic raises TypeError on it when the step reaches the group,
+    after stepping the groups before it; here before any group steps."""
+    for name in _numeric_fields(type(options)):
+        value = getattr(options, name)
+        if value is None or isinstance(value, (str, bytes)):
+            raise TypeError(f"param group {gi}: {name} is {value!r}; expected a number or a 1-element tensor")
+
+
+@functools.cache
+def _numeric_fields(options_class) -> tuple[str, ...]:
+    # (a scheduler's new lr each step re-validates the group: the fields are looked up once)
+    return tuple(f.name for f in dataclasses.fields(options_class) if "float" in str(f.type))
 
 
 def _as_float(x) -> float:
@@ -264,7 +281,8 @@ class Optimizer(torch.optim.Optimizer):
     * ``foreach``: changes nothing; torch's validation of it is kept.
     * ``fused``: on Adam, AdamW, SGD and Adagrad (torch's fused algorithms) ``True`` declares
       ``_step_supports_amp_scaling``: GradScaler's unscaling and inf-skip happen in the kernel.
-      ``step`` then lives on the parameter's device, as in torch.
+      ``step`` then lives on the parameter's device, as in torch, and stepping a parameter
+      that is not floating point (complex, integer) raises RuntimeError, as torch's does.
     * ``capturable``: ``step`` lives on the parameter's device, as in torch. The Adam family
       also keeps a tensor lr/betas on the device and reads nothing back to the host, so its
       step can be captured in a CUDA graph (README, "Using fusedopt with CUDA graphs").
@@ -561,6 +579,17 @@ class Optimizer(torch.optim.Optimizer):
             raise RuntimeError(f"fusedopt.{type(self).__name__}(fused=True) does not support sparse gradients, as torch's "
                                "fused kernels do not. help: fused=False")
 
+    def _refuse_fused(self, bucket: _flat.Bucket, i: int) -> None:
+        """torch's fused kernels take floating-point parameters only, and torch checks that
+        when it steps such a parameter (`_device_dtype_check_for_fused`); fusedopt's kernels
+        could step complex ones, but `fused=True` must refuse what torch's refuses, with its
+        exception type, at its moment. Called before anything changes."""
+        p = bucket.params[i]
+        raise RuntimeError(
+            f"fusedopt.{type(self).__name__}(fused=True) requires floating-point parameters, as torch's fused "
+            f"kernels do; parameter {self._global_index(p)} is {p.dtype} on {p.device.type}. help: fused=False "
+            "(complex parameters step without it)")
+
     def _sparse_update(self, group: dict, bucket: _flat.Bucket, sparse: list[tuple[int, Tensor]],
                        fresh: list[int]) -> None:
         """Step the bucket's parameters whose gradients are sparse ((position, gradient)
@@ -664,6 +693,8 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params],
                                            sparse)
+                if group.get("fused") and (batch is not None or sparse) and not bucket.dtype.is_floating_point:
+                    self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
                 if sparse:
                     self._check_sparse(group, bucket)
                 if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:
@@ -711,8 +742,8 @@ class Optimizer(torch.optim.Optimizer):
             averaging.finish()
 
     def _validate_group(self, gi: int, group: dict) -> tuple[str, ...]:
-        """Raise what the group's options raise (an lr of None or a string, a tensor of
-        several elements), before any group is stepped: torch fails on such a value when
+        """Raise what the group's options raise (an lr or another numeric option of None or
+        a string, a tensor of several elements), before any group is stepped: torch fails on such a value when
         it reaches that group, after stepping the groups before it. Returns the group's
         state keys, one tuple object while the group's values stay the values last
         validated, compared by identity (a scheduler's new lr each step costs one more
@@ -721,14 +752,20 @@ class Optimizer(torch.optim.Optimizer):
         seen = self._valid_groups.get(gi)
         if seen is not None and len(seen[0]) == len(values) and all(map(operator.is_, seen[0], values)):
             return seen[1]
+        self._check_group(group)
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
-            self._options(group)
+            check_numbers(self._options(group), gi)
             _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
         keys = tuple(self._state_keys(group)) if self._flat_state else ()
         if seen is not None and seen[1] == keys:
             keys = seen[1]   # the same object: buckets that checked it need not again
         self._valid_groups[gi] = values, keys
         return keys
+
+    def _check_group(self, group: dict) -> None:
+        """Raise what torch's step raises for a combination of a group's options that its
+        constructor would have refused (a group added or edited later); nothing has
+        changed yet. The algorithms torch checks at the step override this."""
 
     def attach_averaged_model(self, averaged_model, model: torch.nn.Module | None = None) -> None:
         """fusedopt only: update `averaged_model` inside every `step()` from now on.

@@ -7,7 +7,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import sparse_adam as kernels
-from .optimizer import Optimizer, _as_float
+from .optimizer import Optimizer, _as_float, check_numbers
 
 _DENSE_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
 
@@ -32,9 +32,9 @@ class SparseAdam(Optimizer):
         backend: the path, as for every optimizer here; see :class:`fusedopt.Optimizer`.
 
     Note:
-        torch checks gradients one by one and raises on a dense gradient after it has
-        already stepped the group's earlier parameters; here a group with a dense gradient
-        is rejected before any of it changes (earlier groups are stepped, as in torch).
+        torch checks gradients and options group by group and raises on a dense gradient
+        or a bad option (a string, None) after it has stepped what came before; here every
+        group is checked first, and a step that raises changes nothing.
     """
 
     _flat_state = ("exp_avg", "exp_avg_sq")
@@ -103,12 +103,16 @@ class SparseAdam(Optimizer):
         """
         loss = self._evaluate(closure)
         self._sync_state()
-        # An attached averaged model is updated after the sparse update (which it cannot share).
-        averaging = self._attached.begin() if self._attached is not None else None
+        checked = []
         for gi, group in enumerate(self.param_groups):
             if any(p.grad is not None and not p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(_DENSE_ERROR)
             o = self._options(group)
+            check_numbers(o, gi)
+            checked.append((gi, group, o))
+        # An attached averaged model is updated after the sparse update (which it cannot share).
+        averaging = self._attached.begin() if self._attached is not None else None
+        for gi, group, o in checked:
             for bucket in self._group_buckets(gi):
                 stepped = [(i, p) for i, p in enumerate(bucket.params) if p.grad is not None]
                 if not stepped:

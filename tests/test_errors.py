@@ -4,6 +4,7 @@ import inspect
 import pytest
 import torch
 
+import fusedopt
 from optim_db import OPTIMIZERS
 
 ROWS = [pytest.param(info, id=info.name) for info in OPTIMIZERS]
@@ -143,3 +144,150 @@ def test_truthy_flags_work_as_in_torch(flag, value):
         opt.step()
         ref.step()
     assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+
+
+FUSED_ROWS = [pytest.param(info, id=info.name) for info in OPTIMIZERS if "fused" in accepted(info.torch)]
+
+
+def snapshot(opt):
+    params = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    state = {id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for p, s in opt.state.items()}
+    return params, state
+
+
+def assert_unchanged(opt, before):
+    params, state = before
+    after = [p for g in opt.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(after, params)), "a parameter changed"
+    assert {id(p): s.keys() for p, s in opt.state.items()} == {k: s.keys() for k, s in state.items()}, "state created"
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, state[id(p)][k]) if isinstance(v, torch.Tensor) else v == state[id(p)][k], k
+
+
+def _non_float(dtype):
+    # an integer tensor cannot require grad: a plain tensor, given a gradient by hand
+    return torch.randn(3, dtype=dtype) if dtype.is_complex else torch.arange(3, dtype=dtype)
+
+
+@pytest.mark.parametrize("info", FUSED_ROWS)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32])
+@pytest.mark.parametrize("how", ["constructor", "added group"])
+def test_fused_refuses_non_floating_params_at_the_step_as_torch(info, dtype, how):
+    """torch's fused optimizers accept such a parameter at construction and raise
+    RuntimeError when it is first stepped; fusedopt raises it there too, before anything
+    changes (fusedopt's kernels would step a complex parameter: fused=False does). The
+    odd parameter comes first: torch's SGD and Adagrad check only the first one stepped,
+    and on a later one fail in the kernel instead (NotImplementedError)."""
+    def build(cls):
+        odd, real = _non_float(dtype), torch.nn.Parameter(torch.randn(4))
+        if how == "constructor":
+            return cls([odd, real], fused=True)
+        opt = cls([real])
+        opt.add_param_group({"params": [odd], "fused": True})
+        return opt
+
+    def grads(opt):
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        return opt
+
+    theirs = grads(build(info.torch))
+    with pytest.raises(RuntimeError) as expected:
+        theirs.step()
+    ours = grads(build(info.fused))
+    before = snapshot(ours)
+    with pytest.raises(RuntimeError, match=rf"fused=True\) requires floating-point parameters.*{dtype}") as got:
+        ours.step()
+    assert type(got.value) is type(expected.value)
+    assert_unchanged(ours, before)
+
+
+LATER_GROUP_REFUSALS = [
+    dict(lr=torch.tensor(0.01), foreach=True),
+    dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+    dict(fused=True, differentiable=True),
+]
+
+
+def later_group_cases():
+    """Each combination with each optimizer whose torch class refuses it at the step."""
+    return [pytest.param(info, options, how, id=f"{info.name}-{how}-" + ",".join(options))
+            for info in OPTIMIZERS for options in LATER_GROUP_REFUSALS for how in ("added", "edited")
+            if info.name in ("Adam", "AdamW") or (info.name == "Adagrad" and "fused" in options)]
+
+
+@pytest.mark.parametrize("info,options,how", later_group_cases())
+def test_options_a_constructor_refuses_are_refused_at_the_step_in_a_later_group(info, options, how):
+    """torch's constructor refuses a tensor lr or betas with foreach=True (without
+    capturable) and fused=True with differentiable=True; in a group added or edited
+    later, its step raises the same for Adam, AdamW and Adagrad. fusedopt raises it there
+    too, with torch's type, before any group has stepped."""
+    def build(cls):
+        params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))]
+        if how == "added":
+            opt = cls(params[:1])
+            opt.add_param_group({"params": params[1:], **options})
+        else:
+            opt = cls([{"params": params[:1]}, {"params": params[1:]}])
+            opt.param_groups[1].update(options)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        return opt
+
+    with pytest.raises(Exception) as expected:  # noqa: PT011 - whatever torch raises is the spec
+        build(info.torch).step()
+    assert isinstance(expected.value, (RuntimeError, ValueError)), expected.value
+    ours = build(info.fused)
+    before = snapshot(ours)
+    with pytest.raises(Exception) as got:  # noqa: PT011
+        ours.step()
+    assert type(got.value) is type(expected.value), got.value
+    assert_unchanged(ours, before)
+
+
+NUMERIC_OPTIONS = ["eps", "weight_decay", "momentum", "dampening", "rho", "alpha", "lambd", "t0", "lr_decay",
+                   "momentum_decay", "betas", "etas", "step_sizes"]
+# A string torch's step does not read at the second step, so torch does not fail on it
+# there; fusedopt refuses it anyway, before anything changes (it checks a group's options
+# when they change, not when the math first uses them).
+TORCH_IGNORES = {("RAdam", "eps"): "read only once the variance is tractable (step 6)",
+                 ("SGD", "dampening"): "read only with momentum",
+                 ("SGD", "momentum"): "its first step with momentum copies the gradient into the buffer"}
+ROWS_WITH_SPARSE_ADAM = [(info.name, info.fused, info.torch) for info in OPTIMIZERS] + [
+    ("SparseAdam", fusedopt.SparseAdam, torch.optim.SparseAdam)]
+
+
+def string_option_cases():
+    cases = []
+    for name, ours, theirs in ROWS_WITH_SPARSE_ADAM:
+        for key in NUMERIC_OPTIONS:
+            if key in accepted(theirs) and (name, key) not in TORCH_IGNORES:
+                cases.append(pytest.param(ours, theirs, key, id=f"{name}-{key}"))
+    return cases
+
+
+@pytest.mark.parametrize("ours,theirs,key", string_option_cases())
+def test_a_string_option_in_a_later_group_raises_what_torch_raises_before_any_group_steps(ours, theirs, key):
+    """torch raises TypeError when its step reaches the group, after stepping the groups
+    before it; fusedopt raises it before anything has changed."""
+    sparse = theirs is torch.optim.SparseAdam
+
+    def build(cls):
+        params = [torch.nn.Parameter(torch.randn(4, 2)) for _ in range(2)]
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}])
+        for p in params:
+            p.grad = torch.ones(4, 2).to_sparse() if sparse else torch.ones_like(p)
+        opt.step()
+        default = opt.param_groups[1][key]
+        opt.param_groups[1][key] = ("x", default[1]) if isinstance(default, tuple) else "x"
+        return opt
+
+    with pytest.raises(TypeError):
+        build(theirs).step()
+    opt = build(ours)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="'x'"):
+        opt.step()
+    assert_unchanged(opt, before)

@@ -203,7 +203,40 @@ def test_unknown_line_search_raises_as_torch():
         opt = cls([p], line_search_fn="bogus")
         return _error(lambda: opt.step(closure_for(opt, [p], lambda ps: ps[0].pow(2).sum())))
 
-    assert attempt(fusedopt.LBFGS) == attempt(torch.optim.LBFGS) == (RuntimeError, "only 'strong_wolfe' is supported")
+    theirs, ours = attempt(torch.optim.LBFGS), attempt(fusedopt.LBFGS)
+    assert theirs == (RuntimeError, "only 'strong_wolfe' is supported")
+    assert ours[0] is theirs[0] and ours[1].startswith(theirs[1]) and "'bogus'" in ours[1]
+
+
+@pytest.mark.parametrize("edit", [dict(line_search_fn="bogus"), dict(tolerance_grad="1e-7"), dict(tolerance_grad=None)],
+                         ids=["line_search_fn", "tolerance_grad-str", "tolerance_grad-None"])
+def test_bad_options_raise_what_torch_raises_before_anything_changes(edit):
+    """torch raises these after evaluating the closure and counting the evaluation (for
+    line_search_fn, after moving the parameters once); fusedopt raises the same type
+    before either, and the optimizer and parameters are as they were."""
+    def attempt(cls):
+        p = torch.tensor([1.0, 2.0], requires_grad=True)
+        opt = cls([p], max_iter=1)   # (so that the second step iterates: torch checks line_search_fn there)
+        objective = lambda ps: ps[0].pow(2).sum()  # noqa: E731
+        opt.step(closure_for(opt, [p], objective))
+        opt.param_groups[0].update(edit)
+        before = (p.detach().clone(), copy.deepcopy(dict(opt.state[p])))
+        return _error(lambda: opt.step(closure_for(opt, [p], objective))), p, opt, before
+
+    theirs = attempt(torch.optim.LBFGS)[0]
+    ours, p, opt, (value, state) = attempt(fusedopt.LBFGS)
+    assert theirs is not None and ours[0] is theirs[0], (ours, theirs)
+    assert torch.equal(p, value)
+    assert opt.state[p]["func_evals"] == state["func_evals"] and opt.state[p]["n_iter"] == state["n_iter"]
+
+
+def test_an_empty_group_raises_what_torch_raises():
+    def attempt(cls):
+        opt = cls([{"params": []}])
+        return _error(lambda: opt.step(lambda: torch.tensor(0.0)))
+
+    theirs = attempt(torch.optim.LBFGS)
+    assert theirs is not None and attempt(fusedopt.LBFGS)[0] is theirs[0] is IndexError
 
 
 def test_optimizer_conventions():
