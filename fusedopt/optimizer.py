@@ -753,6 +753,9 @@ class Optimizer(torch.optim.Optimizer):
         if seen is not None and len(seen[0]) == len(values) and all(map(operator.is_, seen[0], values)):
             return seen[1]
         self._check_group(group)
+        # torch steps a differentiable group added later; the kernels here would step it
+        # without a graph, which is refused at construction for the same reason
+        refuse_differentiable(group.get("differentiable"))
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
             check_numbers(self._options(group), gi)
             _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)

@@ -247,6 +247,29 @@ def test_options_a_constructor_refuses_are_refused_at_the_step_in_a_later_group(
     assert_unchanged(ours, before)
 
 
+@pytest.mark.parametrize("how", ["added", "edited"])
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if "differentiable" in i.fused([torch.zeros(1)]).defaults],
+                         ids=lambda i: i.name)
+def test_differentiable_in_a_later_group_is_refused_at_the_step(info, how):
+    """differentiable=True is refused at construction (the update runs in a kernel, not
+    under autograd); torch steps a group added or edited later with it differentiably, so
+    stepping it here without a graph would be silently wrong: refused at the step, before
+    any group has stepped."""
+    params = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))]
+    if how == "added":
+        opt = info.fused(params[:1])
+        opt.add_param_group({"params": params[1:], "differentiable": True})
+    else:
+        opt = info.fused([{"params": params[:1]}, {"params": params[1:]}])
+        opt.param_groups[1]["differentiable"] = True
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="differentiable=True is not supported"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
 NUMERIC_OPTIONS = ["eps", "weight_decay", "momentum", "dampening", "rho", "alpha", "lambd", "t0", "lr_decay",
                    "momentum_decay", "betas", "etas", "step_sizes"]
 # A string torch's step does not read at the second step, so torch does not fail on it
