@@ -11,7 +11,7 @@ from torch import Tensor
 from . import _flat, _native
 from .kernels import _launch
 from .kernels import adam as kernels
-from .optimizer import Optimizer, _as_float, check_lr, check_max_grad_norm, check_nonnegative
+from .optimizer import Optimizer, _as_float, user_stacklevel, check_lr, check_max_grad_norm, check_nonnegative
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -152,7 +152,7 @@ class AdamFamily(Optimizer):
                     f"fusedopt.{type(self).__name__}: the loaded master copy of parameter(s) {stale} does not round "
                     "to the parameter's value, so the parameter changed after the master copy was saved (stepped "
                     "by an optimizer without master weights, or set by hand): the master copy restarts from the "
-                    "parameter", stacklevel=4)
+                    "parameter", stacklevel=user_stacklevel())
             return
         super()._check_loaded(bucket, batch)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
 import sys
 import weakref
 from collections import defaultdict
@@ -116,6 +117,17 @@ def check_numbers(options, gi: int) -> None:
 def _numeric_fields(options_class) -> tuple[str, ...]:
     # (a scheduler's new lr each step re-validates the group: the fields are looked up once)
     return tuple(f.name for f in dataclasses.fields(options_class) if "float" in str(f.type))
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` that points a warning raised inside the step at the user's line: the
+    number of frames up to the first one outside this package (the step is reached through
+    hooks, a closure, or the compiled op, each a different depth)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _as_float(x) -> float:

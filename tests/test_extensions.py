@@ -211,8 +211,9 @@ def test_a_master_copy_stepped_past_by_torch_restarts_from_the_parameter(backend
         del entry["master_param"]
     fresh = fusedopt.AdamW(twins, lr=1e-2, backend=backend, master_weights=True)
     fresh.load_state_dict(without)
-    with pytest.warns(UserWarning, match=r"master copy of parameter\(s\) \[0, 1\] does not round"):
+    with pytest.warns(UserWarning, match=r"master copy of parameter\(s\) \[0, 1\] does not round") as record:
         _run(stale, params, 1)
+    assert record[0].filename == __file__   # the user's line (here `_run`'s), not fusedopt's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(fresh, twins, 1)
