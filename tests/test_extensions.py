@@ -511,59 +511,41 @@ def test_max_grad_norm_above_the_norm_is_plain_steps_on_auto(dtype):
 
 
 @pytest.mark.parametrize("backend", PATHS + ["auto"])
-def test_max_grad_norm_with_grad_scaler_clips_the_unscaled_gradient(backend):
+@pytest.mark.parametrize("init_scale,growth_interval,inf_step,final_scale,steps",
+                         [(2.0 ** 8, 2000, 2, 2.0 ** 7, 3), (2.0 ** 80, 1, None, 2.0 ** 84, 4)],
+                         ids=["inf-skip", "past-fp32-square-root"])
+def test_max_grad_norm_with_grad_scaler_clips_the_unscaled_gradient(backend, init_scale, growth_interval, inf_step,
+                                                                    final_scale, steps):
+    """torch's recipe is unscale_, clip_grad_norm_, step. A step with an inf gradient is
+    skipped (and not counted). And GradScaler doubles its scale every `growth_interval`
+    steps without an inf; under bf16 autocast it never meets one and grows past 1.8e19,
+    where the scaled gradients' squares overflow fp32: the norm must still be the unscaled
+    gradients', not inf, which would clip every gradient to 0 and stop the parameters
+    without a word."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     twin = copy.deepcopy(model)
     x, y = torch.randn(32, 8), torch.randn(32, 1)
     ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt = fusedopt.AdamW(twin.parameters(), lr=1e-2, fused=True, max_grad_norm=0.1, backend=backend)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) for _ in range(2)]
-    for step in range(4):
+    scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval) for _ in range(2)]
+    start = [p.detach().clone() for p in twin.parameters()]
+    for step in range(steps + (inf_step is not None)):
         for net, o, scaler in ((model, ref, scalers[0]), (twin, opt, scalers[1])):
             o.zero_grad()
             scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
-            if step == 2:
+            if step == inf_step:
                 next(net.parameters()).grad[0, 0] = float("inf")
             if o is ref:
                 scaler.unscale_(o)
                 torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
             scaler.step(o)
             scaler.update()
-    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 7
-    for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
-        assert_close(f"param {j}", b, a, rtol=1e-5, atol=1e-6)
-        assert float(opt.state[b]["step"]) == float(ref.state[a]["step"]) == 3
-
-
-@pytest.mark.parametrize("backend", PATHS + ["auto"])
-def test_max_grad_norm_with_a_grad_scale_past_fp32s_square_root(backend):
-    """GradScaler doubles its scale every `growth_interval` steps without an inf; under
-    bf16 autocast it never meets one and grows past 1.8e19, where the scaled gradients'
-    squares overflow fp32. The norm must still be the unscaled gradients' (torch's recipe:
-    unscale_, clip_grad_norm_, step), not inf: an inf norm clips every gradient to 0 and
-    the parameters would stop moving without a word."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    twin = copy.deepcopy(model)
-    x, y = torch.randn(32, 8), torch.randn(32, 1)
-    ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    opt = fusedopt.AdamW(twin.parameters(), lr=1e-2, fused=True, max_grad_norm=0.1, backend=backend)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 80, growth_interval=1) for _ in range(2)]
-    start = [p.detach().clone() for p in twin.parameters()]
-    for step in range(3):
-        for net, o, scaler in ((model, ref, scalers[0]), (twin, opt, scalers[1])):
-            o.zero_grad()
-            scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
-            if o is ref:
-                scaler.unscale_(o)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
-            scaler.step(o)
-            scaler.update()
-    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 83
+    assert scalers[0].get_scale() == scalers[1].get_scale() == final_scale
     for j, (a, b, s) in enumerate(zip(model.parameters(), twin.parameters(), start)):
         assert not torch.equal(b, s), f"param {j} did not move"
         assert_close(f"param {j}", b, a, rtol=1e-5, atol=1e-6)
+        assert float(opt.state[b]["step"]) == float(ref.state[a]["step"]) == steps
 
 
 def test_max_grad_norm_errors():
