@@ -106,6 +106,8 @@ class AdamFamily(Optimizer):
         Detached: at load_state_dict, outside the step's no_grad, copying the parameter
         itself would make the flat buffer a node of the parameter's autograd graph."""
         bucket.buffer("master_param", torch.float32)
+        if bucket.versions is None:
+            bucket.versions = []   # from this step on, writes to the parameters are watched
         for i in indices:
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
             dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
@@ -119,6 +121,8 @@ class AdamFamily(Optimizer):
         _, bucket, i = slot
         if not (self._has_master(bucket) and bucket.initialized[i]):
             return
+        if bucket.versions is None:
+            bucket.versions = []
         if not loaded:
             # State from an optimizer without master weights (torch's, or fusedopt's
             # without the option): the master copy starts from the parameter, as on a
@@ -131,22 +135,32 @@ class AdamFamily(Optimizer):
         bucket.unchecked[i] = loaded
 
     def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
-        """A master copy that does not round to its parameter restarts from it, with a
-        warning where it was loaded (not where it was made at load from a parameter that
-        the model's load has since replaced)."""
+        """A master copy that does not round to its parameter restarts from it.
+
+        A loaded copy that does not restarts whole, with a warning: its checkpoint is not
+        the model's (stepped since by an optimizer that only carried the copy along).
+        Otherwise the parameter was written after the copy was made or stepped: by the
+        model's load after the optimizer's, or in place since the last step
+        (`Bucket.note_writes`: `Module.load_state_dict`, `torch.nn.init`, a clamp under
+        no_grad). The parameter is then the user's value, element by element: where it is
+        not the copy's rounding the copy takes it, elsewhere the copy keeps the precision
+        the parameter lacks (a clamp must not round the unclamped elements' copies). No
+        host sync on that path: a clamp every step costs a few ops, not a wait."""
         if self._has_master(bucket):
             stale = []
             for i in batch.index:
-                if i not in bucket.unchecked:
+                loaded = bucket.unchecked.pop(i, None)
+                if loaded is None:
                     continue
                 p = _flat.local(bucket.params[i])
                 master = bucket.view("master_param", i)
                 rounded = master.to(p.dtype)
-                if not torch.equal(rounded, p) and not bool(((rounded == p) | (p != p) & (rounded != rounded)).all()):
+                kept = (rounded == p) | (p != p) & (rounded != rounded)   # NaN where NaN was
+                if not loaded:
+                    master.copy_(torch.where(kept, master, p))
+                elif not torch.equal(rounded, p) and not bool(kept.all()):
                     master.copy_(p)
-                    if bucket.unchecked[i]:
-                        stale.append(self._global_index(bucket.params[i]))
-                del bucket.unchecked[i]
+                    stale.append(self._global_index(bucket.params[i]))
             if stale:
                 warnings.warn(
                     f"fusedopt.{type(self).__name__}: the loaded master copy of parameter(s) {stale} does not round "

@@ -34,6 +34,7 @@ SEGMENT_ALIGN = 16
 
 _layout = operator.attrgetter("layout")
 _grad = operator.attrgetter("grad")
+_version = operator.attrgetter("_version")
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -220,12 +221,33 @@ class Bucket:
         # checked against the parameter at the next step (`Optimizer._check_loaded`):
         # index -> whether a mismatch is news to the user
         self.unchecked: dict[int, bool] = {}
+        # Where the state holds a copy of the parameters (AdamFamily's master weights), the
+        # parameters' autograd version counters as the last step left them (None: not
+        # watched; empty: nothing recorded yet). torch bumps a tensor's counter at every
+        # in-place write that autograd could see (under no_grad too: `copy_` in
+        # `Module.load_state_dict`, `torch.nn.init`, `p.clamp_()`), and not at the kernel's
+        # writes through pointers, so a changed counter is a write by someone else.
+        self.versions: list[int] | None = None
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._ptrs = [p.data_ptr() for p in shards]
         self._anchor: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def note_writes(self) -> None:
+        """Mark each parameter written in place since the last step for checking against
+        its state at this step (`unchecked`; not loaded, so no news to the user)."""
+        if self.versions:
+            now = list(map(_version, self.params))
+            if now != self.versions:
+                for i, (v, last) in enumerate(zip(now, self.versions)):
+                    if v != last:
+                        self.unchecked.setdefault(i, False)
+
+    def record_versions(self) -> None:
+        """Take the parameters' version counters as the step leaves them (see `versions`)."""
+        self.versions = list(map(_version, self.params))
 
     # ---------------------------------------------------------------- state buffers
 

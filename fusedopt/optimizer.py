@@ -721,6 +721,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._init_state(group, bucket, fresh)
                 self._sparse_update(group, bucket, sparse, fresh)
             if batch is not None:
+                if bucket.versions is not None:
+                    bucket.note_writes()
                 if bucket.unchecked:
                     self._check_loaded(bucket, batch)
                 # Without state (SGD without momentum) nothing is fresh: no per-tensor lists
@@ -750,6 +752,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._undo_steps(bucket, batch, amp[1])
                 if batch.writeback:
                     batch.finish()
+                if bucket.versions is not None:
+                    bucket.record_versions()
         if averaging is not None:
             averaging.finish()
 
@@ -922,6 +926,14 @@ class Optimizer(torch.optim.Optimizer):
                 "was given). help: change them outside the compiled function")
         for own, given in pairs:
             own.copy_(given)
+        if pairs:
+            # These copies, and AOT's copies back after the last step, bump the parameters'
+            # version counters: they are not the user's writes. (So a compiled step does
+            # not see writes made between steps: `Bucket.versions`.)
+            for _, buckets in self._buckets.values():
+                for bucket in buckets:
+                    if bucket.versions is not None:
+                        bucket.record_versions()
         grads_by_id = {id(p): g for p, g in zip(own_params, grads)}
         amp_inputs = tuple(amp) if amp else None
         if amp_inputs is not None:

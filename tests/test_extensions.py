@@ -253,6 +253,44 @@ def test_optimizer_loaded_before_the_model_with_master_weights(backend, source):
         _assert_same_continuation(opt, params, resumed, twins)
 
 
+@pytest.mark.parametrize("backend", ALL_PATHS)
+@pytest.mark.parametrize("edit", ["load_state_dict", "clamp"])
+def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backend, edit):
+    """torch's optimizers step the parameter the user sees, so a write to it between steps
+    holds: a model's load_state_dict, or a clamp under no_grad (as WGAN clips its critic's
+    weights). With master weights the copy must take it up, or the next step puts the old
+    values back, silently. Element by element: where the parameter is no longer its copy's
+    rounding the copy takes the written value, elsewhere it keeps its precision. The twin
+    makes the same writes by hand, to its copies and through `.data` to its parameters
+    (which torch's version counters, and so fusedopt, do not see)."""
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, master_weights=True)
+    other = fusedopt.AdamW(twins, lr=1e-2, backend=backend, master_weights=True)
+    _run(opt, params, 3)
+    _run(other, twins, 3)
+    loaded = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)], seed=1)
+    with torch.no_grad():
+        for p, t, new in zip(params, twins, loaded):
+            if edit == "load_state_dict":
+                p.copy_(new)
+                t.data.copy_(new)
+            else:
+                p.clamp_(-0.05, 0.05)
+                t.data.clamp_(-0.05, 0.05)
+            master = other.state[t]["master_param"]
+            master.copy_(torch.where(master.to(t.dtype) == t, master, t.float()))
+    written = [p.detach().clone() for p in params]
+    _run(opt, params, 1)
+    _run(other, twins, 1)
+    for p, w in zip(params, written):   # one step of lr 1e-2 from the written values
+        assert (p.float() - w.float()).abs().max() < 0.05
+    for j, (a, b) in enumerate(zip(params, twins)):
+        assert torch.equal(a, b), f"param {j}"
+        assert torch.equal(opt.state[a]["master_param"], other.state[b]["master_param"]), f"master {j}"
+    _assert_same_continuation(opt, params, other, twins)
+
+
 def test_options_survive_pickle_and_deepcopy():
     params = make_params(torch.bfloat16, shapes=[(5, 7)])
     opt = fusedopt.Adam(params, backend="reference", master_weights=True, state_dtype=torch.bfloat16)
