@@ -105,8 +105,11 @@ def _adam_foreach(params, grads, state, scalars, reps, o, ctx):
 
 
 def _nadam(params, grads, state, scalars, reps, o, ctx):
+    # torch's multi-tensor NAdam cannot take a tensor momentum_decay (its _foreach_addcdiv_
+    # gets a tuple of tensors); its for-loop, what torch.optim.NAdam runs on the CPU, can.
+    foreach = ctx.foreach and not isinstance(o.momentum_decay, Tensor)
     nadam.nadam(params, grads, state["exp_avg"], state["exp_avg_sq"], scalars["mu_product"],
-                scalars["step"], decoupled_weight_decay=o.decoupled, foreach=ctx.foreach, maximize=o.maximize,
+                scalars["step"], decoupled_weight_decay=o.decoupled, foreach=foreach, maximize=o.maximize,
                 beta1=o.beta1, beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay,
                 momentum_decay=o.momentum_decay, eps=o.eps)
 

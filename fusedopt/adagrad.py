@@ -68,7 +68,11 @@ class Adagrad(Optimizer):
             # and the kernel unscales and skips on the device. Off by default, because
             # frameworks (Lightning) refuse to clip gradients for such optimizers.
             self._step_supports_amp_scaling = True
-        # torch creates every parameter's state here, not at its first step.
+        # torch creates every parameter's state here, not at its first step, in the
+        # groups' order (the buckets below go by dtype and device).
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]
         for gi, group in enumerate(self.param_groups):
             for bucket in self._group_buckets(gi):
                 self._init_state(group, bucket, list(range(len(bucket))))

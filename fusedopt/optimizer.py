@@ -713,6 +713,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._check_state(bucket, batch, keys)
                 if batch is not None or sparse:
                     work.append((group, bucket, batch, sparse))
+        if len(work) > 1:
+            self._create_state_in_order(groups, work)
         averaging = self._attached.begin() if self._attached is not None else None
         for group, bucket, batch, sparse in work:
             if sparse:
@@ -756,6 +758,25 @@ class Optimizer(torch.optim.Optimizer):
                     bucket.record_versions()
         if averaging is not None:
             averaging.finish()
+
+    def _create_state_in_order(self, groups: list[dict], work: list) -> None:
+        """Create the (empty) entries of the parameters this step steps for the first time
+        in their groups' order. torch creates a parameter's state as its `_init_group` walks
+        group["params"], and that order is `opt.state`'s and `state_dict()["state"]`'s; the
+        buckets (one per dtype and device) would fill them bucket by bucket."""
+        fresh = set()
+        for group, bucket, batch, sparse in work:
+            if all(bucket.initialized) or not self._state_keys(group):
+                continue
+            stepped = chain(batch.index if batch is not None else (), (i for i, _ in sparse or ()))
+            fresh.update(id(bucket.params[i]) for i in stepped if not bucket.initialized[i])
+        if len(fresh) < 2:
+            return
+        state = self.state
+        for group in groups:
+            for p in group["params"]:
+                if id(p) in fresh and p not in state:
+                    state[p]   # (`_State.__missing__` makes the entry; `_init_state` fills it)
 
     def _validate_group(self, gi: int, group: dict) -> tuple[str, ...]:
         """Raise what the group's options raise (an lr or another numeric option of None or

@@ -110,6 +110,13 @@ class SparseAdam(Optimizer):
             o = self._options(group)
             check_numbers(o, gi)
             checked.append((gi, group, o))
+        # torch creates a parameter's state in its group's order, the buckets below go by
+        # dtype and device: the entries are made first, in that order
+        state = self.state
+        for gi, group, o in checked:
+            for p in group["params"]:
+                if p.grad is not None and p not in state:
+                    state[p]
         # An attached averaged model is updated after the sparse update (which it cannot share).
         averaging = self._attached.begin() if self._attached is not None else None
         for gi, group, o in checked:

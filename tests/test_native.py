@@ -8,6 +8,7 @@ buffers starting mid-run, complex and channels_last tensors, bf16.
 import pytest
 import torch
 
+import fusedopt
 from _compare import assert_same_run, run_side_by_side
 from fusedopt import _native
 from optim_db import OPTIMIZERS
@@ -118,3 +119,22 @@ def test_low_precision_sgd_is_torchs_multi_tensor_sgd_bit_for_bit(config, dtype)
             assert torch.equal(a, b), f"step {step}: {(a.float() - b.float()).abs().max()}"
         assert all(g is None or torch.equal(g, b.grad) for g, b in zip(given, p_new))
     assert_same_run(p_ref, opt_ref, p_new, opt_new, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nadam_with_a_tensor_momentum_decay_steps_as_torchs(dtype):
+    """torch.optim.NAdam takes a tensor momentum_decay (its CPU for-loop computes mu with
+    it); its multi-tensor implementation, which the native path runs on small tensors,
+    raised TypeError from inside `_foreach_addcdiv_`."""
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(n, generator=gen, dtype=torch.float64).requires_grad_() for n in (3, 17, 64)]
+    new = [p.detach().clone().requires_grad_() for p in ref]
+    opts = [cls(ps, lr=0.01, momentum_decay=torch.tensor(4e-3, dtype=dtype))
+            for cls, ps in ((torch.optim.NAdam, ref), (fusedopt.NAdam, new))]
+    for step in range(4):
+        for opt, ps in zip(opts, (ref, new)):
+            for i, p in enumerate(ps):
+                p.grad = torch.sin(p.detach() * (i + 1) + step)
+            opt.step()
+    for a, b in zip(ref, new):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

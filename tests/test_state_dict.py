@@ -47,6 +47,30 @@ def test_format_equals_torch(info, config):
                 assert (got.dtype, got.device, got.shape) == (value.dtype, value.device, value.shape), key
 
 
+@pytest.mark.parametrize("info,config", ROWS + [pytest.param(None, {}, id="SparseAdam")])
+def test_state_is_listed_in_parameter_order_across_dtypes(info, config):
+    """torch creates a parameter's state as its step walks group["params"], so opt.state and
+    state_dict()["state"] list parameters in that order; fusedopt's buckets (one per dtype)
+    used to create it bucket by bucket (fp32 ones first, then fp64, ...)."""
+    fused, theirs = (info.fused, info.torch) if info else (fusedopt.SparseAdam, torch.optim.SparseAdam)
+    order = []
+    for cls in (theirs, fused):
+        gen = torch.Generator().manual_seed(0)
+        dtypes = (torch.float32, torch.float64, torch.float32, torch.bfloat16, torch.float64, torch.float32)
+        params = [torch.randn(3, generator=gen).to(dt).requires_grad_() for dt in dtypes]
+        # two groups, each mixing dtypes; the first parameter gets its first gradient later
+        opt = cls([{"params": params[:4]}, {"params": params[4:]}], **config)
+        for step in range(2):
+            for i, p in enumerate(params):
+                p.grad = None if step == 0 and i == 0 else torch.full_like(p, 0.5 + i)
+                if info is None and p.grad is not None:
+                    p.grad = p.grad.to_sparse()
+            opt.step((lambda: 0.0) if info and info.closure else None)
+        position = {id(p): i for i, p in enumerate(params)}
+        order.append((list(opt.state_dict()["state"]), [position[id(p)] for p in opt.state]))
+    assert order[1] == order[0]
+
+
 def test_param_names_from_named_parameters():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     ref = torch.optim.AdamW(model.named_parameters())
