@@ -753,6 +753,42 @@ def test_bad_arguments_raise_torchs_exception_type(name, kwargs):
         getattr(FS, name)(make_optimizer(), **kwargs)
 
 
+def _group_hyperparameters(opt) -> list[dict]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+
+
+@pytest.mark.parametrize("name,kind,kwargs", [
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=[0.1])),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, mode="up")),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, step_size_up="two")),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, step_size_up=0, step_size_down=0)),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, base_momentum=[0.8])),
+    ("CyclicLR", "adam", dict(base_lr=0.01, max_lr=0.1, max_momentum=[0.9, 0.9, 0.9])),
+    ("CyclicLR", "adagrad", dict(base_lr=0.01, max_lr=0.1)),
+    ("OneCycleLR", "adagrad", dict(max_lr=0.1, total_steps=10)),
+    ("OneCycleLR", "sgd", dict(max_lr=0.1, total_steps=10, max_momentum=[0.9])),
+    ("OneCycleLR", "adam", dict(max_lr=0.1, total_steps=10, base_momentum=[0.8, 0.8, 0.8])),
+    ("OneCycleLR", "sgd", dict(max_lr=0.1, total_steps=10, final_div_factor=0)),
+])
+def test_refused_construction_leaves_the_optimizer_as_it_was(name, kind, kwargs):
+    """torch writes the lr (CyclicLR's base_lr, OneCycleLR's initial/max/min lr) into the
+    groups before it checks the remaining arguments; here nothing is written until all are
+    accepted. The exception is torch's."""
+    def build(S):
+        if kind == "adagrad":
+            return torch.optim.Adagrad([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                                        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5}])
+        return make_optimizer(kind)
+
+    with pytest.raises(Exception) as theirs:
+        getattr(TS, name)(build(TS), **kwargs)
+    opt = build(FS)
+    before = _group_hyperparameters(opt)
+    with pytest.raises(type(theirs.value)):
+        getattr(FS, name)(opt, **kwargs)
+    assert _group_hyperparameters(opt) == before
+
+
 # --------------------------------------------------------------------------
 # Compiled steps compile once
 # --------------------------------------------------------------------------

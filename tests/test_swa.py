@@ -510,9 +510,12 @@ def test_swalr_validation_matches_torch():
                    dict(swa_lr=0.1, anneal_epochs=-1), dict(swa_lr=0.1, anneal_epochs=2.0)]:
         with pytest.raises(ValueError) as expected:
             ref.SWALR(opt, **kwargs)
+        opt.param_groups[0].pop("swa_lr", None)  # torch writes it before its other checks
         with pytest.raises(ValueError) as got:
             swa.SWALR(opt, **kwargs)
         assert str(got.value) == str(expected.value)
+        # a refused construction leaves the optimizer as it was
+        assert "swa_lr" not in opt.param_groups[0]
 
 
 def test_swalr_with_fusedopt_optimizer_and_get_lr_warning():

@@ -29,20 +29,24 @@ __all__ = ["CyclicLR", "OneCycleLR"]
 _CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 
 
-def _init_momentum(scheduler, optimizer, base_momentum, max_momentum, last_epoch):
-    """Validate momentum cycling, and at a fresh start set every group to ``max_momentum``.
+def _momentum_bounds(scheduler, optimizer, base_momentum, max_momentum):
+    """Check that momentum can be cycled and return the per-group (base, max) momentum lists.
 
-    Returns the per-group (base, max) momentum lists.
+    Only checks and reads: the groups are written by :func:`_start_momentum`, once every
+    argument has been accepted, so that a refused construction leaves the optimizer as it was.
     """
     scheduler.use_beta1 = momentum_key(optimizer)
     base_momentums = per_group("base_momentum", optimizer, base_momentum)
     max_momentums = per_group("max_momentum", optimizer, max_momentum)
-    if last_epoch == -1:
-        set_group_momentums(optimizer, max_momentums, scheduler.use_beta1)
-        for top, bottom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
-            group["max_momentum"] = top
-            group["base_momentum"] = bottom
     return base_momentums, max_momentums
+
+
+def _start_momentum(scheduler, optimizer, base_momentums, max_momentums) -> None:
+    """At a fresh start, set every group's momentum to its ``max_momentum`` and record the bounds."""
+    set_group_momentums(optimizer, max_momentums, scheduler.use_beta1)
+    for top, bottom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+        group["max_momentum"] = top
+        group["base_momentum"] = bottom
 
 
 class CyclicLR(LRScheduler):
@@ -93,9 +97,9 @@ class CyclicLR(LRScheduler):
         require_optimizer(optimizer)
         self.optimizer = optimizer
 
+        # Every argument is checked before the first group is written (torch writes base_lr
+        # first), so that a refused construction leaves the optimizer as it was.
         base_lrs = per_group("base_lr", optimizer, base_lr)
-        if last_epoch == -1:
-            set_group_lrs(optimizer, base_lrs)
         self.max_lrs = per_group("max_lr", optimizer, max_lr)
 
         up = float(step_size_up)
@@ -115,10 +119,14 @@ class CyclicLR(LRScheduler):
 
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
-            self.base_momentums, self.max_momentums = _init_momentum(
-                self, optimizer, base_momentum, max_momentum, last_epoch
+            self.base_momentums, self.max_momentums = _momentum_bounds(
+                self, optimizer, base_momentum, max_momentum
             )
 
+        if last_epoch == -1:
+            set_group_lrs(optimizer, base_lrs)
+            if cycle_momentum:
+                _start_momentum(self, optimizer, self.base_momentums, self.max_momentums)
         super().__init__(optimizer, last_epoch)
         self.base_lrs = base_lrs
 
@@ -269,14 +277,21 @@ class OneCycleLR(LRScheduler):
 
         max_lrs = per_group("max_lr", optimizer, max_lr)
         if last_epoch == -1:
-            for peak, group in zip(max_lrs, optimizer.param_groups):
-                group["initial_lr"] = peak / div_factor
-                group["max_lr"] = peak
-                group["min_lr"] = group["initial_lr"] / final_div_factor
-
+            initial_lrs = [peak / div_factor for peak in max_lrs]
+            min_lrs = [initial / final_div_factor for initial in initial_lrs]
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
-            _init_momentum(self, optimizer, base_momentum, max_momentum, last_epoch)
+            momentum_bounds = _momentum_bounds(self, optimizer, base_momentum, max_momentum)
+
+        # Written only now that every argument is accepted (torch writes the lr bounds before
+        # it checks the momentum), so that a refused construction leaves the optimizer as it was.
+        if last_epoch == -1:
+            for group, peak, initial, lowest in zip(optimizer.param_groups, max_lrs, initial_lrs, min_lrs):
+                group["initial_lr"] = initial
+                group["max_lr"] = peak
+                group["min_lr"] = lowest
+            if cycle_momentum:
+                _start_momentum(self, optimizer, *momentum_bounds)
 
         super().__init__(optimizer, last_epoch)
 
