@@ -12,6 +12,7 @@ compile once.
 from __future__ import annotations
 
 import ast
+import copy
 import io
 import os
 import pathlib
@@ -751,6 +752,36 @@ def test_bad_arguments_raise_torchs_exception_type(name, kwargs):
         getattr(TS, name)(make_optimizer(), **kwargs)
     with pytest.raises(type(theirs.value)):
         getattr(FS, name)(make_optimizer(), **kwargs)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["alone", "in_sequential"])
+def test_refused_step_leaves_the_scheduler_as_it_was(wrapped):
+    """OneCycleLR stepped past total_steps raises torch's ValueError; torch has already
+    counted the step (last_epoch, _step_count) by then, here the refused step changes nothing."""
+    def build(S, opt):
+        one_cycle = S.OneCycleLR(opt, 0.1, total_steps=3)
+        if not wrapped:
+            return one_cycle
+        return S.SequentialLR(opt, [S.ConstantLR(opt, 0.5, 2), one_cycle], milestones=[1])
+
+    def stepped(S):
+        opt = make_optimizer()
+        sched = build(S, opt)
+        for _ in range(4 if wrapped else 3):  # up to OneCycleLR's last step
+            opt.step()
+            sched.step()
+        return opt, sched
+
+    torch_opt, torch_sched = stepped(TS)
+    with pytest.raises(Exception) as theirs:
+        torch_sched.step()
+    opt, sched = stepped(FS)
+    before = (copy.deepcopy(sched.state_dict()), hyperparameters(opt))
+    assert before[1] == hyperparameters(torch_opt)
+    for _ in range(2):
+        with pytest.raises(type(theirs.value), match="total_steps=3"):
+            sched.step()
+        assert (sched.state_dict(), hyperparameters(opt)) == before
 
 
 def _group_hyperparameters(opt) -> list[dict]:

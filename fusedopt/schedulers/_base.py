@@ -282,7 +282,11 @@ class LRScheduler(_torch_lr_scheduler.LRScheduler):
         self._step_count += 1
         if epoch is not None:
             warnings.warn(EPOCH_WARNING, UserWarning, stacklevel=2)
-        self._update_lr(epoch)
+        try:
+            self._update_lr(epoch)
+        except BaseException:
+            self._step_count -= 1  # the step was refused: it is not counted (see _update_lr)
+            raise
 
     def _check_optimizer_stepped(self) -> None:
         if not hasattr(self.optimizer.step, _WRAPPED_FLAG):
@@ -292,14 +296,21 @@ class LRScheduler(_torch_lr_scheduler.LRScheduler):
 
     def _update_lr(self, epoch: int | None = None) -> None:
         """Move to ``epoch`` (or the next epoch) and write the new learning rates."""
-        with _flag(self, "_get_lr_called_within_step"):
-            if epoch is None:
-                self.last_epoch += 1
-                values = self.get_lr()
-            else:
-                self.last_epoch = epoch
-                closed_form = getattr(self, "_get_closed_form_lr", None)
-                values = closed_form() if closed_form is not None else self.get_lr()
+        last_epoch = self.last_epoch
+        try:
+            with _flag(self, "_get_lr_called_within_step"):
+                if epoch is None:
+                    self.last_epoch += 1
+                    values = self.get_lr()
+                else:
+                    self.last_epoch = epoch
+                    closed_form = getattr(self, "_get_closed_form_lr", None)
+                    values = closed_form() if closed_form is not None else self.get_lr()
+        except BaseException:
+            # A refused step (OneCycleLR past total_steps, an lr_lambda that raises) writes no
+            # lr; torch still moves last_epoch on, past the values the groups hold.
+            self.last_epoch = last_epoch
+            raise
         set_group_lrs(self.optimizer, values)
         self._last_lr: list = group_values(self.optimizer, "lr")
 
