@@ -738,8 +738,13 @@ def test_errors_match_torch():
     ("CosineAnnealingWarmRestarts", dict(T_0=2.5)),
     ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=None)),
     ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=1.5)),
+    # numbers that are not Python ints: torch's comparison takes them, its isinstance does not
+    ("CosineAnnealingWarmRestarts", dict(T_0=torch.tensor(5))),
+    ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=torch.tensor(2))),
     ("OneCycleLR", dict(max_lr=0.1, total_steps="10")),
     ("OneCycleLR", dict(max_lr=0.1, total_steps=0)),
+    ("OneCycleLR", dict(max_lr=0.1, total_steps=torch.tensor(10))),
+    ("OneCycleLR", dict(max_lr=0.1, total_steps=10, pct_start="1")),
     ("ReduceLROnPlateau", dict(mode=None)),
     ("ReduceLROnPlateau", dict(mode="up")),
     ("ReduceLROnPlateau", dict(threshold_mode=None)),
@@ -750,8 +755,11 @@ def test_bad_arguments_raise_torchs_exception_type(name, kwargs):
     value out of range a ValueError."""
     with pytest.raises(Exception) as theirs:
         getattr(TS, name)(make_optimizer(), **kwargs)
-    with pytest.raises(type(theirs.value)):
+    with pytest.raises(type(theirs.value)) as ours:
         getattr(FS, name)(make_optimizer(), **kwargs)
+    if name in ("CosineAnnealingWarmRestarts", "OneCycleLR"):
+        bad = list(kwargs.values())[-1]
+        assert repr(bad) in str(ours.value)  # the message names the value refused
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["alone", "in_sequential"])

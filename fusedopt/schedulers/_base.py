@@ -153,6 +153,23 @@ def set_group_momentums(optimizer: Optimizer, values, use_beta1: bool) -> None:
         )
 
 
+def refuse_unless(name: str, value, accepted, wanted: str) -> None:
+    """Raise torch's exception for an argument that ``accepted(value)`` rejects, naming it.
+
+    torch tests such an argument with a comparison and an ``isinstance`` in one expression,
+    comparison first (``T_0 <= 0 or not isinstance(T_0, int)``): what cannot be compared
+    (a str, None) raises TypeError there, and everything else it rejects, numpy integers and
+    0-dim tensors included, ValueError. ``accepted`` is the negation of torch's expression,
+    written in the same order.
+    """
+    try:
+        ok = accepted(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {wanted}, got {value!r}") from None
+    if not ok:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
 def require_optimizer(optimizer) -> None:
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")

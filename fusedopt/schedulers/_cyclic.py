@@ -18,6 +18,7 @@ from ._base import (
     callable_state,
     momentum_key,
     per_group,
+    refuse_unless,
     require_optimizer,
     restore_callable_state,
     set_group_lrs,
@@ -232,9 +233,8 @@ class OneCycleLR(LRScheduler):
         self.optimizer = optimizer
 
         if total_steps is not None:
-            if not isinstance(total_steps, int) or total_steps <= 0:
-                error = ValueError if isinstance(total_steps, (int, float)) else TypeError   # (as torch's)
-                raise error(f"total_steps must be a positive int, got {total_steps!r}")
+            refuse_unless("total_steps", total_steps,
+                          lambda v: not (v <= 0 or not isinstance(v, int)), "a positive int")
             self.total_steps = total_steps
         elif epochs is not None and steps_per_epoch is not None:
             if not isinstance(epochs, int) or epochs <= 0:
@@ -269,8 +269,8 @@ class OneCycleLR(LRScheduler):
             for end, (lr_from, lr_to, m_from, m_to) in zip(ends, route)
         ]
 
-        if not isinstance(pct_start, float) or pct_start < 0 or pct_start > 1:
-            raise ValueError(f"pct_start must be a float in [0, 1], got {pct_start!r}")
+        refuse_unless("pct_start", pct_start,
+                      lambda v: not (v < 0 or v > 1 or not isinstance(v, float)), "a float in [0, 1]")
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
         self._anneal_func_type = anneal_strategy

@@ -20,6 +20,7 @@ from ._base import (
     _flag,
     callable_state,
     group_values,
+    refuse_unless,
     restore_callable_state,
     set_group_lrs,
 )
@@ -429,13 +430,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         eta_min: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        # (torch's own checks raise TypeError for what is not a number at all)
-        if not isinstance(T_0, int) or T_0 <= 0:
-            error = ValueError if isinstance(T_0, (int, float)) else TypeError
-            raise error(f"T_0 must be a positive int, got {T_0!r}")
-        if not isinstance(T_mult, int) or T_mult < 1:
-            error = ValueError if isinstance(T_mult, (int, float)) else TypeError
-            raise error(f"T_mult must be an int >= 1, got {T_mult!r}")
+        refuse_unless("T_0", T_0, lambda v: not (v <= 0 or not isinstance(v, int)), "a positive int")
+        refuse_unless("T_mult", T_mult, lambda v: not (v < 1 or not isinstance(v, int)), "an int >= 1")
         if not isinstance(eta_min, (float, int)):
             raise ValueError(f"eta_min must be a float or int, got {type(eta_min).__name__}")
         self.T_0 = T_0
