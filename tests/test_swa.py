@@ -507,7 +507,8 @@ def test_swalr_chains_after_another_scheduler_and_state_dict():
 def test_swalr_validation_matches_torch():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     for kwargs in [dict(swa_lr=[0.1, 0.2]), dict(swa_lr=0.1, anneal_strategy="exp"),
-                   dict(swa_lr=0.1, anneal_epochs=-1), dict(swa_lr=0.1, anneal_epochs=2.0)]:
+                   dict(swa_lr=0.1, anneal_epochs=-1), dict(swa_lr=0.1, anneal_epochs=2.0),
+                   dict(swa_lr=0.1, anneal_strategy=["cos"])]:
         with pytest.raises(ValueError) as expected:
             ref.SWALR(opt, **kwargs)
         opt.param_groups[0].pop("swa_lr", None)  # torch writes it before its other checks
