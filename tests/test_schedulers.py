@@ -712,6 +712,21 @@ def test_torch_swa_style_subclass_works_on_fusedopt_base():
     assert sched.get_last_lr() == [0.05, 0.025]
 
 
+@pytest.mark.parametrize("S", [FS, TS], ids=["fusedopt", "torch"])
+def test_get_lr_returning_none_is_written_as_torch_writes_it(S):
+    """A custom scheduler whose get_lr returns None for a group: torch writes the None (the
+    optimizer's step then fails on it); the value is not taken as "leave this group alone"."""
+
+    class EveryOther(S.LRScheduler):
+        def get_lr(self):
+            return [base * 0.5 if i % 2 else None for i, base in enumerate(self.base_lrs)]
+
+    opt = make_optimizer()
+    sched = EveryOther(opt)
+    assert [group["lr"] for group in opt.param_groups] == [None, 0.025]
+    assert sched.get_last_lr() == [None, 0.025]
+
+
 def test_errors_match_torch():
     opt = make_optimizer()
     for S in (FS, TS):
@@ -798,6 +813,7 @@ def _group_hyperparameters(opt) -> list[dict]:
 
 @pytest.mark.parametrize("name,kind,kwargs", [
     ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=[0.1])),
+    ("CyclicLR", "sgd", dict(base_lr=None, max_lr=0.1)),
     ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, mode="up")),
     ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, step_size_up="two")),
     ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, step_size_up=0, step_size_down=0)),

@@ -101,10 +101,15 @@ def _put_beta1(group: dict, value) -> None:
     group["betas"] = (value, *group["betas"][1:])
 
 
+# A value that leaves its group's slot as it is (ReduceLROnPlateau's groups that are not cut).
+# Not None: torch writes a None that a scheduler's get_lr returns, so None is written too.
+KEEP = object()
+
+
 def _write_slots(groups, values, get, put) -> None:
     """Write ``values[i]`` into the slot ``get(groups[i])``: in place for tensors, else ``put``.
 
-    A ``None`` value leaves that group alone. A tensor shared by several groups
+    A ``KEEP`` value leaves that group alone. A tensor shared by several groups
     (e.g. a tensor default that ``Optimizer.add_param_group`` handed to every
     group) is first split: later groups get their own clone, so that each group
     can hold its own value.
@@ -121,7 +126,7 @@ def _write_slots(groups, values, get, put) -> None:
             else:
                 seen.add(id(current))
     for group, value in zip(groups, values):
-        if value is None:
+        if value is KEEP:
             continue
         current = get(group)
         if isinstance(current, Tensor):
@@ -131,7 +136,7 @@ def _write_slots(groups, values, get, put) -> None:
 
 
 def set_group_lrs(optimizer: Optimizer, values) -> None:
-    """Write one learning rate per param group (``None`` skips a group)."""
+    """Write one learning rate per param group (``KEEP`` skips a group)."""
     _write_slots(
         optimizer.param_groups,
         values,

@@ -102,6 +102,11 @@ class CyclicLR(LRScheduler):
         # first), so that a refused construction leaves the optimizer as it was.
         base_lrs = per_group("base_lr", optimizer, base_lr)
         self.max_lrs = per_group("max_lr", optimizer, max_lr)
+        for low, high in zip(base_lrs, self.max_lrs):
+            try:
+                high - low  # torch's first use of the bounds, in the initial step
+            except TypeError:
+                raise TypeError(f"base_lr and max_lr must be numbers, got {low!r} and {high!r}") from None
 
         up = float(step_size_up)
         down = float(step_size_down) if step_size_down is not None else up
