@@ -807,6 +807,42 @@ def test_refused_step_leaves_the_scheduler_as_it_was(wrapped):
         assert (sched.state_dict(), hyperparameters(opt)) == before
 
 
+@pytest.mark.parametrize("build", [
+    lambda S, o: S.LambdaLR(o, _lambda2),
+    lambda S, o: S.CosineAnnealingLR(o, 2),
+    lambda S, o: S.SequentialLR(o, [S.ConstantLR(o, 0.5, 2), S.CosineAnnealingLR(o, 3)], [2]),
+], ids=["lambda", "cosine", "sequential"])
+def test_state_of_more_groups_fails_at_the_step_where_torchs_does(build):
+    """A state saved with three param groups loaded into a scheduler of two: torch's get_lr
+    zips base_lrs with the groups strictly and raises ValueError at the step that reads them;
+    nothing may go on silently with the first two of the saved base_lrs."""
+    def three_groups():
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+        return torch.optim.SGD([{"params": [p], "lr": 0.1 * (i + 1)} for i, p in enumerate(params)])
+
+    def outcome(S):
+        opt = three_groups()
+        sched = build(S, opt)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        state = sched.state_dict()
+        opt = make_optimizer()
+        sched = build(S, opt)
+        sched.load_state_dict(state)
+        for step in range(4):
+            opt.step()
+            try:
+                sched.step()
+            except Exception as error:
+                return step, type(error), hyperparameters(opt), sched.last_epoch
+        return None
+
+    theirs, ours = outcome(TS), outcome(FS)
+    assert theirs is not None and theirs[1] is ValueError
+    assert ours[:3] == theirs[:3]
+
+
 def _group_hyperparameters(opt) -> list[dict]:
     return [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
 

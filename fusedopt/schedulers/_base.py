@@ -328,12 +328,13 @@ class LRScheduler(_torch_lr_scheduler.LRScheduler):
                     self.last_epoch = epoch
                     closed_form = getattr(self, "_get_closed_form_lr", None)
                     values = closed_form() if closed_form is not None else self.get_lr()
+            set_group_lrs(self.optimizer, values)  # checks the count before it writes
         except BaseException:
-            # A refused step (OneCycleLR past total_steps, an lr_lambda that raises) writes no
-            # lr; torch still moves last_epoch on, past the values the groups hold.
+            # A refused step (OneCycleLR past total_steps, an lr_lambda that raises, a loaded
+            # state with another number of groups) writes no lr; torch still moves last_epoch
+            # on, past the values the groups hold.
             self.last_epoch = last_epoch
             raise
-        set_group_lrs(self.optimizer, values)
         self._last_lr: list = group_values(self.optimizer, "lr")
 
     def get_lr(self) -> list:

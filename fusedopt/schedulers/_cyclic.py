@@ -159,12 +159,12 @@ class CyclicLR(LRScheduler):
         x = cycle if self.scale_mode == "cycle" else t
         lrs = [
             curves.cyclic_lr(low, high, height, self.scale_fn(x))
-            for low, high in zip(self.base_lrs, self.max_lrs)
+            for low, high in zip(self.base_lrs, self.max_lrs, strict=True)
         ]
         if self.cycle_momentum:
             momentums = [
                 curves.cyclic_momentum(low, high, height, self.scale_fn(x))
-                for low, high in zip(self.base_momentums, self.max_momentums)
+                for low, high in zip(self.base_momentums, self.max_momentums, strict=True)
             ]
             set_group_momentums(self.optimizer, momentums, self.use_beta1)
         return lrs

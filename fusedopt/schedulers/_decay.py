@@ -103,7 +103,7 @@ class LambdaLR(_LambdaStateMixin, LRScheduler):
         """``base_lr * lr_lambda(last_epoch)`` for each group."""
         self._warn_if_outside_step()
         t = self.last_epoch
-        return [curves.lambda_lr(base, fn(t)) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+        return [curves.lambda_lr(base, fn(t)) for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
 
 
 class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
@@ -134,7 +134,7 @@ class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
             return self._current_lrs()
         t = self.last_epoch
         return [
-            group["lr"] * fn(t) for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups)
+            group["lr"] * fn(t) for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups, strict=True)
         ]
 
 
@@ -395,7 +395,7 @@ class CosineAnnealingLR(LRScheduler):
         if curves.cosine_annealing_restart_due(t, T_max):
             return [
                 curves.cosine_annealing_restart_step(group["lr"], base, eta_min, T_max)
-                for base, group in zip(self.base_lrs, groups)
+                for base, group in zip(self.base_lrs, groups, strict=True)
             ]
         return [curves.cosine_annealing_step(group["lr"], eta_min, t, T_max) for group in groups]
 
