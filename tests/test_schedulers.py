@@ -843,6 +843,37 @@ def test_state_of_more_groups_fails_at_the_step_where_torchs_does(build):
     assert ours[:3] == theirs[:3]
 
 
+def _lambda_of_three_groups(S):
+    saved = S.LambdaLR(_groups(3), ScaleByHalf()).state_dict()
+    return saved, S.LambdaLR(_groups(2), ScaleByHalf())
+
+
+def _cyclic_without_scale_fn(S):
+    saved = S.CyclicLR(_groups(2), 0.01, 0.1, scale_fn=ScaleByHalf()).state_dict()
+    return saved, S.CyclicLR(_groups(2), 0.01, 0.1)
+
+
+def _groups(n):
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(n)]
+    return torch.optim.SGD([{"params": [p]} for p in params], lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("case", [_lambda_of_three_groups, _cyclic_without_scale_fn])
+def test_saved_callable_state_with_nowhere_to_go_is_refused(case):
+    """A callable object's saved attributes that the scheduler has no callable for (more
+    groups saved than it has, or no custom scale_fn): torch raises (IndexError,
+    AttributeError) after loading the rest; here the same exception, before anything is
+    loaded, never a silent drop."""
+    saved, theirs = case(TS)
+    with pytest.raises(Exception) as expected:
+        theirs.load_state_dict(saved)
+    saved, ours = case(FS)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(type(expected.value)):
+        ours.load_state_dict(saved)
+    assert ours.state_dict() == before
+
+
 def _group_hyperparameters(opt) -> list[dict]:
     return [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
 

@@ -184,6 +184,12 @@ class CyclicLR(LRScheduler):
         state = dict(state_dict)
         fn_state = state.pop("_scale_fn_custom", None)
         state.pop("_scale_fn_ref", None)
+        if fn_state is not None and self._scale_fn_custom is None:
+            # torch raises AttributeError here (on None.__dict__), after loading the rest
+            raise AttributeError(
+                "the state holds the attributes of a custom scale_fn object, and this CyclicLR "
+                "has no scale_fn to restore them into: build it with the scale_fn it was saved with"
+            )
         super().load_state_dict(state)
         if self._scale_fn_custom is not None:
             restore_callable_state(self._scale_fn_custom, fn_state)

@@ -73,6 +73,14 @@ class _LambdaStateMixin:
         """
         state = dict(state_dict)
         saved = state.pop("lr_lambdas")
+        extra = [fn_state for fn_state in saved[len(self.lr_lambdas):] if fn_state is not None]
+        if extra:
+            # torch indexes its lambdas by the saved entries and raises IndexError for these;
+            # here before anything is loaded
+            raise IndexError(
+                f"the state saves {len(saved)} lr_lambdas, the scheduler has "
+                f"{len(self.lr_lambdas)}: it was saved with more param groups"
+            )
         self.__dict__.update(state)
         for fn, fn_state in zip(self.lr_lambdas, saved):
             restore_callable_state(fn, fn_state)
@@ -103,7 +111,10 @@ class LambdaLR(_LambdaStateMixin, LRScheduler):
         """``base_lr * lr_lambda(last_epoch)`` for each group."""
         self._warn_if_outside_step()
         t = self.last_epoch
-        return [curves.lambda_lr(base, fn(t)) for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
+        return [
+            curves.lambda_lr(base, fn(t))
+            for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)
+        ]
 
 
 class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
@@ -133,9 +144,8 @@ class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
         if self._is_initial:
             return self._current_lrs()
         t = self.last_epoch
-        return [
-            group["lr"] * fn(t) for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups, strict=True)
-        ]
+        groups = self.optimizer.param_groups
+        return [group["lr"] * fn(t) for fn, group in zip(self.lr_lambdas, groups, strict=True)]
 
 
 class StepLR(LRScheduler):

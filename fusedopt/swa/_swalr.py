@@ -73,7 +73,8 @@ class SWALR(LRScheduler):
     def __init__(self, optimizer, swa_lr, anneal_epochs: int = 10, anneal_strategy: str = "cos",
                  last_epoch: int = -1):
         swa_lrs = _per_group("swa_lr", optimizer, swa_lr)
-        if anneal_strategy not in list(ANNEAL):  # a list, as torch's: an unhashable value is a ValueError
+        # a list, as torch's: an unhashable value is a ValueError, not a TypeError
+        if anneal_strategy not in list(ANNEAL):
             raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
         if not isinstance(anneal_epochs, int) or anneal_epochs < 0:
             raise ValueError(f"anneal_epochs must be equal or greater than 0, got {anneal_epochs}")
