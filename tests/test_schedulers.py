@@ -12,6 +12,7 @@ compile once.
 from __future__ import annotations
 
 import ast
+import copy
 import io
 import os
 import pathlib
@@ -711,6 +712,21 @@ def test_torch_swa_style_subclass_works_on_fusedopt_base():
     assert sched.get_last_lr() == [0.05, 0.025]
 
 
+@pytest.mark.parametrize("S", [FS, TS], ids=["fusedopt", "torch"])
+def test_get_lr_returning_none_is_written_as_torch_writes_it(S):
+    """A custom scheduler whose get_lr returns None for a group: torch writes the None (the
+    optimizer's step then fails on it); the value is not taken as "leave this group alone"."""
+
+    class EveryOther(S.LRScheduler):
+        def get_lr(self):
+            return [base * 0.5 if i % 2 else None for i, base in enumerate(self.base_lrs)]
+
+    opt = make_optimizer()
+    sched = EveryOther(opt)
+    assert [group["lr"] for group in opt.param_groups] == [None, 0.025]
+    assert sched.get_last_lr() == [None, 0.025]
+
+
 def test_errors_match_torch():
     opt = make_optimizer()
     for S in (FS, TS):
@@ -737,8 +753,13 @@ def test_errors_match_torch():
     ("CosineAnnealingWarmRestarts", dict(T_0=2.5)),
     ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=None)),
     ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=1.5)),
+    # numbers that are not Python ints: torch's comparison takes them, its isinstance does not
+    ("CosineAnnealingWarmRestarts", dict(T_0=torch.tensor(5))),
+    ("CosineAnnealingWarmRestarts", dict(T_0=5, T_mult=torch.tensor(2))),
     ("OneCycleLR", dict(max_lr=0.1, total_steps="10")),
     ("OneCycleLR", dict(max_lr=0.1, total_steps=0)),
+    ("OneCycleLR", dict(max_lr=0.1, total_steps=torch.tensor(10))),
+    ("OneCycleLR", dict(max_lr=0.1, total_steps=10, pct_start="1")),
     ("ReduceLROnPlateau", dict(mode=None)),
     ("ReduceLROnPlateau", dict(mode="up")),
     ("ReduceLROnPlateau", dict(threshold_mode=None)),
@@ -749,8 +770,145 @@ def test_bad_arguments_raise_torchs_exception_type(name, kwargs):
     value out of range a ValueError."""
     with pytest.raises(Exception) as theirs:
         getattr(TS, name)(make_optimizer(), **kwargs)
-    with pytest.raises(type(theirs.value)):
+    with pytest.raises(type(theirs.value)) as ours:
         getattr(FS, name)(make_optimizer(), **kwargs)
+    if name in ("CosineAnnealingWarmRestarts", "OneCycleLR"):
+        bad = list(kwargs.values())[-1]
+        assert repr(bad) in str(ours.value)  # the message names the value refused
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["alone", "in_sequential"])
+def test_refused_step_leaves_the_scheduler_as_it_was(wrapped):
+    """OneCycleLR stepped past total_steps raises torch's ValueError; torch has already
+    counted the step (last_epoch, _step_count) by then, here the refused step changes nothing."""
+    def build(S, opt):
+        one_cycle = S.OneCycleLR(opt, 0.1, total_steps=3)
+        if not wrapped:
+            return one_cycle
+        return S.SequentialLR(opt, [S.ConstantLR(opt, 0.5, 2), one_cycle], milestones=[1])
+
+    def stepped(S):
+        opt = make_optimizer()
+        sched = build(S, opt)
+        for _ in range(4 if wrapped else 3):  # up to OneCycleLR's last step
+            opt.step()
+            sched.step()
+        return opt, sched
+
+    torch_opt, torch_sched = stepped(TS)
+    with pytest.raises(Exception) as theirs:
+        torch_sched.step()
+    opt, sched = stepped(FS)
+    before = (copy.deepcopy(sched.state_dict()), hyperparameters(opt))
+    assert before[1] == hyperparameters(torch_opt)
+    for _ in range(2):
+        with pytest.raises(type(theirs.value), match="total_steps=3"):
+            sched.step()
+        assert (sched.state_dict(), hyperparameters(opt)) == before
+
+
+@pytest.mark.parametrize("build", [
+    lambda S, o: S.LambdaLR(o, _lambda2),
+    lambda S, o: S.CosineAnnealingLR(o, 2),
+    lambda S, o: S.SequentialLR(o, [S.ConstantLR(o, 0.5, 2), S.CosineAnnealingLR(o, 3)], [2]),
+], ids=["lambda", "cosine", "sequential"])
+def test_state_of_more_groups_fails_at_the_step_where_torchs_does(build):
+    """A state saved with three param groups loaded into a scheduler of two: torch's get_lr
+    zips base_lrs with the groups strictly and raises ValueError at the step that reads them;
+    nothing may go on silently with the first two of the saved base_lrs."""
+    def three_groups():
+        params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+        return torch.optim.SGD([{"params": [p], "lr": 0.1 * (i + 1)} for i, p in enumerate(params)])
+
+    def outcome(S):
+        opt = three_groups()
+        sched = build(S, opt)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        state = sched.state_dict()
+        opt = make_optimizer()
+        sched = build(S, opt)
+        sched.load_state_dict(state)
+        for step in range(4):
+            opt.step()
+            try:
+                sched.step()
+            except Exception as error:
+                return step, type(error), hyperparameters(opt), sched.last_epoch
+        return None
+
+    theirs, ours = outcome(TS), outcome(FS)
+    assert theirs is not None and theirs[1] is ValueError
+    assert ours[:3] == theirs[:3]
+
+
+def _lambda_of_three_groups(S):
+    saved = S.LambdaLR(_groups(3), ScaleByHalf()).state_dict()
+    return saved, S.LambdaLR(_groups(2), ScaleByHalf())
+
+
+def _cyclic_without_scale_fn(S):
+    saved = S.CyclicLR(_groups(2), 0.01, 0.1, scale_fn=ScaleByHalf()).state_dict()
+    return saved, S.CyclicLR(_groups(2), 0.01, 0.1)
+
+
+def _groups(n):
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(n)]
+    return torch.optim.SGD([{"params": [p]} for p in params], lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("case", [_lambda_of_three_groups, _cyclic_without_scale_fn])
+def test_saved_callable_state_with_nowhere_to_go_is_refused(case):
+    """A callable object's saved attributes that the scheduler has no callable for (more
+    groups saved than it has, or no custom scale_fn): torch raises (IndexError,
+    AttributeError) after loading the rest; here the same exception, before anything is
+    loaded, never a silent drop."""
+    saved, theirs = case(TS)
+    with pytest.raises(Exception) as expected:
+        theirs.load_state_dict(saved)
+    saved, ours = case(FS)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(type(expected.value)):
+        ours.load_state_dict(saved)
+    assert ours.state_dict() == before
+
+
+def _group_hyperparameters(opt) -> list[dict]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+
+
+@pytest.mark.parametrize("name,kind,kwargs", [
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=[0.1])),
+    ("CyclicLR", "sgd", dict(base_lr=None, max_lr=0.1)),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, mode="up")),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, step_size_up="two")),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, step_size_up=0, step_size_down=0)),
+    ("CyclicLR", "sgd", dict(base_lr=0.01, max_lr=0.1, base_momentum=[0.8])),
+    ("CyclicLR", "adam", dict(base_lr=0.01, max_lr=0.1, max_momentum=[0.9, 0.9, 0.9])),
+    ("CyclicLR", "adagrad", dict(base_lr=0.01, max_lr=0.1)),
+    ("OneCycleLR", "adagrad", dict(max_lr=0.1, total_steps=10)),
+    ("OneCycleLR", "sgd", dict(max_lr=0.1, total_steps=10, max_momentum=[0.9])),
+    ("OneCycleLR", "adam", dict(max_lr=0.1, total_steps=10, base_momentum=[0.8, 0.8, 0.8])),
+    ("OneCycleLR", "sgd", dict(max_lr=0.1, total_steps=10, final_div_factor=0)),
+])
+def test_refused_construction_leaves_the_optimizer_as_it_was(name, kind, kwargs):
+    """torch writes the lr (CyclicLR's base_lr, OneCycleLR's initial/max/min lr) into the
+    groups before it checks the remaining arguments; here nothing is written until all are
+    accepted. The exception is torch's."""
+    def build(S):
+        if kind == "adagrad":
+            return torch.optim.Adagrad([{"params": [torch.nn.Parameter(torch.zeros(1))]},
+                                        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5}])
+        return make_optimizer(kind)
+
+    with pytest.raises(Exception) as theirs:
+        getattr(TS, name)(build(TS), **kwargs)
+    opt = build(FS)
+    before = _group_hyperparameters(opt)
+    with pytest.raises(type(theirs.value)):
+        getattr(FS, name)(opt, **kwargs)
+    assert _group_hyperparameters(opt) == before
 
 
 # --------------------------------------------------------------------------

@@ -329,6 +329,26 @@ def test_fewer_model_tensors_average_a_prefix_like_torch():
         assert_same_state(mine, theirs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", [True, False], ids=["copy", "average"])
+def test_model_of_another_shape_raises_torchs_error_and_changes_nothing(backend, first):
+    """torch's copy_ (first update) and average (later ones) raise RuntimeError on a
+    tensor whose shape does not match; the refused update leaves the average as it was."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).to(DEVICE)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)).to(DEVICE)
+    theirs, mine = ref.AveragedModel(model), swa.AveragedModel(model, backend=backend)
+    if not first:
+        theirs.update_parameters(model)
+        mine.update_parameters(model)
+    with pytest.raises(Exception) as expected:
+        theirs.update_parameters(other)
+    before = copy.deepcopy(mine.state_dict())
+    with pytest.raises(type(expected.value), match=r"shape \(5, 3\)"):
+        mine.update_parameters(other)
+    after = mine.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_rejects_both_functions_and_bad_backend(monkeypatch):
     with pytest.raises(AssertionError):
         swa.AveragedModel(bn_model(), avg_fn=swa.get_swa_avg_fn(), multi_avg_fn=swa.get_swa_multi_avg_fn())
@@ -487,12 +507,16 @@ def test_swalr_chains_after_another_scheduler_and_state_dict():
 def test_swalr_validation_matches_torch():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     for kwargs in [dict(swa_lr=[0.1, 0.2]), dict(swa_lr=0.1, anneal_strategy="exp"),
-                   dict(swa_lr=0.1, anneal_epochs=-1), dict(swa_lr=0.1, anneal_epochs=2.0)]:
+                   dict(swa_lr=0.1, anneal_epochs=-1), dict(swa_lr=0.1, anneal_epochs=2.0),
+                   dict(swa_lr=0.1, anneal_strategy=["cos"])]:
         with pytest.raises(ValueError) as expected:
             ref.SWALR(opt, **kwargs)
+        opt.param_groups[0].pop("swa_lr", None)  # torch writes it before its other checks
         with pytest.raises(ValueError) as got:
             swa.SWALR(opt, **kwargs)
         assert str(got.value) == str(expected.value)
+        # a refused construction leaves the optimizer as it was
+        assert "swa_lr" not in opt.param_groups[0]
 
 
 def test_swalr_with_fusedopt_optimizer_and_get_lr_warning():

@@ -101,10 +101,15 @@ def _put_beta1(group: dict, value) -> None:
     group["betas"] = (value, *group["betas"][1:])
 
 
+# A value that leaves its group's slot as it is (ReduceLROnPlateau's groups that are not cut).
+# Not None: torch writes a None that a scheduler's get_lr returns, so None is written too.
+KEEP = object()
+
+
 def _write_slots(groups, values, get, put) -> None:
     """Write ``values[i]`` into the slot ``get(groups[i])``: in place for tensors, else ``put``.
 
-    A ``None`` value leaves that group alone. A tensor shared by several groups
+    A ``KEEP`` value leaves that group alone. A tensor shared by several groups
     (e.g. a tensor default that ``Optimizer.add_param_group`` handed to every
     group) is first split: later groups get their own clone, so that each group
     can hold its own value.
@@ -121,7 +126,7 @@ def _write_slots(groups, values, get, put) -> None:
             else:
                 seen.add(id(current))
     for group, value in zip(groups, values):
-        if value is None:
+        if value is KEEP:
             continue
         current = get(group)
         if isinstance(current, Tensor):
@@ -131,7 +136,7 @@ def _write_slots(groups, values, get, put) -> None:
 
 
 def set_group_lrs(optimizer: Optimizer, values) -> None:
-    """Write one learning rate per param group (``None`` skips a group)."""
+    """Write one learning rate per param group (``KEEP`` skips a group)."""
     _write_slots(
         optimizer.param_groups,
         values,
@@ -151,6 +156,23 @@ def set_group_momentums(optimizer: Optimizer, values, use_beta1: bool) -> None:
             lambda group: group["momentum"],
             lambda group, value: group.__setitem__("momentum", value),
         )
+
+
+def refuse_unless(name: str, value, accepted, wanted: str) -> None:
+    """Raise torch's exception for an argument that ``accepted(value)`` rejects, naming it.
+
+    torch tests such an argument with a comparison and an ``isinstance`` in one expression,
+    comparison first (``T_0 <= 0 or not isinstance(T_0, int)``): what cannot be compared
+    (a str, None) raises TypeError there, and everything else it rejects, numpy integers and
+    0-dim tensors included, ValueError. ``accepted`` is the negation of torch's expression,
+    written in the same order.
+    """
+    try:
+        ok = accepted(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {wanted}, got {value!r}") from None
+    if not ok:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 def require_optimizer(optimizer) -> None:
@@ -282,7 +304,11 @@ class LRScheduler(_torch_lr_scheduler.LRScheduler):
         self._step_count += 1
         if epoch is not None:
             warnings.warn(EPOCH_WARNING, UserWarning, stacklevel=2)
-        self._update_lr(epoch)
+        try:
+            self._update_lr(epoch)
+        except BaseException:
+            self._step_count -= 1  # the step was refused: it is not counted (see _update_lr)
+            raise
 
     def _check_optimizer_stepped(self) -> None:
         if not hasattr(self.optimizer.step, _WRAPPED_FLAG):
@@ -292,15 +318,23 @@ class LRScheduler(_torch_lr_scheduler.LRScheduler):
 
     def _update_lr(self, epoch: int | None = None) -> None:
         """Move to ``epoch`` (or the next epoch) and write the new learning rates."""
-        with _flag(self, "_get_lr_called_within_step"):
-            if epoch is None:
-                self.last_epoch += 1
-                values = self.get_lr()
-            else:
-                self.last_epoch = epoch
-                closed_form = getattr(self, "_get_closed_form_lr", None)
-                values = closed_form() if closed_form is not None else self.get_lr()
-        set_group_lrs(self.optimizer, values)
+        last_epoch = self.last_epoch
+        try:
+            with _flag(self, "_get_lr_called_within_step"):
+                if epoch is None:
+                    self.last_epoch += 1
+                    values = self.get_lr()
+                else:
+                    self.last_epoch = epoch
+                    closed_form = getattr(self, "_get_closed_form_lr", None)
+                    values = closed_form() if closed_form is not None else self.get_lr()
+            set_group_lrs(self.optimizer, values)  # checks the count before it writes
+        except BaseException:
+            # A refused step (OneCycleLR past total_steps, an lr_lambda that raises, a loaded
+            # state with another number of groups) writes no lr; torch still moves last_epoch
+            # on, past the values the groups hold.
+            self.last_epoch = last_epoch
+            raise
         self._last_lr: list = group_values(self.optimizer, "lr")
 
     def get_lr(self) -> list:

@@ -139,10 +139,14 @@ class SequentialLR(LRScheduler):
         self.last_epoch += 1
         index = bisect_right(self._milestones, self.last_epoch)
         active = self._schedulers[index]
-        if index > 0 and self._milestones[index - 1] == self.last_epoch:
-            active._update_lr(0)
-        else:
-            active.step()
+        try:
+            if index > 0 and self._milestones[index - 1] == self.last_epoch:
+                active._update_lr(0)
+            else:
+                active.step()
+        except BaseException:
+            self.last_epoch -= 1  # the active scheduler refused the step and did not take it
+            raise
         self._last_lr = active.get_last_lr()
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from ._base import (
     callable_state,
     momentum_key,
     per_group,
+    refuse_unless,
     require_optimizer,
     restore_callable_state,
     set_group_lrs,
@@ -29,20 +30,24 @@ __all__ = ["CyclicLR", "OneCycleLR"]
 _CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 
 
-def _init_momentum(scheduler, optimizer, base_momentum, max_momentum, last_epoch):
-    """Validate momentum cycling, and at a fresh start set every group to ``max_momentum``.
+def _momentum_bounds(scheduler, optimizer, base_momentum, max_momentum):
+    """Check that momentum can be cycled and return the per-group (base, max) momentum lists.
 
-    Returns the per-group (base, max) momentum lists.
+    Only checks and reads: the groups are written by :func:`_start_momentum`, once every
+    argument has been accepted, so that a refused construction leaves the optimizer as it was.
     """
     scheduler.use_beta1 = momentum_key(optimizer)
     base_momentums = per_group("base_momentum", optimizer, base_momentum)
     max_momentums = per_group("max_momentum", optimizer, max_momentum)
-    if last_epoch == -1:
-        set_group_momentums(optimizer, max_momentums, scheduler.use_beta1)
-        for top, bottom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
-            group["max_momentum"] = top
-            group["base_momentum"] = bottom
     return base_momentums, max_momentums
+
+
+def _start_momentum(scheduler, optimizer, base_momentums, max_momentums) -> None:
+    """At a fresh start, set every group's momentum to its ``max_momentum`` and record the bounds."""
+    set_group_momentums(optimizer, max_momentums, scheduler.use_beta1)
+    for top, bottom, group in zip(max_momentums, base_momentums, optimizer.param_groups):
+        group["max_momentum"] = top
+        group["base_momentum"] = bottom
 
 
 class CyclicLR(LRScheduler):
@@ -93,10 +98,15 @@ class CyclicLR(LRScheduler):
         require_optimizer(optimizer)
         self.optimizer = optimizer
 
+        # Every argument is checked before the first group is written (torch writes base_lr
+        # first), so that a refused construction leaves the optimizer as it was.
         base_lrs = per_group("base_lr", optimizer, base_lr)
-        if last_epoch == -1:
-            set_group_lrs(optimizer, base_lrs)
         self.max_lrs = per_group("max_lr", optimizer, max_lr)
+        for low, high in zip(base_lrs, self.max_lrs):
+            try:
+                high - low  # torch's first use of the bounds, in the initial step
+            except TypeError:
+                raise TypeError(f"base_lr and max_lr must be numbers, got {low!r} and {high!r}") from None
 
         up = float(step_size_up)
         down = float(step_size_down) if step_size_down is not None else up
@@ -115,10 +125,14 @@ class CyclicLR(LRScheduler):
 
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
-            self.base_momentums, self.max_momentums = _init_momentum(
-                self, optimizer, base_momentum, max_momentum, last_epoch
+            self.base_momentums, self.max_momentums = _momentum_bounds(
+                self, optimizer, base_momentum, max_momentum
             )
 
+        if last_epoch == -1:
+            set_group_lrs(optimizer, base_lrs)
+            if cycle_momentum:
+                _start_momentum(self, optimizer, self.base_momentums, self.max_momentums)
         super().__init__(optimizer, last_epoch)
         self.base_lrs = base_lrs
 
@@ -145,12 +159,12 @@ class CyclicLR(LRScheduler):
         x = cycle if self.scale_mode == "cycle" else t
         lrs = [
             curves.cyclic_lr(low, high, height, self.scale_fn(x))
-            for low, high in zip(self.base_lrs, self.max_lrs)
+            for low, high in zip(self.base_lrs, self.max_lrs, strict=True)
         ]
         if self.cycle_momentum:
             momentums = [
                 curves.cyclic_momentum(low, high, height, self.scale_fn(x))
-                for low, high in zip(self.base_momentums, self.max_momentums)
+                for low, high in zip(self.base_momentums, self.max_momentums, strict=True)
             ]
             set_group_momentums(self.optimizer, momentums, self.use_beta1)
         return lrs
@@ -170,6 +184,12 @@ class CyclicLR(LRScheduler):
         state = dict(state_dict)
         fn_state = state.pop("_scale_fn_custom", None)
         state.pop("_scale_fn_ref", None)
+        if fn_state is not None and self._scale_fn_custom is None:
+            # torch raises AttributeError here (on None.__dict__), after loading the rest
+            raise AttributeError(
+                "the state holds the attributes of a custom scale_fn object, and this CyclicLR "
+                "has no scale_fn to restore them into: build it with the scale_fn it was saved with"
+            )
         super().load_state_dict(state)
         if self._scale_fn_custom is not None:
             restore_callable_state(self._scale_fn_custom, fn_state)
@@ -224,9 +244,8 @@ class OneCycleLR(LRScheduler):
         self.optimizer = optimizer
 
         if total_steps is not None:
-            if not isinstance(total_steps, int) or total_steps <= 0:
-                error = ValueError if isinstance(total_steps, (int, float)) else TypeError   # (as torch's)
-                raise error(f"total_steps must be a positive int, got {total_steps!r}")
+            refuse_unless("total_steps", total_steps,
+                          lambda v: not (v <= 0 or not isinstance(v, int)), "a positive int")
             self.total_steps = total_steps
         elif epochs is not None and steps_per_epoch is not None:
             if not isinstance(epochs, int) or epochs <= 0:
@@ -261,22 +280,29 @@ class OneCycleLR(LRScheduler):
             for end, (lr_from, lr_to, m_from, m_to) in zip(ends, route)
         ]
 
-        if not isinstance(pct_start, float) or pct_start < 0 or pct_start > 1:
-            raise ValueError(f"pct_start must be a float in [0, 1], got {pct_start!r}")
+        refuse_unless("pct_start", pct_start,
+                      lambda v: not (v < 0 or v > 1 or not isinstance(v, float)), "a float in [0, 1]")
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
         self._anneal_func_type = anneal_strategy
 
         max_lrs = per_group("max_lr", optimizer, max_lr)
         if last_epoch == -1:
-            for peak, group in zip(max_lrs, optimizer.param_groups):
-                group["initial_lr"] = peak / div_factor
-                group["max_lr"] = peak
-                group["min_lr"] = group["initial_lr"] / final_div_factor
-
+            initial_lrs = [peak / div_factor for peak in max_lrs]
+            min_lrs = [initial / final_div_factor for initial in initial_lrs]
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
-            _init_momentum(self, optimizer, base_momentum, max_momentum, last_epoch)
+            momentum_bounds = _momentum_bounds(self, optimizer, base_momentum, max_momentum)
+
+        # Written only now that every argument is accepted (torch writes the lr bounds before
+        # it checks the momentum), so that a refused construction leaves the optimizer as it was.
+        if last_epoch == -1:
+            for group, peak, initial, lowest in zip(optimizer.param_groups, max_lrs, initial_lrs, min_lrs):
+                group["initial_lr"] = initial
+                group["max_lr"] = peak
+                group["min_lr"] = lowest
+            if cycle_momentum:
+                _start_momentum(self, optimizer, *momentum_bounds)
 
         super().__init__(optimizer, last_epoch)
 

@@ -20,6 +20,7 @@ from ._base import (
     _flag,
     callable_state,
     group_values,
+    refuse_unless,
     restore_callable_state,
     set_group_lrs,
 )
@@ -72,6 +73,14 @@ class _LambdaStateMixin:
         """
         state = dict(state_dict)
         saved = state.pop("lr_lambdas")
+        extra = [fn_state for fn_state in saved[len(self.lr_lambdas):] if fn_state is not None]
+        if extra:
+            # torch indexes its lambdas by the saved entries and raises IndexError for these;
+            # here before anything is loaded
+            raise IndexError(
+                f"the state saves {len(saved)} lr_lambdas, the scheduler has "
+                f"{len(self.lr_lambdas)}: it was saved with more param groups"
+            )
         self.__dict__.update(state)
         for fn, fn_state in zip(self.lr_lambdas, saved):
             restore_callable_state(fn, fn_state)
@@ -102,7 +111,10 @@ class LambdaLR(_LambdaStateMixin, LRScheduler):
         """``base_lr * lr_lambda(last_epoch)`` for each group."""
         self._warn_if_outside_step()
         t = self.last_epoch
-        return [curves.lambda_lr(base, fn(t)) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+        return [
+            curves.lambda_lr(base, fn(t))
+            for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)
+        ]
 
 
 class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
@@ -132,9 +144,8 @@ class MultiplicativeLR(_LambdaStateMixin, LRScheduler):
         if self._is_initial:
             return self._current_lrs()
         t = self.last_epoch
-        return [
-            group["lr"] * fn(t) for fn, group in zip(self.lr_lambdas, self.optimizer.param_groups)
-        ]
+        groups = self.optimizer.param_groups
+        return [group["lr"] * fn(t) for fn, group in zip(self.lr_lambdas, groups, strict=True)]
 
 
 class StepLR(LRScheduler):
@@ -394,7 +405,7 @@ class CosineAnnealingLR(LRScheduler):
         if curves.cosine_annealing_restart_due(t, T_max):
             return [
                 curves.cosine_annealing_restart_step(group["lr"], base, eta_min, T_max)
-                for base, group in zip(self.base_lrs, groups)
+                for base, group in zip(self.base_lrs, groups, strict=True)
             ]
         return [curves.cosine_annealing_step(group["lr"], eta_min, t, T_max) for group in groups]
 
@@ -429,13 +440,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         eta_min: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        # (torch's own checks raise TypeError for what is not a number at all)
-        if not isinstance(T_0, int) or T_0 <= 0:
-            error = ValueError if isinstance(T_0, (int, float)) else TypeError
-            raise error(f"T_0 must be a positive int, got {T_0!r}")
-        if not isinstance(T_mult, int) or T_mult < 1:
-            error = ValueError if isinstance(T_mult, (int, float)) else TypeError
-            raise error(f"T_mult must be an int >= 1, got {T_mult!r}")
+        refuse_unless("T_0", T_0, lambda v: not (v <= 0 or not isinstance(v, int)), "a positive int")
+        refuse_unless("T_mult", T_mult, lambda v: not (v < 1 or not isinstance(v, int)), "an int >= 1")
         if not isinstance(eta_min, (float, int)):
             raise ValueError(f"eta_min must be a float or int, got {type(eta_min).__name__}")
         self.T_0 = T_0

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 from torch.optim import lr_scheduler as _torch_lr_scheduler
 
 from . import _curves as curves
-from ._base import EPOCH_WARNING, LRScheduler, group_values, require_optimizer, set_group_lrs
+from ._base import EPOCH_WARNING, KEEP, LRScheduler, group_values, require_optimizer, set_group_lrs
 
 __all__ = ["ReduceLROnPlateau"]
 
@@ -140,12 +140,12 @@ class ReduceLROnPlateau(LRScheduler, _torch_lr_scheduler.ReduceLROnPlateau):
                     "set `min_lrs` to one value per param group."
                 )
             self.min_lrs = [self.default_min_lr] * len(groups)
-        # All new values are computed before any is written (None: keep the lr).
+        # All new values are computed before any is written.
         updates = []
         for group, min_lr in zip(groups, self.min_lrs):
             old_lr = float(group["lr"])
             new_lr = curves.plateau_reduced_lr(old_lr, self.factor, min_lr)
-            updates.append(new_lr if old_lr - new_lr > self.eps else None)
+            updates.append(new_lr if old_lr - new_lr > self.eps else KEEP)
         set_group_lrs(self.optimizer, updates)
 
     def get_lr(self) -> list:

@@ -370,8 +370,10 @@ def _conform(bucket: _flat.Bucket, i: int, x: Tensor) -> Tensor:
     if x.device != bucket.device or x.dtype != bucket.dtype:
         x = x.to(device=bucket.device, dtype=bucket.dtype)
     if x.shape != bucket.shapes[i]:
-        raise ValueError(f"the model's tensor {bucket.positions[i]} has shape {tuple(x.shape)}; "
-                         f"the averaged model's has {tuple(bucket.shapes[i])}")
+        # torch's copy_ / lerp_ raise RuntimeError for shapes that do not match (it broadcasts
+        # the ones that do; a flat segment has one shape, so those are refused here too)
+        raise RuntimeError(f"the model's tensor {bucket.positions[i]} has shape {tuple(x.shape)}; "
+                           f"the averaged model's has {tuple(bucket.shapes[i])}")
     if not (bucket.contiguous[i] and x.is_contiguous()):
         stride = bucket.strides[i]
         if not (_flat.is_dense(x) and x.stride() == stride):

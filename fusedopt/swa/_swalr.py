@@ -72,13 +72,17 @@ class SWALR(LRScheduler):
 
     def __init__(self, optimizer, swa_lr, anneal_epochs: int = 10, anneal_strategy: str = "cos",
                  last_epoch: int = -1):
-        for value, group in zip(_per_group("swa_lr", optimizer, swa_lr), optimizer.param_groups):
-            group["swa_lr"] = value
-        if anneal_strategy not in ANNEAL:
+        swa_lrs = _per_group("swa_lr", optimizer, swa_lr)
+        # a list, as torch's: an unhashable value is a ValueError, not a TypeError
+        if anneal_strategy not in list(ANNEAL):
             raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
-        self._set_anneal_func(anneal_strategy)
         if not isinstance(anneal_epochs, int) or anneal_epochs < 0:
             raise ValueError(f"anneal_epochs must be equal or greater than 0, got {anneal_epochs}")
+        # Written once every argument is accepted (torch writes swa_lr before it checks the
+        # others), so that a refused construction leaves the optimizer as it was.
+        for value, group in zip(swa_lrs, optimizer.param_groups):
+            group["swa_lr"] = value
+        self._set_anneal_func(anneal_strategy)
         self.anneal_epochs = anneal_epochs
         super().__init__(optimizer, last_epoch)
 
