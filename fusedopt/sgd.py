@@ -79,8 +79,10 @@ class SGD(Optimizer):
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
     def _options(self, group) -> kernels.SGDOptions:
-        return kernels.SGDOptions(lr=_as_float(group["lr"]), momentum=group["momentum"],
-                                  dampening=group["dampening"], weight_decay=_as_float(group["weight_decay"]),
+        # Numbers: torch's fused CPU kernel, which the native path calls, takes them only as
+        # floats, where torch's own default path also multiplies by a 1-element tensor.
+        return kernels.SGDOptions(lr=_as_float(group["lr"]), momentum=_as_float(group["momentum"]),
+                                  dampening=_as_float(group["dampening"]), weight_decay=_as_float(group["weight_decay"]),
                                   nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _check_sparse(self, group, bucket: _flat.Bucket) -> None:

@@ -138,3 +138,25 @@ def test_nadam_with_a_tensor_momentum_decay_steps_as_torchs(dtype):
             opt.step()
     for a, b in zip(ref, new):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-element"])
+def test_sgd_with_a_tensor_momentum_steps_as_torchs(shape):
+    """torch.optim.SGD's CPU path multiplies by a tensor momentum of one element (its
+    `buf.mul_(momentum)`); torch's fused CPU kernel, which the native path calls, takes
+    only a float, and raised TypeError for a (1,)-shaped one. The run is the one with the
+    float, bit for bit, and torch's (its fused kernel and its for-loop: to rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(n, generator=gen).requires_grad_() for n in (3, 17, 64)]
+    runs = [[p.detach().clone().requires_grad_() for p in ref] for _ in range(2)]
+    opts = [torch.optim.SGD(ref, lr=0.1, momentum=torch.full(shape, 0.9)),
+            fusedopt.SGD(runs[0], lr=0.1, momentum=torch.full(shape, 0.9)),
+            fusedopt.SGD(runs[1], lr=0.1, momentum=0.9)]
+    for step in range(4):
+        for opt, ps in zip(opts, (ref, *runs)):
+            for i, p in enumerate(ps):
+                p.grad = torch.sin(p.detach() * (i + 1) + step)
+            opt.step()
+    for a, b, c in zip(ref, *runs):
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+        torch.testing.assert_close(b, a)
