@@ -107,7 +107,11 @@ def _adam_foreach(params, grads, state, scalars, reps, o, ctx):
 def _nadam(params, grads, state, scalars, reps, o, ctx):
     # torch's multi-tensor NAdam cannot take a tensor momentum_decay (its _foreach_addcdiv_
     # gets a tuple of tensors); its for-loop, what torch.optim.NAdam runs on the CPU, can.
-    foreach = ctx.foreach and not isinstance(o.momentum_decay, Tensor)
+    # Nor does it give the for-loop's mu_product where a checkpoint made it bf16/fp16 (torch's
+    # load casts state to the parameter's dtype): `_foreach_mul_` rounds each mu to that dtype
+    # before multiplying, `mu_product *= mu` multiplies in fp32 and rounds once.
+    foreach = (ctx.foreach and not isinstance(o.momentum_decay, Tensor)
+               and scalars["mu_product"][0].dtype in (torch.float32, torch.float64))
     nadam.nadam(params, grads, state["exp_avg"], state["exp_avg_sq"], scalars["mu_product"],
                 scalars["step"], decoupled_weight_decay=o.decoupled, foreach=foreach, maximize=o.maximize,
                 beta1=o.beta1, beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay,

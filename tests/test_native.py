@@ -5,6 +5,8 @@ Runs must give torch's numbers whatever breaks them: tensors without a gradient 
 step, tensors whose step counts differ (their first step came later), SGD momentum
 buffers starting mid-run, complex and channels_last tensors, bf16.
 """
+import copy
+
 import pytest
 import torch
 
@@ -160,3 +162,36 @@ def test_sgd_with_a_tensor_momentum_steps_as_torchs(shape):
     for a, b, c in zip(ref, *runs):
         torch.testing.assert_close(b, c, rtol=0, atol=0)
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nadam_after_a_torch_checkpoint_is_torchs_in_low_precision(dtype):
+    """torch's load casts NAdam's mu_product to a bf16/fp16 parameter's dtype. Its CPU
+    for-loop then multiplies it by mu in fp32 and rounds once; its multi-tensor code, which
+    the native path runs on small tensors, rounds mu to bf16 first (`_foreach_mul_`), and
+    the product drifted an ulp a step from torch's."""
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in (5, 40, 3)]
+    new = [p.detach().clone().requires_grad_() for p in ref]
+
+    def step(opt, ps, k):
+        for i, p in enumerate(ps):
+            p.grad = torch.sin(p.detach().float() * (i + 1) + k).to(dtype)
+        opt.step()
+
+    trained = torch.optim.NAdam(ref, lr=1e-2)
+    for k in range(2):
+        step(trained, ref, k)
+    with torch.no_grad():
+        for a, b in zip(ref, new):
+            b.copy_(a)
+    opts = [torch.optim.NAdam(ref, lr=1e-2), fusedopt.NAdam(new, lr=1e-2)]
+    for opt in opts:
+        opt.load_state_dict(copy.deepcopy(trained.state_dict()))
+    for k in range(2, 6):
+        for opt, ps in zip(opts, (ref, new)):
+            step(opt, ps, k)
+    for a, b in zip(ref, new):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for key, value in opts[0].state[a].items():
+            torch.testing.assert_close(opts[1].state[b][key], value, rtol=0, atol=0)
