@@ -80,12 +80,16 @@ class ASGD(Optimizer):
         self._run_path(bucket, batch, state, columns, o, kernels.asgd_triton, kernels.asgd_reference)
         self._advance_steps(bucket, batch)
         steps = bucket.steps.tolist()
+        # torch stores `torch.as_tensor(new_eta)`: the Python float rounded to the default
+        # dtype first, then to the state's. They differ after a load, which casts eta and mu
+        # to the parameter's dtype: an fp64 parameter's then hold fp32-rounded values.
+        default = torch.get_default_dtype()
         if batch.everyone and steps.count(steps[0]) == len(steps):
             (new_eta,), (new_mu,) = kernels.next_eta_mu(steps[:1], o)
-            eta.fill_(new_eta)  # rounded to the state's dtype as the per-tensor copy below rounds
-            mu.fill_(new_mu)
+            for vec, value in ((eta, new_eta), (mu, new_mu)):
+                vec.fill_(value if vec.dtype == default else torch.tensor(value, dtype=default).item())
             return
         index = batch.index_tensor()
         new_eta, new_mu = kernels.next_eta_mu([steps[i] for i in batch.index], o)
-        eta[index.to(eta.device)] = torch.tensor(new_eta, dtype=torch.float64).to(eta.dtype).to(eta.device)
-        mu[index.to(mu.device)] = torch.tensor(new_mu, dtype=torch.float64).to(mu.dtype).to(mu.device)
+        eta[index.to(eta.device)] = torch.tensor(new_eta, dtype=default).to(eta.dtype).to(eta.device)
+        mu[index.to(mu.device)] = torch.tensor(new_mu, dtype=default).to(mu.dtype).to(mu.device)

@@ -435,6 +435,7 @@ class Optimizer(torch.optim.Optimizer):
         """(Re)build group gi's buckets, carrying over any state its parameters have."""
         group = self.param_groups[gi]
         _refuse_duplicates(group["params"], gi)   # (a list edited after construction)
+        self._refuse_shared(gi)
         carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
         buckets = []
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
@@ -455,6 +456,24 @@ class Optimizer(torch.optim.Optimizer):
         for p, entries in carried.items():
             self._adopt(p, entries)
         return buckets
+
+    def _refuse_shared(self, gi: int) -> None:
+        """torch refuses a parameter in two groups when the groups are made (and fusedopt with
+        it); one appended to a group's list afterwards torch steps once per group, with one
+        state. A parameter's state lives in one bucket, so that is refused here, before
+        anything changes, as a parameter listed twice in one group is. The slots say which
+        group built each parameter last: one look-up a parameter, the other group's list
+        read only where they differ (a parameter moved between groups, a reused id)."""
+        groups = self.param_groups
+        for p in groups[gi]["params"]:
+            slot = self._slots.get(id(p))
+            if slot is not None and slot[0] != gi and slot[0] < len(groups) and \
+                    any(q is p for q in groups[slot[0]]["params"]):
+                first, second = sorted((gi, slot[0]))
+                raise ValueError(
+                    f"fusedopt: parameter groups {first} and {second} share a parameter; torch.optim refuses that when "
+                    "the groups are made, and steps such a parameter once per group when a group's list is edited "
+                    "afterwards. help: list each parameter in one group")
 
     def _choose_path(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         # On the CPU, 'auto' runs torch's own implementation on the flat state (_native.py).

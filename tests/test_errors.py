@@ -110,6 +110,32 @@ def test_a_parameter_listed_twice_in_a_group_is_refused(info):
 
 
 @pytest.mark.parametrize("info", ROWS)
+@pytest.mark.parametrize("into", [0, 1], ids=["into-first", "into-second"])
+def test_a_parameter_appended_to_a_second_group_is_refused_at_the_step(info, into):
+    """torch refuses a parameter in two groups when the groups are made, but one appended
+    to a group's list later it steps once per group, with one state; fusedopt stepped it
+    with two states. Refused at the step, before anything changes; a parameter moved from
+    one group to the other keeps its state."""
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        info.fused([{"params": [p]}, {"params": [q, p]}])
+    opt = info.fused([{"params": [p]}, {"params": [q]}])
+    step = (lambda: opt.step(lambda: torch.tensor(0.0))) if info.closure else opt.step
+    p.grad, q.grad = torch.ones(3), torch.ones(2)
+    step()
+    opt.param_groups[into]["params"].append(q if into == 0 else p)
+    before = [p.detach().clone(), q.detach().clone()]
+    with pytest.raises(ValueError, match="parameter groups 0 and 1 share a parameter"):
+        step()
+    assert torch.equal(p, before[0]) and torch.equal(q, before[1])
+    if not info.closure:   # (LBFGS takes one group)
+        opt.param_groups[1 - into]["params"].pop()
+        state = {k: v.clone() for k, v in opt.state[p].items()}
+        step()
+        assert opt.state[p].keys() == state.keys()
+
+
+@pytest.mark.parametrize("info", ROWS)
 @pytest.mark.parametrize("value", [None, "0.1", torch.tensor([0.1, 0.2])], ids=["None", "str", "2-element"])
 def test_a_bad_value_in_a_later_group_raises_before_any_group_steps(info, value):
     """torch raises TypeError when it reaches the group, after stepping the ones before it;

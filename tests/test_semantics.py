@@ -139,6 +139,35 @@ def test_complex_params(fused_cls, torch_cls, options, backend):
     assert all(v.is_complex() for p in ours for k, v in opt.state[p].items() if k != "step")
 
 
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without Tensor.grad_dtype")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("param_dtype,grad_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)],
+                         ids=["fp32-fp64", "bf16-fp32"])
+@pytest.mark.parametrize("fused_cls,torch_cls,options", [
+    pytest.param(fusedopt.SGD, torch.optim.SGD, dict(lr=0.1, weight_decay=0.1), id="SGD"),
+    pytest.param(fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=0.1), id="Adagrad"),
+    pytest.param(fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=0.01), id="RMSprop"),
+])
+def test_gradients_of_another_dtype_than_their_parameter(fused_cls, torch_cls, options, param_dtype, grad_dtype,
+                                                         backend):
+    """torch's `param.grad_dtype` lets a gradient differ in dtype from its parameter, and
+    these algorithms of torch's step such gradients. The kernels read a gradient at offsets
+    counted in the parameter's dtype: they read a converted copy (without it: values of
+    1e19, and reads past the gradient's end)."""
+    from fusedopt.kernels._launch import BLOCK
+
+    params = [torch.randn(n, dtype=torch.float64).to(param_dtype) for n in (BLOCK + 3, 7, 1)]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    for p in theirs[:2] + ours[:2]:   # the last keeps a gradient of its own dtype
+        p.grad_dtype = grad_dtype
+    for step in range(3):
+        grads = [g.to(p.grad_dtype or p.dtype) for g, p in zip(random_grads(theirs, step), theirs)]
+        step_both(list(zip(theirs, ours)), [ref, opt], grads)
+    assert ours[0].grad.dtype == grad_dtype
+    for j, (a, b) in enumerate(zip(theirs, ours)):
+        assert_close(f"param {j}", b, a)
+
+
 # ---------------------------------------------------------------------------- live options
 
 @pytest.mark.parametrize("backend", BACKENDS)

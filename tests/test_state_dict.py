@@ -100,19 +100,22 @@ def test_checkpoints_move_both_ways_and_training_continues_identically(info, con
         assert_same_run(p_dst, dst, p_src, src, rtol=info.rtol32)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
 @pytest.mark.parametrize("info,config", ROWS)
-def test_loaded_state_takes_torchs_dtypes(info, config, dtype):
+def test_loaded_state_takes_torchs_dtypes(info, config, dtype, backend):
     """torch casts loaded state (but `step`) to the parameter's dtype: NAdam's mu_product and
     ASGD's eta and mu, float32 when created, are float64 for fp64 parameters after a load,
-    bf16 for bf16 ones, and stay so. (The bf16 numbers are compared by the parity tests.)"""
+    bf16 for bf16 ones, and stay so. (The bf16 numbers are compared by the parity tests.)
+    ASGD's later etas and mus are still rounded to float32 first (torch stores
+    `torch.as_tensor(new_eta)`), on every path."""
     p_src = make_params(dtype)
     src = info.torch(groups(p_src, info, config), **config)
     train(p_src, src, 2, closure=info.closure)
     saved = roundtrip(src.state_dict())
     p_ref, p_new = clone_params(p_src), clone_params(p_src)
     ref = info.torch(groups(p_ref, info, config), **config)
-    new = info.fused(groups(p_new, info, config), **config)
+    new = info.fused(groups(p_new, info, config), backend=backend, **config)
     ref.load_state_dict(saved)
     new.load_state_dict(saved)
     for when in ("loaded", "stepped"):
