@@ -35,6 +35,7 @@ SEGMENT_ALIGN = 16
 _layout = operator.attrgetter("layout")
 _grad = operator.attrgetter("grad")
 _version = operator.attrgetter("_version")
+_dtype = operator.attrgetter("dtype")
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,6 +172,15 @@ class Batch:
         if self.grad_ops is None:
             return g
         return g / self.grad_ops[0].to(g.dtype) * self.grad_ops[1].to(g.dtype)
+
+    def match_grad_dtypes(self, dtype: torch.dtype) -> None:
+        """Gradients of another dtype than their parameters' (torch's `param.grad_dtype`, or
+        one left from before `.data` changed dtype) replaced by copies in `dtype`, as
+        SparseAdam's values are: the kernels read a gradient at offsets counted in its
+        parameter's dtype, and torch's fused CPU kernels refuse another (where torch's own
+        default path, its for-loop, steps it)."""
+        if not all(map(operator.is_, map(_dtype, self.grads), repeat(dtype))):
+            self.grads = [g if g.dtype is dtype else g.to(dtype) for g in self.grads]
 
     def finish(self) -> None:
         """Copy staged parameters back into the user's tensors."""

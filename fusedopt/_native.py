@@ -230,6 +230,8 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     impl = setup.impl
     if impl is None:
         return False
+    if impl.fused is not None:
+        batch.match_grad_dtypes(bucket.real_dtype)
     if setup.composed or opt.max_grad_norm is not None:
         # fusedopt's own options: torch's fused kernel with conversions around it
         # (_composed.py); an algorithm without a fused kernel takes the reference.

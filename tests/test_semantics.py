@@ -140,7 +140,7 @@ def test_complex_params(fused_cls, torch_cls, options, backend):
 
 
 @pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without Tensor.grad_dtype")
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
 @pytest.mark.parametrize("param_dtype,grad_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)],
                          ids=["fp32-fp64", "bf16-fp32"])
 @pytest.mark.parametrize("fused_cls,torch_cls,options", [

@@ -16,7 +16,6 @@ import math
 import operator
 import os
 import struct
-from itertools import repeat
 
 import torch
 
@@ -90,9 +89,6 @@ def check_runnable(device: torch.device) -> None:
 
 
 # -- per-step tables ----------------------------------------------------------------------
-_dtype = operator.attrgetter("dtype")
-
-
 def device_guard(device: torch.device):
     """Make `device` current for a launch: Triton launches on the current CUDA device and
     its stream, and a bucket on cuda:1 must not be launched on cuda:0."""
@@ -114,12 +110,9 @@ def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tenso
     anchor = bucket.anchor()
     base, size = anchor.data_ptr(), anchor.element_size()
     # The kernels read a gradient as its parameter's element type, at offsets counted in
-    # it. One of another dtype (torch's `param.grad_dtype`, or one left from before `.data`
-    # changed dtype) is read as a copy in the parameter's dtype, as SparseAdam's values
-    # are. Checked every step, not only when addresses change: such a gradient can take
-    # the address of the last step's.
-    if not all(map(operator.is_, map(_dtype, batch.grads), repeat(anchor.dtype))):
-        batch.grads = [g if g.dtype is anchor.dtype else g.to(anchor.dtype) for g in batch.grads]
+    # it. Checked every step, not only when addresses change: a gradient of another dtype
+    # can take the address of the last step's.
+    batch.match_grad_dtypes(anchor.dtype)
     # Read through C-level maps, and the params' not at all where the batch knows them: on
     # 2000 tiny tensors this is most of a step's host time (a GPU step is its host time).
     params = batch.addresses if batch.addresses is not None else list(map(torch.Tensor.data_ptr, batch.params))
