@@ -771,6 +771,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._update(group, bucket, batch, fresh)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])
+                    if fresh:
+                        self._skipped_first_step(group, bucket, fresh, amp[1])
                 if batch.writeback:
                     batch.finish()
                 if bucket.versions is not None:
@@ -1043,6 +1045,12 @@ class Optimizer(torch.optim.Optimizer):
             steps.sub_(back)
         else:
             steps[batch.index_tensor().to(steps.device)] -= back
+
+    def _skipped_first_step(self, group: dict, bucket: _flat.Bucket, fresh: list[int], found_inf: Tensor) -> None:
+        """Called after a GradScaler step (fused=True) that was the first for the `fresh`
+        parameters, which the kernel skipped where `found_inf` is set. The initial state it
+        created then stays, as torch's fused optimizers keep it; an algorithm whose first
+        step is unlike the others overrides this."""
 
     def _update(self, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list[int]) -> None:
         raise NotImplementedError

@@ -116,6 +116,18 @@ class SGD(Optimizer):
                 g = torch.add(g.to_dense(), buf, alpha=o.momentum) if o.nesterov else buf
             _flat.add_sparse_(p, g, alpha=-o.lr) if g.is_sparse else p.add_(g, alpha=-o.lr)
 
+    def _skipped_first_step(self, group, bucket: _flat.Bucket, fresh, found_inf) -> None:
+        """A momentum buffer starts as the first gradient, and later steps dampen theirs;
+        a zero buffer left by a skipped first step would make the next step dampen its
+        gradient as if it were not the first. torch.optim.SGD never steps when GradScaler
+        skips (its fused CPU kernel leaves an uninitialised buffer instead): drop the
+        entries, so that the next step starts the buffers, as torch's does. With
+        dampening 0 the zero buffer gives the same numbers, and this reads found_inf back
+        (a sync on a GPU) only where it would not."""
+        if group["momentum"] != 0 and group["dampening"] != 0 and bool(found_inf):
+            for i in fresh:
+                del self.state[bucket.params[i]]
+
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)
         state = self._buffers(group, bucket, batch)

@@ -117,6 +117,33 @@ def test_fused_true_unscales_in_the_kernel_like_torch_fused(torch_cls, fused_cls
             assert_close(f"{key} of param {k}", got, value)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_fused_sgd_first_step_skipped_starts_momentum_at_the_next(backend, dampening):
+    """A first step GradScaler skips (fused=True) must leave the next one a first step: its
+    momentum buffer starts as the gradient, undampened, as torch.optim.SGD's does, which
+    GradScaler never steps then. (torch's fused CPU SGD keeps an uninitialised buffer after
+    such a step, so the unfused class is the reference.) A zero buffer here dampened the
+    next step's gradient."""
+    model, x, y = model_and_data()
+    twin = copy.deepcopy(model)
+    options = dict(lr=1e-2, momentum=0.9, dampening=dampening)
+    ref = torch.optim.SGD(model.parameters(), **options)
+    opt = fusedopt.SGD(twin.parameters(), fused=True, backend=backend, **options)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    s_new = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    a = train(model, ref, s_ref, x, y, 1, inf_at=(0,))
+    b = train(twin, opt, s_new, x, y, 1, inf_at=(0,))
+    if dampening:
+        assert opt.state_dict()["state"] == {}, "a skipped first step left state behind"
+    a += train(model, ref, s_ref, x, y, 3)
+    b += train(twin, opt, s_new, x, y, 3)
+    assert a == b
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"param {i}", q.detach(), p.detach())
+        assert_close(f"momentum_buffer of param {i}", opt.state[q]["momentum_buffer"], ref.state[p]["momentum_buffer"])
+
+
 class _AsyncCopiesToTheCPU(torch.overrides.TorchFunctionMode):
     """Records where fusedopt's code calls `Tensor.to(..., non_blocking=True)` with the CPU as
     the destination (torch's GradScaler does so for CPU tensors, where it is a no-op)."""
