@@ -254,11 +254,13 @@ def test_optimizer_loaded_before_the_model_with_master_weights(backend, source):
 
 
 @pytest.mark.parametrize("backend", ALL_PATHS)
-@pytest.mark.parametrize("edit", ["load_state_dict", "clamp"])
+@pytest.mark.parametrize("edit", ["load_state_dict", "clamp", "data=", "vector_to_parameters"])
 def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backend, edit):
     """torch's optimizers step the parameter the user sees, so a write to it between steps
-    holds: a model's load_state_dict, or a clamp under no_grad (as WGAN clips its critic's
-    weights). With master weights the copy must take it up, or the next step puts the old
+    holds: a model's load_state_dict, a clamp under no_grad (as WGAN clips its critic's
+    weights), or a new tensor put in through `.data` (`p.data = t`, torch's
+    `vector_to_parameters`; no version counter shows it, its new address does). With master
+    weights the copy must take it up, or the next step puts the old
     values back, silently. Element by element: where the parameter is no longer its copy's
     rounding the copy takes the written value, elsewhere it keeps its precision. The twin
     makes the same writes by hand, to its copies and through `.data` to its parameters
@@ -272,14 +274,19 @@ def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backen
     loaded = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)], seed=1)
     with torch.no_grad():
         for p, t, new in zip(params, twins, loaded):
-            if edit == "load_state_dict":
-                p.copy_(new)
-                t.data.copy_(new)
-            else:
+            if edit == "clamp":
                 p.clamp_(-0.05, 0.05)
                 t.data.clamp_(-0.05, 0.05)
+            else:
+                if edit == "load_state_dict":
+                    p.copy_(new)
+                elif edit == "data=":
+                    p.data = new.detach().clone()
+                t.data.copy_(new)
             master = other.state[t]["master_param"]
             master.copy_(torch.where(master.to(t.dtype) == t, master, t.float()))
+    if edit == "vector_to_parameters":
+        torch.nn.utils.vector_to_parameters(torch.cat([new.flatten() for new in loaded]), params)
     written = [p.detach().clone() for p in params]
     _run(opt, params, 1)
     _run(other, twins, 1)
