@@ -436,6 +436,9 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[gi]
         _refuse_duplicates(group["params"], gi)   # (a list edited after construction)
         carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
+        # State loaded and not yet checked against its parameter stays to be checked.
+        old = self._buckets.get(gi)
+        pending = {id(b.params[i]): loaded for b in old[1] for i, loaded in b.unchecked.items()} if old else {}
         buckets = []
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
             # torch keeps `step` on the parameter's device for fused and capturable groups
@@ -453,7 +456,7 @@ class Optimizer(torch.optim.Optimizer):
             buckets.append(bucket)
         self._buckets[gi] = (ids, buckets)
         for p, entries in carried.items():
-            self._adopt(p, entries)
+            self._adopt(p, entries, carried=pending.get(id(p), False))
         return buckets
 
     def _choose_path(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -472,10 +475,13 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None, carried: bool | None = None) -> None:
         """Make `entries` p's state: flat kinds are copied into p's segments, numbers for
         scalar kinds into their vectors; anything else is kept as given. `into`: the
-        `_ParamState` to refill (`entries` itself, after outside code changed it)."""
+        `_ParamState` to refill (`entries` itself, after outside code changed it).
+        `carried`: None for state from outside; else the state is this optimizer's own,
+        carried into a rebuilt bucket (a parameter's dtype or device changed), and says
+        whether it was loaded and not yet checked (`_check_loaded`)."""
         slot = self._slot(p) if isinstance(p, Tensor) else None
         if slot is None or not isinstance(entries, dict):
             dict.__setitem__(self.state, p, entries)

@@ -298,6 +298,31 @@ def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backen
     _assert_same_continuation(opt, params, other, twins)
 
 
+
+@pytest.mark.parametrize("backend", ALL_PATHS)
+def test_a_parameter_converted_to_another_dtype_keeps_a_copy_only_while_it_needs_one(backend):
+    """`p.data = p.data.float()` (a model converted mid-run) rebuilds the bucket and carries
+    the state over. An fp32 parameter has no master copy: none stays in its state, where no
+    step would update it and state_dict() would save it stale. Converted back, the copy
+    starts from the parameter, as for state from an optimizer without master weights; and
+    nothing warns, since nothing was loaded (the copy is the optimizer's own)."""
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, master_weights=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(opt, params, 2)
+        params[0].data = params[0].data.float()
+        _run(opt, params, 2)
+        assert "master_param" not in opt.state[params[0]]
+        assert "master_param" not in opt.state_dict()["state"][0]
+        params[0].data = params[0].data.bfloat16()
+        twins = [p.detach().clone().requires_grad_() for p in params]
+        other = fusedopt.AdamW(twins, lr=1e-2, backend=backend, master_weights=True)
+        other.load_state_dict(copy.deepcopy(opt.state_dict()))
+        _assert_same_continuation(opt, params, other, twins)
+        for p in params:
+            assert torch.equal(p.detach(), opt.state[p]["master_param"].to(p.dtype))
+
 def test_options_survive_pickle_and_deepcopy():
     params = make_params(torch.bfloat16, shapes=[(5, 7)])
     opt = fusedopt.Adam(params, backend="reference", master_weights=True, state_dtype=torch.bfloat16)
