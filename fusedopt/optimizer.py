@@ -336,8 +336,18 @@ class Optimizer(torch.optim.Optimizer):
     _optional_state: tuple[str, ...] = ()
     #: whether the kernels can clip gradients (their GRAD_OPS prologue): `max_grad_norm`
     _clips = False
-    #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
-    max_grad_norm: float | None = None
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """fusedopt-only: clip the global gradient norm to this inside the step (None: off)."""
+        return self.__dict__.get("max_grad_norm")
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        # Checked as the constructor checks it: a value assigned between steps ("x", 0, a
+        # tensor) would otherwise fail inside the step, or clip by what was refused.
+        self.__dict__["max_grad_norm"] = check_max_grad_norm(value)
+
     #: whether the Triton kernel can average the new parameters into an attached averaged
     #: model in the same pass (its AVERAGE arguments; see attach_averaged_model)
     _fuses_average = False

@@ -9,6 +9,7 @@ which on a CPU is the native path's composition around torch's fused kernel
 import copy
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -627,6 +628,25 @@ def test_max_grad_norm_errors():
     p.grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="RMSprop cannot clip gradients inside its kernel"):
         opt.step()
+
+
+@pytest.mark.parametrize("value", ["x", 0, -1.0, float("nan"), True, torch.tensor(0.5)], ids=repr)
+def test_max_grad_norm_assigned_between_steps_is_checked_as_at_construction(value):
+    """A value the constructor refuses is refused when assigned too, naming it, and the
+    optimizer goes on clipping by the value it had: it used to be taken, and then failed
+    inside the step with struct.error ("x") or clipped by what construction refuses."""
+    params = make_params(torch.float32, shapes=[(5, 7), (3,)])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = fusedopt.AdamW(params, lr=1e-2, max_grad_norm=0.5)
+    other = fusedopt.AdamW(twins, lr=1e-2, max_grad_norm=0.5)
+    _run(opt, params, 1)
+    _run(other, twins, 1)
+    with pytest.raises(ValueError, match=re.escape(f"Invalid max_grad_norm: {value!r}")):
+        opt.max_grad_norm = value
+    assert opt.max_grad_norm == 0.5
+    _assert_same_continuation(opt, params, other, twins)
+    opt.max_grad_norm = None   # off, as at construction
+    assert opt.max_grad_norm is None
 
 
 def test_max_grad_norm_survives_pickle():
