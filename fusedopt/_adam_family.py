@@ -112,8 +112,13 @@ class AdamFamily(Optimizer):
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
             dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
-    def _adopt(self, p: Tensor, entries: dict, into=None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into=None, carried: bool | None = None) -> None:
         loaded = isinstance(entries, dict) and "master_param" in entries
+        if carried is not None and loaded and not self._has_master(self._slot(p)[1]):
+            # The parameter left the dtypes that get a copy (`p.data = p.data.float()`): no
+            # step would update the copy, and state_dict() would save it stale.
+            entries = {key: value for key, value in entries.items() if key != "master_param"}
+            loaded = False
         super()._adopt(p, entries, into)
         slot = self._slot(p) if isinstance(p, Tensor) and isinstance(entries, dict) else None
         if slot is None:
@@ -132,7 +137,9 @@ class AdamFamily(Optimizer):
         # it. A loaded one may not: its checkpoint may have been stepped since by an
         # optimizer that only carried it along (torch.optim keeps the key), and the first
         # step would put the parameter back where that optimizer found it, silently.
-        bucket.unchecked[i] = loaded
+        # The optimizer's own copy, carried into a rebuilt bucket, is checked as after a
+        # write: the parameter's new dtype holds the user's values, not news to the user.
+        bucket.unchecked[i] = loaded if carried is None else carried
 
     def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
         """A master copy that does not round to its parameter restarts from it.

@@ -310,16 +310,24 @@ class Bucket:
         """Detect parameters whose ``.data`` was replaced since the bucket was built.
 
         A replacement with the same shape, dtype and device is harmless (the kernel reads
-        the new address every step); anything else would silently desynchronise the flat
-        state, so it raises. The optimizer rebuilds its buckets instead where it can.
+        the new address every step; a master copy is checked against it, as after a write
+        in place); anything else would silently desynchronise the flat state, so it raises.
+        The optimizer rebuilds its buckets instead where it can.
         """
         shards = [local(p) for p in self.params] if self.sharded else self.params
         ptrs = list(map(Tensor.data_ptr, shards))
         if ptrs == self._ptrs:
             return
         for i, (p, old, new) in enumerate(zip(shards, self._ptrs, ptrs)):
-            if old != new and (p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device):
+            if old == new:
+                continue
+            if p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise StaleLayout(i)
+            if self.versions is not None:
+                # A new tensor put in through `.data` (`p.data = t`, torch's
+                # `vector_to_parameters`) holds the user's values, and no version counter
+                # shows it: a copy of the parameter in the state must take it up too.
+                self.unchecked.setdefault(i, False)
         self._ptrs = ptrs
         self.contiguous = [p.is_contiguous() for p in shards]
 

@@ -336,8 +336,18 @@ class Optimizer(torch.optim.Optimizer):
     _optional_state: tuple[str, ...] = ()
     #: whether the kernels can clip gradients (their GRAD_OPS prologue): `max_grad_norm`
     _clips = False
-    #: fusedopt-only: clip the global gradient norm to this inside the step (None: off)
-    max_grad_norm: float | None = None
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """fusedopt-only: clip the global gradient norm to this inside the step (None: off)."""
+        return self.__dict__.get("max_grad_norm")
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        # Checked as the constructor checks it: a value assigned between steps ("x", 0, a
+        # tensor) would otherwise fail inside the step, or clip by what was refused.
+        self.__dict__["max_grad_norm"] = check_max_grad_norm(value)
+
     #: whether the Triton kernel can average the new parameters into an attached averaged
     #: model in the same pass (its AVERAGE arguments; see attach_averaged_model)
     _fuses_average = False
@@ -437,6 +447,9 @@ class Optimizer(torch.optim.Optimizer):
         _refuse_duplicates(group["params"], gi)   # (a list edited after construction)
         self._refuse_shared(gi)
         carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
+        # State loaded and not yet checked against its parameter stays to be checked.
+        old = self._buckets.get(gi)
+        pending = {id(b.params[i]): loaded for b in old[1] for i, loaded in b.unchecked.items()} if old else {}
         buckets = []
         for bi, (params, positions) in enumerate(_flat.split_group(group["params"])):
             # torch keeps `step` on the parameter's device for fused and capturable groups
@@ -454,7 +467,7 @@ class Optimizer(torch.optim.Optimizer):
             buckets.append(bucket)
         self._buckets[gi] = (ids, buckets)
         for p, entries in carried.items():
-            self._adopt(p, entries)
+            self._adopt(p, entries, carried=pending.get(id(p), False))
         return buckets
 
     def _refuse_shared(self, gi: int) -> None:
@@ -491,10 +504,13 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None, carried: bool | None = None) -> None:
         """Make `entries` p's state: flat kinds are copied into p's segments, numbers for
         scalar kinds into their vectors; anything else is kept as given. `into`: the
-        `_ParamState` to refill (`entries` itself, after outside code changed it)."""
+        `_ParamState` to refill (`entries` itself, after outside code changed it).
+        `carried`: None for state from outside; else the state is this optimizer's own,
+        carried into a rebuilt bucket (a parameter's dtype or device changed), and says
+        whether it was loaded and not yet checked (`_check_loaded`)."""
         slot = self._slot(p) if isinstance(p, Tensor) else None
         if slot is None or not isinstance(entries, dict):
             dict.__setitem__(self.state, p, entries)

@@ -9,6 +9,7 @@ which on a CPU is the native path's composition around torch's fused kernel
 import copy
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -254,11 +255,13 @@ def test_optimizer_loaded_before_the_model_with_master_weights(backend, source):
 
 
 @pytest.mark.parametrize("backend", ALL_PATHS)
-@pytest.mark.parametrize("edit", ["load_state_dict", "clamp"])
+@pytest.mark.parametrize("edit", ["load_state_dict", "clamp", "data=", "vector_to_parameters"])
 def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backend, edit):
     """torch's optimizers step the parameter the user sees, so a write to it between steps
-    holds: a model's load_state_dict, or a clamp under no_grad (as WGAN clips its critic's
-    weights). With master weights the copy must take it up, or the next step puts the old
+    holds: a model's load_state_dict, a clamp under no_grad (as WGAN clips its critic's
+    weights), or a new tensor put in through `.data` (`p.data = t`, torch's
+    `vector_to_parameters`; no version counter shows it, its new address does). With master
+    weights the copy must take it up, or the next step puts the old
     values back, silently. Element by element: where the parameter is no longer its copy's
     rounding the copy takes the written value, elsewhere it keeps its precision. The twin
     makes the same writes by hand, to its copies and through `.data` to its parameters
@@ -272,14 +275,19 @@ def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backen
     loaded = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)], seed=1)
     with torch.no_grad():
         for p, t, new in zip(params, twins, loaded):
-            if edit == "load_state_dict":
-                p.copy_(new)
-                t.data.copy_(new)
-            else:
+            if edit == "clamp":
                 p.clamp_(-0.05, 0.05)
                 t.data.clamp_(-0.05, 0.05)
+            else:
+                if edit == "load_state_dict":
+                    p.copy_(new)
+                elif edit == "data=":
+                    p.data = new.detach().clone()
+                t.data.copy_(new)
             master = other.state[t]["master_param"]
             master.copy_(torch.where(master.to(t.dtype) == t, master, t.float()))
+    if edit == "vector_to_parameters":
+        torch.nn.utils.vector_to_parameters(torch.cat([new.flatten() for new in loaded]), params)
     written = [p.detach().clone() for p in params]
     _run(opt, params, 1)
     _run(other, twins, 1)
@@ -290,6 +298,31 @@ def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backen
         assert torch.equal(opt.state[a]["master_param"], other.state[b]["master_param"]), f"master {j}"
     _assert_same_continuation(opt, params, other, twins)
 
+
+
+@pytest.mark.parametrize("backend", ALL_PATHS)
+def test_a_parameter_converted_to_another_dtype_keeps_a_copy_only_while_it_needs_one(backend):
+    """`p.data = p.data.float()` (a model converted mid-run) rebuilds the bucket and carries
+    the state over. An fp32 parameter has no master copy: none stays in its state, where no
+    step would update it and state_dict() would save it stale. Converted back, the copy
+    starts from the parameter, as for state from an optimizer without master weights; and
+    nothing warns, since nothing was loaded (the copy is the optimizer's own)."""
+    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, master_weights=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(opt, params, 2)
+        params[0].data = params[0].data.float()
+        _run(opt, params, 2)
+        assert "master_param" not in opt.state[params[0]]
+        assert "master_param" not in opt.state_dict()["state"][0]
+        params[0].data = params[0].data.bfloat16()
+        twins = [p.detach().clone().requires_grad_() for p in params]
+        other = fusedopt.AdamW(twins, lr=1e-2, backend=backend, master_weights=True)
+        other.load_state_dict(copy.deepcopy(opt.state_dict()))
+        _assert_same_continuation(opt, params, other, twins)
+        for p in params:
+            assert torch.equal(p.detach(), opt.state[p]["master_param"].to(p.dtype))
 
 def test_options_survive_pickle_and_deepcopy():
     params = make_params(torch.bfloat16, shapes=[(5, 7)])
@@ -595,6 +628,25 @@ def test_max_grad_norm_errors():
     p.grad = torch.ones(3)
     with pytest.raises(RuntimeError, match="RMSprop cannot clip gradients inside its kernel"):
         opt.step()
+
+
+@pytest.mark.parametrize("value", ["x", 0, -1.0, float("nan"), True, torch.tensor(0.5)], ids=repr)
+def test_max_grad_norm_assigned_between_steps_is_checked_as_at_construction(value):
+    """A value the constructor refuses is refused when assigned too, naming it, and the
+    optimizer goes on clipping by the value it had: it used to be taken, and then failed
+    inside the step with struct.error ("x") or clipped by what construction refuses."""
+    params = make_params(torch.float32, shapes=[(5, 7), (3,)])
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = fusedopt.AdamW(params, lr=1e-2, max_grad_norm=0.5)
+    other = fusedopt.AdamW(twins, lr=1e-2, max_grad_norm=0.5)
+    _run(opt, params, 1)
+    _run(other, twins, 1)
+    with pytest.raises(ValueError, match=re.escape(f"Invalid max_grad_norm: {value!r}")):
+        opt.max_grad_norm = value
+    assert opt.max_grad_norm == 0.5
+    _assert_same_continuation(opt, params, other, twins)
+    opt.max_grad_norm = None   # off, as at construction
+    assert opt.max_grad_norm is None
 
 
 def test_max_grad_norm_survives_pickle():
