@@ -114,6 +114,8 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
                          setup.composed_run_below)
     # With a master copy the parameters are only written: the runs need no gather.
     params, grads = plan.gather(batch, params=not master)
+    if batch.mixed_dtypes:
+        grads = _flat.in_dtype(grads, bucket.real_dtype)   # (see `_native.step`)
     # A coefficient of 1 (the norm under max_grad_norm) and no GradScaler scale: the kernel
     # reads the user's gradient itself, where its dtype is the kernel's.
     streams = _streams(bucket, kdt, keys, master, stochastic, scale is not None or mult is not None)

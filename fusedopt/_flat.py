@@ -32,7 +32,6 @@ from torch import Tensor
 # 16-byte alignment the compiler needs for vectorised (128-bit) loads and stores.
 SEGMENT_ALIGN = 16
 
-_layout = operator.attrgetter("layout")
 _grad = operator.attrgetter("grad")
 _version = operator.attrgetter("_version")
 _dtype = operator.attrgetter("dtype")
@@ -142,6 +141,8 @@ class Batch:
     grads: list[Tensor]
     everyone: bool                  # every parameter of the bucket has a gradient
     writeback: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    # Some gradient's dtype is not its parameter's (see `in_dtype`).
+    mixed_dtypes: bool = False
     # (grad_scale, multiplier, found_inf) on the bucket's device when the optimizer unscales
     # (GradScaler with fused=True) or clips inside the kernel; see kernels/_launch.load_grad.
     grad_ops: Tensor | None = None
@@ -174,18 +175,24 @@ class Batch:
         return g / self.grad_ops[0].to(g.dtype) * self.grad_ops[1].to(g.dtype)
 
     def match_grad_dtypes(self, dtype: torch.dtype) -> None:
-        """Gradients of another dtype than their parameters' (torch's `param.grad_dtype`, or
-        one left from before `.data` changed dtype) replaced by copies in `dtype`, as
-        SparseAdam's values are: the kernels read a gradient at offsets counted in its
-        parameter's dtype, and torch's fused CPU kernels refuse another (where torch's own
-        default path, its for-loop, steps it)."""
-        if not all(map(operator.is_, map(_dtype, self.grads), repeat(dtype))):
-            self.grads = [g if g.dtype is dtype else g.to(dtype) for g in self.grads]
+        """The batch's gradients in `dtype` (see `in_dtype`)."""
+        if self.mixed_dtypes:
+            self.grads = in_dtype(self.grads, dtype)
 
     def finish(self) -> None:
         """Copy staged parameters back into the user's tensors."""
         for staged, target in self.writeback:
             target.copy_(staged)
+
+
+def in_dtype(grads: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Gradients of another dtype than their parameters' (torch's `param.grad_dtype`, or one
+    left from before `.data` changed dtype) replaced by copies in `dtype`, as SparseAdam's
+    values are: the kernels read a gradient at offsets counted in its parameter's dtype,
+    and torch's fused CPU kernels refuse another (where torch's own default path, its
+    for-loop, steps it). `Bucket.collect` looks every step (`Batch.mixed_dtypes`): such a
+    gradient can take the address of the last step's, which the pointer table is kept by."""
+    return [g if g.dtype is dtype else g.to(dtype) for g in grads]
 
 
 class Bucket:
@@ -342,18 +349,22 @@ class Bucket:
         given = grads
         if not (self.sharded or self.is_complex) and all(self.contiguous):
             # The common case in one pass of cheap checks (thousands of tiny tensors make
-            # the per-tensor cost count): every parameter has a dense gradient like itself.
-            # (map over C callables: no Python frame per tensor)
+            # the per-tensor cost count): every parameter has a dense gradient like itself,
+            # of its dtype. (map over C callables: no Python frame per tensor. No check of
+            # the layout: the only other a parameter's gradient can have, sparse COO, is
+            # never contiguous.)
             grads = list(map(_grad, self.params)) if given is None else given
             if (not any(map(operator.is_, grads, repeat(None)))
-                    and all(map(operator.is_, map(_layout, grads), repeat(torch.strided)))
+                    and all(map(operator.is_, map(_dtype, grads), repeat(self.dtype)))
                     and all(map(Tensor.is_contiguous, grads))):
                 return Batch(list(range(len(grads))), list(self.params), grads, True, addresses=self._ptrs)
         index, params, grads, writeback = [], [], [], []
+        mixed = False
         for i, p in enumerate(self.params):
             g = p.grad if given is None else given[i]
             if g is None:
                 continue
+            mixed |= g.dtype is not p.dtype
             if g.layout is not torch.strided:
                 if sparse is None or g.layout is not torch.sparse_coo:
                     raise RuntimeError(error_on_sparse or f"a gradient of layout {g.layout} is not supported")
@@ -376,7 +387,7 @@ class Bucket:
             grads.append(g)
         if not index:
             return None
-        return Batch(index, params, grads, len(index) == len(self.params), writeback)
+        return Batch(index, params, grads, len(index) == len(self.params), writeback, mixed)
 
     def _conform(self, i: int, p: Tensor, g: Tensor, writeback: list) -> tuple[Tensor, Tensor]:
         """Make p and g dense with the state's strides, staging copies where needed."""

@@ -230,8 +230,6 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     impl = setup.impl
     if impl is None:
         return False
-    if impl.fused is not None:
-        batch.match_grad_dtypes(bucket.real_dtype)
     if setup.composed or opt.max_grad_norm is not None:
         # fusedopt's own options: torch's fused kernel with conversions around it
         # (_composed.py); an algorithm without a fused kernel takes the reference.
@@ -249,6 +247,9 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     # (the guards spare a stateless step calls and comprehension frames, which cost most
     # with the cold cache a step that follows another model's work starts with)
     params, grads = plan.gather(batch) if plan.runs else (batch.params, batch.grads)
+    if setup.fused and batch.mixed_dtypes:
+        # after the gather, whose runs are copies in the bucket's dtype already
+        grads = _flat.in_dtype(grads, bucket.real_dtype)
     state = {k: plan.state_views(bucket, k) for k in state_keys} if state_keys else {}
     scalars = {k: plan.scalar_views(bucket, k) for k in impl.scalars} if impl.scalars else {}
     if setup.fused and "step" in impl.scalars:
