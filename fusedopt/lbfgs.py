@@ -277,14 +277,15 @@ class LBFGS(Optimizer):
         super().__init__(params, defaults, backend=backend)
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        # torch's LBFGS keeps the group's list object it was built with and steps what that
+        # list holds: a list edited in place is followed, one put in its place is not.
+        self._params = self.param_groups[0]["params"]
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._layout = None
-
-    @property
-    def _params(self) -> list[Tensor]:
-        return self.param_groups[0]["params"]
+        if "_params" not in self.__dict__:
+            self._params = self.param_groups[0]["params"]
 
     def _numel(self) -> int:
         return self._flat().numel

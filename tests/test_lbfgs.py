@@ -124,6 +124,30 @@ def test_matches_torch_fp32(problem, line_search_fn):
     run_both(problem, torch.float32, "auto", lr=lr, line_search_fn=line_search_fn, max_iter=6, history_size=3)
 
 
+def test_a_list_put_in_the_groups_place_is_not_followed_as_in_torch():
+    """torch's LBFGS keeps the list object its group was built with: a new list put in
+    `param_groups[0]["params"]` afterwards is not stepped (the parameters it adds get no
+    update, and the history stays the old parameters'). fusedopt followed the new list, and
+    its history of the old size then met a flat vector of another (a RuntimeError here;
+    with the same total size, silently wrong directions)."""
+    runs = []
+    for cls in (torch.optim.LBFGS, fusedopt.LBFGS):
+        params = rosenbrock_params(torch.float64)
+        extra = torch.tensor([0.5, -0.25], dtype=torch.float64, requires_grad=True)
+        opt = cls(params, lr=0.05, max_iter=4, history_size=3)
+        closure = closure_for(opt, params + [extra], lambda ps: rosenbrock(ps[:2]) + (ps[2] ** 2).sum())
+        for _ in range(2):
+            opt.step(closure)
+        opt.param_groups[0]["params"] = params + [extra]
+        losses = [opt.step(closure).item() for _ in range(2)]
+        runs.append((losses, [p.detach().clone() for p in params + [extra]], opt))
+    (ref_losses, ref_params, opt_ref), (new_losses, new_params, opt_new) = runs
+    assert new_losses == ref_losses
+    for j, (a, b) in enumerate(zip(ref_params, new_params)):
+        assert torch.equal(a, b), f"parameter {j}"
+    assert torch.equal(new_params[2], torch.tensor([0.5, -0.25], dtype=torch.float64))   # not stepped
+
+
 @pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
 def test_default_options_converge_like_torch(line_search_fn):
     lr = 1 if line_search_fn else 0.01
