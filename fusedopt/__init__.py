@@ -30,4 +30,11 @@ swa_utils = swa
 from torch.optim import Adafactor, Muon  # noqa: E402
 
 __all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam", "lr_scheduler", "schedulers", "swa", "swa_utils"]
+# torch's context manager that steps an optimizer on other parameters and state (newer
+# torch versions): torch's own function, which works on fusedopt's optimizers.
+import torch.optim as _torch_optim  # noqa: E402
+
+if hasattr(_torch_optim, "swap_in_optimizer_params_and_state"):
+    from torch.optim import swap_in_optimizer_params_and_state  # noqa: E402
+    __all__.append("swap_in_optimizer_params_and_state")
 __version__ = "0.1.0"

@@ -598,6 +598,27 @@ class Optimizer(torch.optim.Optimizer):
                     copied = _ParamState(copied)
                     copied.sparse_dim = entries.sparse_dim
                 self._adopt(p, copied)
+        # torch steps the tensors of a state dict put in place of its own in place, and code
+        # relies on that (`torch.optim.swap_in_optimizer_params_and_state`: "in-place tensor
+        # edits propagate back"). Their values now live in flat buffers: each step writes
+        # them back (`_write_back`) while this adoption is `opt.state`.
+        back = [(p, key, t) for p, entries in foreign.items() if entries
+                for key, t in entries.items() if isinstance(t, Tensor) and t.layout is torch.strided]
+        self._written_back = (self.state, back) if back else None
+
+    def _write_back(self) -> None:
+        """Copy the state a step updated into the dense tensors of the dict it was adopted
+        from (`_sync_state`), while that adoption is still `opt.state`. (Not into a sparse
+        one, SGD's momentum buffer as torch keeps it for sparse gradients: fusedopt keeps it
+        dense, and a dense value cannot be copied into a sparse tensor.)"""
+        adopted, back = self._written_back
+        if adopted is not self.state:
+            self._written_back = None
+            return
+        for p, key, t in back:
+            own = dict.get(dict.get(adopted, p) or {}, key)
+            if isinstance(own, Tensor) and own is not t and own.shape == t.shape:
+                t.copy_(own)
 
     def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:
         """Create torch's initial state for parameters stepped for the first time."""
@@ -795,6 +816,8 @@ class Optimizer(torch.optim.Optimizer):
                     bucket.record_versions()
         if averaging is not None:
             averaging.finish()
+        if self.__dict__.get("_written_back") is not None:
+            self._write_back()
 
     def _create_state_in_order(self, groups: list[dict], work: list) -> None:
         """Create the (empty) entries of the parameters this step steps for the first time

@@ -368,3 +368,45 @@ def test_old_checkpoints_without_optional_group_keys_load_as_in_torch(info, conf
     ref.load_state_dict(copy.deepcopy(sd))
     new.load_state_dict(copy.deepcopy(sd))
     assert new.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "swap_in_optimizer_params_and_state"),
+                    reason="torch without swap_in_optimizer_params_and_state")
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("name,options", [("Adam", dict(lr=0.01)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                                          ("RMSprop", dict(lr=0.01, centered=True))])
+def test_swap_in_optimizer_params_and_state_steps_the_given_state_in_place(name, options, backend):
+    """torch's `swap_in_optimizer_params_and_state` puts a state_dict's state in place of the
+    optimizer's for a step on other parameters, and promises that in-place tensor edits
+    propagate back to that state_dict. fusedopt adopted the state into its flat buffers
+    and never wrote it back: the step moved the parameters, and the given state stayed
+    where it was (repeated swapped-in steps silently lost their moments and counts)."""
+    swap = torch.optim.swap_in_optimizer_params_and_state
+    results = []
+    for cls, kwargs in ((getattr(torch.optim, name), {}), (getattr(fusedopt, name), dict(backend=backend))):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        opt = cls(model.parameters(), **options, **kwargs)
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            opt.step()
+        live = copy.deepcopy(opt.state_dict())
+        given = copy.deepcopy(opt.state_dict())
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(2):
+            for j, p in enumerate(params.values()):
+                p.grad = torch.full_like(p, 0.5 * (j + 1))
+            with swap(opt, params, given):
+                opt.step()
+        results.append((params, given))
+        for key, entry in opt.state_dict()["state"].items():   # the live state is untouched
+            for k, v in entry.items():
+                torch.testing.assert_close(v, live["state"][key][k], rtol=0, atol=0)
+    (ref_params, ref_given), (new_params, new_given) = results
+    for n in ref_params:
+        torch.testing.assert_close(new_params[n], ref_params[n])
+    assert list(new_given["state"]) == list(ref_given["state"])
+    for key, entry in ref_given["state"].items():
+        for k, v in entry.items():
+            torch.testing.assert_close(new_given["state"][key][k], v, msg=f"state {key} {k}")
