@@ -64,10 +64,11 @@ def optimizer(handle: int):
     return opt
 
 
-# Declared `Tensor?[]` and not mutated: the op never writes a gradient (see
-# `Optimizer._step_from_op` for the one path that would). torch 2.13 cannot
-# functionalize a mutated `Tensor?[]` that holds a None (auto_functionalize_v2
-# appends to a dict), which a parameter without a gradient gives.
+# Declared `Tensor?[]` and not mutated: the op never writes a gradient (an eager step
+# under GradScaler with fused=True leaves them unscaled; the op steps with copies of them,
+# see `Optimizer._step_from_op`). torch 2.13 cannot functionalize a mutated `Tensor?[]`
+# that holds a None (auto_functionalize_v2 appends to a dict), which a parameter without
+# a gradient gives.
 @torch.library.custom_op("fusedopt::step", mutates_args=("params", "state"))
 def step(handle: int, params: list[Tensor], grads: list[Optional[Tensor]], state: list[Tensor],
          options: list[Tensor], numbers: list[float], amp: list[Optional[Tensor]]) -> None:

@@ -157,6 +157,14 @@ class Batch:
     # The params' addresses where they are known already: the bucket's own tensors, which
     # `Bucket.check_params` read this step (the optimizer checks a bucket before collecting it).
     addresses: list[int] | None = None
+    # The user's own gradients where `grads` holds stand-ins for some (staged or converted
+    # copies); None: `grads` are the user's.
+    user_grads: list[Tensor] | None = None
+    # GradScaler (fused=True) gave a scale: the step leaves the user's gradients unscaled,
+    # as torch's fused kernels do. `unscaled` lists the gradients the update itself wrote
+    # unscaled; `leave_unscaled` divides the others.
+    unscale: bool = False
+    unscaled: list[Tensor] | None = None
     _index_tensor: Tensor | None = None
 
     def index_tensor(self) -> Tensor:
@@ -177,7 +185,27 @@ class Batch:
     def match_grad_dtypes(self, dtype: torch.dtype) -> None:
         """The batch's gradients in `dtype` (see `in_dtype`)."""
         if self.mixed_dtypes:
+            if self.user_grads is None:
+                self.user_grads = self.grads
             self.grads = in_dtype(self.grads, dtype)
+
+    def leave_unscaled(self, grad_scale: Tensor, found_inf: Tensor | None) -> None:
+        """Divide the user's gradients that the update did not write unscaled itself by
+        GradScaler's scale (by 1 where it found inf/NaN: the step was skipped; no host
+        sync), in their own dtype as torch's fused kernels store them."""
+        own = self.grads if self.user_grads is None else self.user_grads
+        done = self.unscaled
+        if done is own:
+            return
+        if done:
+            written = set(map(id, done))
+            own = [g for g in own if id(g) not in written]
+        if not own:
+            return
+        divisor = grad_scale.to(device=own[0].device, dtype=torch.float32)
+        if found_inf is not None:
+            divisor = torch.where(found_inf.to(divisor.device) != 0, torch.ones_like(divisor), divisor)
+        torch._foreach_div_(own, divisor)
 
     def finish(self) -> None:
         """Copy staged parameters back into the user's tensors."""
@@ -358,7 +386,7 @@ class Bucket:
                     and all(map(operator.is_, map(_dtype, grads), repeat(self.dtype)))
                     and all(map(Tensor.is_contiguous, grads))):
                 return Batch(list(range(len(grads))), list(self.params), grads, True, addresses=self._ptrs)
-        index, params, grads, writeback = [], [], [], []
+        index, params, grads, writeback, owns = [], [], [], [], []
         mixed = False
         for i, p in enumerate(self.params):
             g = p.grad if given is None else given[i]
@@ -378,16 +406,21 @@ class Bucket:
                         f"a DTensor parameter with placements {tuple(spec[1])} has a gradient with placements "
                         f"{tuple(getattr(g, 'placements', ()))}; redistribute the gradient to the parameter's placements")
                 p, g = local(p), local(g)
+            own = g
             if not (self.contiguous[i] and g.is_contiguous()):
                 p, g = self._conform(i, p, g, writeback)
             if self.is_complex:
                 p, g = torch.view_as_real(p), torch.view_as_real(g)
+                own = g if own.data_ptr() == g.data_ptr() else own
             index.append(i)
             params.append(p)
             grads.append(g)
+            owns.append(own)
         if not index:
             return None
-        return Batch(index, params, grads, len(index) == len(self.params), writeback, mixed)
+        staged = any(map(operator.is_not, owns, grads))
+        return Batch(index, params, grads, len(index) == len(self.params), writeback, mixed,
+                     user_grads=owns if staged else None)
 
     def _conform(self, i: int, p: Tensor, g: Tensor, writeback: list) -> tuple[Tensor, Tensor]:
         """Make p and g dense with the state's strides, staging copies where needed."""

@@ -271,6 +271,8 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
                  {k: sub(v) for k, v in scalars.items()}, sub(plan.reps), o, _Context(fresh_set, batch.grad_ops, foreach))
     if plan.runs:
         plan.scatter(bucket, impl.scalars)
+    if batch.grad_ops is not None:
+        batch.unscaled = grads   # torch's fused kernel wrote them back unscaled
     return True
 
 

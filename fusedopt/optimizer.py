@@ -799,6 +799,8 @@ class Optimizer(torch.optim.Optimizer):
                                                                  multiplier=clipped[1], dtype=cdt)
                 elif amp is not None:
                     batch.grad_ops = _launch.grad_ops_tensor(bucket.device, *amp)
+                unscale = amp is not None and amp[0] is not None
+                batch.unscale = unscale
                 if averaging is not None:
                     batch.average = averaging.fuse(self, bucket, batch)
                 # The native path declines what it cannot run (then the reference steps).
@@ -806,6 +808,8 @@ class Optimizer(torch.optim.Optimizer):
                     if batch.host_ops is not None:
                         batch.grad_ops = torch.tensor(batch.host_ops, dtype=_launch.compute_dtype(bucket.real_dtype))
                     self._update(group, bucket, batch, fresh)
+                if unscale:
+                    batch.leave_unscaled(*amp)
                 if amp is not None and amp[1] is not None:
                     self._undo_steps(bucket, batch, amp[1])
                     if fresh:
@@ -1018,8 +1022,9 @@ class Optimizer(torch.optim.Optimizer):
         grads_by_id = {id(p): g for p, g in zip(own_params, grads)}
         amp_inputs = tuple(amp) if amp else None
         if amp_inputs is not None:
-            # torch's fused CPU kernels (the 'native' path) write the unscaled gradients
-            # back; the op declares its gradients read-only, so they get copies.
+            # An eager step leaves the gradients unscaled, as torch's fused kernels do; the
+            # op declares its gradients read-only, so it steps with copies and leaves the
+            # user's scaled (README, "Using fusedopt with GradScaler").
             grads_by_id = {k: None if g is None else g.clone() for k, g in grads_by_id.items()}
         with torch.no_grad():
             self._step_body(_compile.groups_with(self.param_groups, options, numbers), grads_by_id, amp_inputs)

@@ -85,6 +85,13 @@ FUSED = [
 ]
 
 
+def assert_same_grads(model, twin):
+    # Close, not equal: the parameters they are taken at agree to rounding, which the
+    # backward pass amplifies. A gradient left scaled would be off by the scale (2^7-2^9).
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"grad of param {i}", q.grad, p.grad, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("torch_cls,fused_cls,options", FUSED)
 def test_fused_true_unscales_in_the_kernel_like_torch_fused(torch_cls, fused_cls, options, backend):
@@ -98,10 +105,12 @@ def test_fused_true_unscales_in_the_kernel_like_torch_fused(torch_cls, fused_cls
     s_new = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
     a = train(model, ref, s_ref, x, y, 3)
     b = train(twin, opt, s_new, x, y, 3)
+    assert_same_grads(model, twin)   # torch's fused kernels leave them unscaled
     params_before = [p.detach().clone() for p in twin.parameters()]
     state_before = copy.deepcopy(opt.state_dict()["state"])
     a += train(model, ref, s_ref, x, y, 1, inf_at=(0,))
     b += train(twin, opt, s_new, x, y, 1, inf_at=(0,))
+    assert_same_grads(model, twin)   # and a skipped step leaves them scaled
     assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), params_before)), "a skipped step moved params"
     for k, entry in state_before.items():
         for key, value in entry.items():
@@ -175,3 +184,63 @@ def test_no_copy_to_the_cpu_is_asynchronous(backend):
     with _AsyncCopiesToTheCPU() as mode:
         train(model, opt, scaler, x, y, 3, inf_at=(1,))
     assert mode.seen == []
+
+
+# Gradients the kernels cannot write in place (a staged copy stands in for a gradient whose
+# strides are not its parameter's, a converted one for a gradient of another dtype), and
+# the modes that step from a copy of the gradient (master weights, clipping).
+GRAD_CASES = {
+    "bf16": dict(dtype=torch.bfloat16),
+    "transposed-grad": dict(layout="transposed"),
+    "fp32-grad-bf16-param": dict(dtype=torch.bfloat16, grad_dtype=torch.float32),
+    "master-weights": dict(dtype=torch.bfloat16, options=dict(master_weights=True)),
+    "clipped": dict(options=dict(max_grad_norm=0.5)),
+}
+GRAD_CASE_PARAMS = [pytest.param(name, case, id=f"{case}-{name}") for name in ("AdamW", "SGD", "Adagrad")
+                    for case in GRAD_CASES if case != "master-weights" or name == "AdamW"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,case", GRAD_CASE_PARAMS)
+@pytest.mark.parametrize("found_inf", [0.0, 1.0], ids=["step", "skip"])
+def test_fused_true_leaves_gradients_unscaled_like_torch_fused(backend, name, case, found_inf):
+    """After a step with GradScaler's scale (fused=True) each gradient holds grad / scale in
+    its own dtype, as torch's fused kernels leave it (they divide in fp32 and store); a step
+    GradScaler skips leaves it as it was. Checked against torch's fused optimizer where it
+    takes the gradients, and against that division where it does not (another dtype)."""
+    spec = GRAD_CASES[case]
+    dtype, grad_dtype = spec.get("dtype", torch.float32), spec.get("grad_dtype")
+    torch.manual_seed(0)
+    values = [torch.randn(24, 16), torch.randn(3), torch.randn(40, 8)]
+    grads = [torch.randn_like(v) * 100 for v in values]
+    scale = torch.tensor(3.0)   # not a power of 2: a division and a multiplication differ
+
+    def stepped(module, fused_options):
+        params = [torch.nn.Parameter(v.to(dtype)) for v in values]
+        for p, g in zip(params, grads):
+            g = g.to(grad_dtype or dtype, copy=True)
+            if grad_dtype is not None:
+                p.grad_dtype = grad_dtype
+            p.grad = g.t().contiguous().t() if spec.get("layout") == "transposed" and g.dim() == 2 else g
+        opt = getattr(module, name)(params, lr=1e-2, fused=True, **fused_options)
+        opt.grad_scale, opt.found_inf = scale, torch.tensor(found_inf)
+        opt.step()
+        return params
+
+    ours = stepped(fusedopt, dict(backend=backend, **spec.get("options", {})))
+    for i, (p, g) in enumerate(zip(ours, grads)):
+        given = g.to(grad_dtype or dtype)
+        if found_inf:
+            expected = given
+        elif grad_dtype is None:
+            expected = None
+        else:
+            expected = (given.float() / scale).to(given.dtype)
+        if expected is not None:
+            assert torch.equal(p.grad, expected), f"grad {i}: {p.grad.flatten()[:3]} against {expected.flatten()[:3]}"
+        assert p.grad.stride() == (given.t().contiguous().t() if spec.get("layout") and g.dim() == 2
+                                   else given).stride()
+    if grad_dtype is None and not found_inf:
+        theirs = stepped(torch.optim, {})
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            assert torch.equal(p.grad, q.grad), f"grad {i}: {p.grad.flatten()[:3]} against torch's {q.grad.flatten()[:3]}"

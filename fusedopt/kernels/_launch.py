@@ -168,7 +168,9 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
     extra = ()
     if "GRAD_OPS" in kernel.arg_names:
         extra = (table if grad_ops is None else grad_ops,)  # never read without GRAD_OPS
-        flags["GRAD_OPS"] = grad_ops is not None
+        flags["GRAD_OPS"] = 0 if grad_ops is None else STORE_UNSCALED if batch.unscale else APPLY_GRAD_OPS
+        if batch.unscale:
+            batch.unscaled = batch.grads   # (the kernel's: `pointer_table` matched their dtypes)
     elif grad_ops is not None:
         raise RuntimeError(f"fusedopt: the {name} kernel cannot unscale or clip gradients itself")
     average = batch.average
@@ -296,13 +298,24 @@ def skipped(grad_ops_ptr, GRAD_OPS: tl.constexpr):
     return False
 
 
+# The values of a kernel's GRAD_OPS constexpr (its gradient prologue, `load_grad`): 0, none;
+# APPLY_GRAD_OPS, divide by the scale and multiply by the clip coefficient; STORE_UNSCALED,
+# also write the unscaled gradient back over the gradient, as torch's fused kernels do
+# under GradScaler (a step it skips writes nothing: the kernel returns first).
+APPLY_GRAD_OPS = 1
+STORE_UNSCALED = 2
+
+
 @triton.jit
 def load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE: tl.constexpr, GRAD_OPS: tl.constexpr):
     """The gradient in the compute dtype: unscaled (divided by GradScaler's scale, as
     torch's fused kernels do), multiplied by a clip coefficient, and negated to maximize."""
     g = tl.load(g_ptr + offs, mask=mask).to(cdt)
     if GRAD_OPS:
-        g = ieee_div(g, tl.load(grad_ops_ptr).to(cdt)) * tl.load(grad_ops_ptr + 1).to(cdt)
+        g = ieee_div(g, tl.load(grad_ops_ptr).to(cdt))
+        if GRAD_OPS == 2:   # STORE_UNSCALED: unclipped and not negated, as torch stores it
+            store_as(g_ptr, offs, g, mask)
+        g = g * tl.load(grad_ops_ptr + 1).to(cdt)
     if MAXIMIZE:
         g = -g
     return g

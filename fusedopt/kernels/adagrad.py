@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import ieee_div, ieee_sqrt, load_grad_l2, locate, skipped, store_as
+from ._launch import APPLY_GRAD_OPS, STORE_UNSCALED, ieee_div, ieee_sqrt, load_grad_l2, locate, skipped, store_as
 from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
@@ -142,18 +142,20 @@ def _variants():
     from ._aot import Variant, average_pointers, layout_pointers
 
     out = []
-    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "amp": dict(GRAD_OPS=True),
+    flag_sets = {"plain": {}, "wd-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True), "amp": dict(GRAD_OPS=STORE_UNSCALED),
+                 "clip": dict(GRAD_OPS=APPLY_GRAD_OPS),
                  "ema": dict(AVERAGE=1)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MAXIMIZE=False, WEIGHT_DECAY=False, AVERAGE=0)
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=0, MAXIMIZE=False, WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
             pointers.update(sum_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32,
                             **average_pointers(dtype))
             average = constexprs["AVERAGE"] != 0
+            grad = constexprs["GRAD_OPS"] == STORE_UNSCALED   # GradScaler: the gradient is stored back
             out.append(Variant(f"adagrad-{label}-{str(dtype)[6:]}", adagrad_kernel, pointers, constexprs,
-                               loads=3 + average, stores=2 + average, dtype=dtype))
+                               loads=3 + average, stores=2 + average + grad, dtype=dtype))
     return out
 
 

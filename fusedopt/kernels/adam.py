@@ -46,7 +46,8 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import ieee_div, ieee_sqrt, load_grad, locate, skipped, store_as, store_sr
+from ._launch import (APPLY_GRAD_OPS, STORE_UNSCALED, ieee_div, ieee_sqrt, load_grad, locate, skipped, store_as,
+                      store_sr)
 from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
@@ -404,11 +405,13 @@ def _variants():
     out = []
     flag_sets = {
         "adam": {"plain": {}, "amsgrad": dict(AMSGRAD=True), "l2": dict(WEIGHT_DECAY=True),
-                 "amp-amsgrad": dict(AMSGRAD=True, GRAD_OPS=True),
+                 # GradScaler (fused=True): the unscaled gradient is stored back, one stream more
+                 "amp-amsgrad": dict(AMSGRAD=True, GRAD_OPS=STORE_UNSCALED),
+                 "clip-l2": dict(WEIGHT_DECAY=True, GRAD_OPS=APPLY_GRAD_OPS),
                  "decoupled-maximize": dict(WEIGHT_DECAY=True, DECOUPLED=True, MAXIMIZE=True),
                  # an attached averaged model: one more stream read and written
                  "decoupled-ema": dict(WEIGHT_DECAY=True, DECOUPLED=True, AVERAGE=1 + LERP),
-                 "amp-swa": dict(GRAD_OPS=True, AVERAGE=1 + DIVIDE),
+                 "amp-swa": dict(GRAD_OPS=STORE_UNSCALED, AVERAGE=1 + DIVIDE),
                  "ema-axpby": dict(AVERAGE=1 + AXPBY)},
         "adamax": {"plain": {}, "l2-maximize": dict(WEIGHT_DECAY=True, MAXIMIZE=True)},
         "nadam": {"plain": {}, "l2": dict(WEIGHT_DECAY=True),
@@ -419,7 +422,7 @@ def _variants():
     for variant, sets in flag_sets.items():
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             for label, flags in sets.items():
-                constexprs = dict(NUM_SCALARS=len(columns(variant)), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
+                constexprs = dict(NUM_SCALARS=len(columns(variant)), GRAD_OPS=0, AMSGRAD=False, MAXIMIZE=False,
                                   WEIGHT_DECAY=False, DECOUPLED=False, VARIANT=variant, MASTER=False, SR=False,
                                   AVERAGE=0)
                 constexprs.update(flags)
@@ -428,29 +431,31 @@ def _variants():
                                 seeds_ptr=torch.int32, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32,
                                 **average_pointers(dtype))
                 amsgrad, average = constexprs["AMSGRAD"], constexprs["AVERAGE"] != 0
+                grad = constexprs["GRAD_OPS"] == STORE_UNSCALED
                 out.append(Variant(f"{variant}-{label}-{str(dtype)[6:]}", adam_kernel, pointers, constexprs,
-                                   loads=4 + amsgrad + average, stores=3 + amsgrad + average, dtype=dtype))
+                                   loads=4 + amsgrad + average, stores=3 + amsgrad + average + grad, dtype=dtype))
     # master_weights and state_dtype: streams of another width than the parameter's.
     # Variant.loads/stores count streams of the parameter's width, so an fp32 stream
     # beside bf16 parameters counts 2 and a bf16 one beside fp32 parameters 1/2.
     mixed = {
         # bf16 parameters, fp32 master and state: reads g, master, m, v; writes master, p, m, v
         "master-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True), 1 + 2 * 3, 2 * 3 + 1),
-        "master-amsgrad-amp-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True, AMSGRAD=True, GRAD_OPS=True),
-                                    1 + 2 * 4, 2 * 4 + 1),
+        "master-amsgrad-amp-bf16": (torch.bfloat16, torch.float32,
+                                    dict(MASTER=True, AMSGRAD=True, GRAD_OPS=STORE_UNSCALED), 1 + 2 * 4, 2 * 4 + 1 + 1),
         # bf16 parameters, fp32 master, bf16 state
         "master-bf16state-bf16": (torch.bfloat16, torch.bfloat16, dict(MASTER=True), 1 + 2 + 2, 2 + 1 + 2),
         # fp32 parameters, bf16 state: p, g whole; m, v half
         "bf16state-float32": (torch.float32, torch.bfloat16, {}, 3, 2),
         # bf16 parameters and state, stochastic rounding of the parameter
         "sr-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True), 4, 3),
-        "sr-amsgrad-amp-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True, AMSGRAD=True, GRAD_OPS=True), 5, 4),
+        "sr-amsgrad-amp-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True, AMSGRAD=True, GRAD_OPS=STORE_UNSCALED),
+                                5, 5),
         # master weights with an attached EMA of the bf16 parameters
         "master-ema-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True, AVERAGE=1 + LERP), 1 + 2 * 3 + 1,
                             2 * 3 + 1 + 1),
     }
     for label, (dtype, state_dtype, flags, loads, stores) in mixed.items():
-        constexprs = dict(NUM_SCALARS=len(columns("adam")), GRAD_OPS=False, AMSGRAD=False, MAXIMIZE=False,
+        constexprs = dict(NUM_SCALARS=len(columns("adam")), GRAD_OPS=0, AMSGRAD=False, MAXIMIZE=False,
                           WEIGHT_DECAY=True, DECOUPLED=True, VARIANT="adam", MASTER=False, SR=False, AVERAGE=0)
         constexprs.update(flags)
         pointers = layout_pointers(dtype)

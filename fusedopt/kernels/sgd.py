@@ -19,7 +19,7 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import load_grad_l2, locate, skipped, store_as
+from ._launch import APPLY_GRAD_OPS, STORE_UNSCALED, load_grad_l2, locate, skipped, store_as
 from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
@@ -202,23 +202,25 @@ def _variants():
     from .averaging import DIVIDE, LERP
 
     out = []
-    flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True), "amp-momentum": dict(MOMENTUM=True, GRAD_OPS=True),
+    flag_sets = {"plain": {}, "momentum": dict(MOMENTUM=True), "amp-momentum": dict(MOMENTUM=True, GRAD_OPS=STORE_UNSCALED),
+                 "clip-momentum": dict(MOMENTUM=True, GRAD_OPS=APPLY_GRAD_OPS),
                  "nesterov-wd-maximize": dict(MOMENTUM=True, NESTEROV=True, WEIGHT_DECAY=True, MAXIMIZE=True),
                  # an attached averaged model: one more stream read and written
                  "momentum-ema": dict(MOMENTUM=True, AVERAGE=1 + LERP), "swa": dict(AVERAGE=1 + DIVIDE)}
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for label, flags in flag_sets.items():
-            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=False, MOMENTUM=False, NESTEROV=False, MAXIMIZE=False,
+            constexprs = dict(NUM_SCALARS=len(COLUMNS), GRAD_OPS=0, MOMENTUM=False, NESTEROV=False, MAXIMIZE=False,
                               WEIGHT_DECAY=False, AVERAGE=0)
             constexprs.update(flags)
             pointers = layout_pointers(dtype)
             pointers.update(momentum_buffer_ptr=dtype, scalars_ptr=_launch.compute_dtype(dtype), grad_ops_ptr=torch.float32,
                             **average_pointers(dtype))
             momentum, average = constexprs["MOMENTUM"], constexprs["AVERAGE"] != 0
+            grad = constexprs["GRAD_OPS"] == STORE_UNSCALED   # GradScaler: the gradient is stored back
             # The momentum buffer is not read on a tensor's first step, so only the
             # continuing branch streams it: count the loads of that branch.
             out.append(Variant(f"sgd-{label}-{str(dtype)[6:]}", sgd_kernel, pointers, constexprs,
-                               loads=2 + momentum + average, stores=1 + momentum + average, dtype=dtype))
+                               loads=2 + momentum + average, stores=1 + momentum + average + grad, dtype=dtype))
     return out
 
 
