@@ -2,8 +2,8 @@
 flat state. It is what `backend='auto'` takes on a CPU.
 
 On a CPU the fastest correct step is torch's own code: its fused kernel where torch has
-one that is right for the dtype (Adam, AdamW and Adagrad in fp32, fp64 and bf16; SGD in
-fp32 and fp64, see `Optimizer._native_dtypes`), its multi-tensor (foreach) implementation
+one that is right for the dtype (Adam, AdamW and Adagrad in fp32, fp64 and bf16, and in fp16
+for a group with `fused=True`, as torch; SGD in fp32 and fp64, see `Optimizer._native_dtypes`), its multi-tensor (foreach) implementation
 otherwise. The numbers are therefore torch's, to the rounding in which torch's own paths
 differ from each other. What the flat layout adds is fewer, larger tensors:
 
@@ -206,11 +206,12 @@ def _loop_window(cls: type) -> tuple[int, int | None] | None:
     return next((LOOP_WINDOW[k.__name__] for k in cls.__mro__ if k.__name__ in LOOP_WINDOW), None)
 
 
-def uses_fused(opt, dtype: torch.dtype | None) -> bool:
-    """Whether torch's fused kernel runs this optimizer's buckets of `dtype`."""
+def uses_fused(opt, dtype: torch.dtype | None, asked: bool = False) -> bool:
+    """Whether torch's fused kernel runs this optimizer's buckets of `dtype`; `asked`:
+    whether their group says ``fused=True``."""
     impl = implementation(type(opt))
     return (impl is not None and impl.fused is not None and getattr(opt, "_native", False)
-            and (dtype is None or dtype in opt._native_dtypes))
+            and (dtype is None or dtype in opt._native_dtypes or (asked and dtype in opt._native_fused_on_request)))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -225,8 +226,8 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     """Step one bucket with torch's implementation. False when it cannot (the caller then
     takes the reference path): GradScaler's unscaling needs torch's fused kernel."""
     setup = bucket.__dict__.get("_native_setup")
-    if setup is None:
-        setup = bucket._native_setup = _Setup(opt, bucket)
+    if setup is None or (setup.asked is not None and setup.asked is not bool(group.get("fused"))):
+        setup = bucket._native_setup = _Setup(opt, bucket, group)
     impl = setup.impl
     if impl is None:
         return False
@@ -279,9 +280,13 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
 class _Setup:
     """What stays fixed for a bucket: torch's implementation and how the native path runs it."""
 
-    def __init__(self, opt, bucket: _flat.Bucket):
+    def __init__(self, opt, bucket: _flat.Bucket, group: dict):
         self.impl = implementation(type(opt))
-        self.fused = uses_fused(opt, bucket.dtype)
+        # For a dtype torch's fused kernel runs only on request (fp16), whether the group
+        # asked, so that a group whose `fused` changes (a loaded state dict) gets set up again;
+        # None where the flag changes nothing.
+        self.asked = bool(group.get("fused")) if bucket.dtype in opt._native_fused_on_request else None
+        self.fused = uses_fused(opt, bucket.dtype, bool(self.asked))
         # torch's SGD starts a momentum buffer on a tensor's first step, one flag per call.
         self.split_fresh = self.impl is not None and self.impl.foreach is _sgd_foreach
         run_below = RUN_BELOW["fused" if self.fused or not (self.impl and self.impl.runs) else "foreach"]

@@ -323,6 +323,11 @@ class Optimizer(torch.optim.Optimizer):
     #: for-loop for every fused CPU op; bf16 is right for Adam, AdamW and Adagrad (their
     #: fused math runs in fp32) but not SGD's, which overrides this.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128, torch.bfloat16)
+    #: dtypes torch's fused CPU kernel runs only for a group with ``fused=True``, as torch
+    #: does: in fp16 its for-loop (what torch runs otherwise) rounds every op to fp16, and
+    #: its fused kernel computes in fp32 (a squared gradient that underflows to 0 in fp16
+    #: divides by eps alone in the one, not in the other)
+    _native_fused_on_request = (torch.float16,)
     _sparse_error: str | None = None
     #: whether sparse gradients are stepped (torch's SGD and Adagrad take them):
     #: `_sparse_update` then steps those parameters, `_check_sparse` refuses options first

@@ -41,6 +41,7 @@ class SGD(Optimizer):
     # In torch 2.13 `SGD(fused=True)` on CPU leaves bf16 and fp16 parameters unchanged,
     # silently (tests/test_backend.py pins it): those take torch's foreach SGD instead.
     _native_dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+    _native_fused_on_request = ()
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,

@@ -195,3 +195,32 @@ def test_nadam_after_a_torch_checkpoint_is_torchs_in_low_precision(dtype):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         for key, value in opts[0].state[a].items():
             torch.testing.assert_close(opts[1].state[b][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adagrad"])
+def test_fp16_with_fused_true_is_torchs_fused_kernel(name):
+    """torch's `fused=True` runs its fused CPU kernel in fp16 too, whose math is fp32: a
+    squared gradient that underflows to 0 in fp16 is still divided by its fp32 square root.
+    The native path ran torch's for-loop there (its fp16 choice when fused is not asked
+    for), which divides by eps alone: -inf and NaN where torch's answer is finite. A group
+    loaded without `fused` goes back to the for-loop, as torch's does."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(300, generator=gen).half()
+    grads = [(torch.randn(300, generator=gen) * 1e-2).half() for _ in range(4)]
+    ref, new = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    opts = [getattr(torch.optim, name)([ref], lr=1e-2, fused=True), getattr(fusedopt, name)([new], lr=1e-2, fused=True)]
+    for k, g in enumerate(grads):
+        if k == 2:   # the same checkpoint, without fused, into both
+            saved = opts[0].state_dict()
+            saved["param_groups"][0]["fused"] = None
+            for opt in opts:
+                opt.load_state_dict(copy.deepcopy(saved))
+        for opt, p in zip(opts, (ref, new)):
+            p.grad = g.clone()
+            opt.step()
+        # (after the load: torch's for-loop against its multi-tensor code, to an ulp)
+        exact = dict(rtol=0, atol=0) if k < 2 else {}
+        assert ref.isfinite().all() or k >= 2
+        torch.testing.assert_close(new, ref, equal_nan=True, **exact)
+        for key, value in opts[0].state[ref].items():
+            torch.testing.assert_close(opts[1].state[new][key], value, equal_nan=True, **exact)
