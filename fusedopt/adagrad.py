@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import adagrad as kernels
-from .optimizer import Optimizer, _as_float, check_lr, check_max_grad_norm, check_nonnegative, refuse_differentiable
+from .optimizer import Optimizer, _as_float, mark_sparse, check_lr, check_max_grad_norm, check_nonnegative, refuse_differentiable
 
 
 class Adagrad(Optimizer):
@@ -116,6 +116,7 @@ class Adagrad(Optimizer):
         o = self._options(group)
         steps = bucket.scalar("step")
         for i, g in sparse:
+            mark_sparse(self.state[bucket.params[i]], g)   # (for `state_dict`: Optimizer._exported)
             steps[i] += 1
             clr = o.lr / (1 + (steps[i].item() - 1) * o.lr_decay)
             g = (-g if o.maximize else g).coalesce()   # the update is not linear: unique indices

@@ -236,6 +236,13 @@ def _rebuild_param_state(entries: dict, sparse_dim: int | None) -> _ParamState:
     return state
 
 
+def mark_sparse(state, grad: Tensor) -> None:
+    """Note on a parameter's state that it was stepped with a sparse gradient of this many
+    sparse dimensions (`_ParamState.sparse_dim`; a plain dict put in `opt.state` takes none)."""
+    if isinstance(state, _ParamState):
+        state.sparse_dim = grad.sparse_dim()
+
+
 class _State(_WritesThroughSetitem, defaultdict):
     """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
     `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
@@ -1158,15 +1165,27 @@ class Optimizer(torch.optim.Optimizer):
         return state_dict
 
     def _exported(self, entries: dict) -> dict:
-        """A parameter's state as torch's state_dict holds it: the live tensors, except that
-        state torch keeps sparse for a sparse-gradient parameter goes as a sparse copy of
-        the flat segment (its nonzero rows: where torch's has entries, up to entries that
-        are exactly zero), which torch's sparse SGD, Nesterov included, steps on."""
+        """A parameter's state as torch's state_dict holds it: the live tensors, except for a
+        parameter stepped with sparse gradients (`_ParamState.sparse_dim`). State torch keeps
+        sparse for it goes as a sparse copy of the flat segment (its nonzero rows: where
+        torch's has entries, up to entries that are exactly zero), which torch's sparse SGD,
+        Nesterov included, steps on. Flat state torch adds sparse gradients into (Adagrad's
+        `sum`, SparseAdam's moments) goes as a copy of its own where those gradients have no
+        dense dimensions (a 1-d parameter's): torch's add of such a sparse tensor into a view
+        at a storage offset writes at twice the offset (`_flat.add_sparse_`), so a segment
+        loaded into torch.optim, or saved and loaded, would be stepped at the wrong place and
+        past the end of the buffer."""
         sparse_dim = getattr(entries, "sparse_dim", None)
         if sparse_dim is None:
             return dict(entries)
-        return {k: (v.to_sparse(sparse_dim) if k in self._sparse_state and isinstance(v, Tensor) and not v.is_sparse
-                    else v) for k, v in entries.items()}
+        out = dict(entries)
+        for k, v in out.items():
+            if isinstance(v, Tensor) and not v.is_sparse:
+                if k in self._sparse_state:
+                    out[k] = v.to_sparse(sparse_dim)
+                elif k in self._flat_state and v.dim() == sparse_dim:
+                    out[k] = v.clone()
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load torch's format (from torch.optim or fusedopt), validating it all first.

@@ -7,7 +7,7 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import sparse_adam as kernels
-from .optimizer import Optimizer, _as_float, check_numbers
+from .optimizer import Optimizer, _as_float, mark_sparse, check_numbers
 
 _DENSE_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
 
@@ -131,6 +131,7 @@ class SparseAdam(Optimizer):
                 for i, p in stepped:
                     state = self.state[p]
                     state["step"] += 1
+                    mark_sparse(state, p.grad)   # (for `state_dict`: Optimizer._exported)
                     steps[i] = state["step"]
                 grads = [kernels.SparseGrad.of(i, p, p.grad) for i, p in stepped]
                 if all(sg.empty for sg in grads):  # torch skips empty gradients after counting the step

@@ -210,3 +210,39 @@ def test_an_attached_average_takes_the_sparse_parameters_too():
 
     for a, b in zip(run(True), run(False)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,key", [("Adagrad", "sum"), ("SparseAdam", "exp_avg")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_of_1d_sparse_state_steps_in_torch(name, key, backend):
+    """torch's add of a sparse tensor without dense dimensions (a 1-d parameter's gradient)
+    into a view at a storage offset writes at twice the offset: the flat segments that
+    `state_dict` handed out, loaded into torch.optim (or saved and loaded: views keep their
+    offsets), were stepped at the wrong place (past the buffer's end for a late one: heap
+    corruption), and the parameter's own entry kept its old value. Such state goes out as
+    tensors of its own. (The last parameter is large, so that the wrong write stays inside
+    the buffer here.)"""
+    def grads(step):
+        return [torch.sparse_coo_tensor(torch.tensor([[(step + i) % 3]]), torch.tensor([1.0 + i]), (n,))
+                for i, n in enumerate((3, 3, 200))]
+
+    def stepped(opt, params, step):
+        for p, g in zip(params, grads(step)):
+            p.grad = g
+        opt.step()
+
+    ref = [torch.zeros(n) for n in (3, 3, 200)]
+    new = [p.clone() for p in ref]
+    opt_ref = getattr(torch.optim, name)(ref, lr=0.1)
+    opt_new = getattr(fusedopt, name)(new, lr=0.1, backend=backend)
+    stepped(opt_ref, ref, 0)
+    stepped(opt_new, new, 0)
+    loaded = [p.detach().clone() for p in new]
+    into_torch = getattr(torch.optim, name)(loaded, lr=0.1)
+    into_torch.load_state_dict(opt_new.state_dict())
+    for step in (1, 2):
+        stepped(opt_ref, ref, step)
+        stepped(into_torch, loaded, step)
+    for i, (a, b) in enumerate(zip(ref, loaded)):
+        assert_close(f"param {i}", b, a)
+        assert_close(f"{key} {i}", into_torch.state[b][key], opt_ref.state[a][key])
