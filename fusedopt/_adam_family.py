@@ -63,6 +63,26 @@ class AdamFamily(Optimizer):
         self.state_dtype = state_dtype
         self.stochastic_rounding = bool(stochastic_rounding)
 
+    def _check_group(self, group: dict) -> None:
+        """A beta torch's constructor refuses, set in a group afterwards, makes torch's step
+        divide a Python float by zero (ZeroDivisionError) in these cases, after stepping the
+        groups and parameters before it: Adam, AdamW and Adamax divide lr by the bias
+        correction 1 - beta1**step (not with capturable=True or fused=True, which compute
+        it as tensors), RAdam computes rho_inf = 2 / (1 - beta2) - 1. Raised here before
+        anything changes; torch's fused kernel (the 'auto' CPU path for Adam and AdamW)
+        would instead write NaN into every parameter."""
+        beta1, beta2 = group["betas"]
+        if self._variant == "radam":
+            if not isinstance(beta2, Tensor) and beta2 == 1:
+                raise ZeroDivisionError(f"float division by zero: betas[1] is {beta2!r}, and torch's "
+                                        f"{type(self).__name__} computes rho_inf = 2 / (1 - beta2) - 1 "
+                                        "(its constructor refuses betas outside [0, 1))")
+        elif self._variant != "nadam" and not group.get("capturable") and not group.get("fused"):
+            if not isinstance(beta1, Tensor) and beta1 == 1:
+                raise ZeroDivisionError(f"float division by zero: betas[0] is {beta1!r}, and torch's "
+                                        f"{type(self).__name__} divides lr by the bias correction 1 - beta1**step "
+                                        "(its constructor refuses betas outside [0, 1))")
+
     def _rounds_stochastically(self, bucket: _flat.Bucket) -> bool:
         return self.stochastic_rounding and not bucket.is_complex and bucket.real_dtype == torch.bfloat16
 

@@ -100,6 +100,7 @@ class Adam(AdamFamily):
     }
 
     def _check_group(self, group):
+        super()._check_group(group)
         # torch's step refuses these for a group added or edited after construction
         # (its constructor refuses them in the keywords, as __init__ does here).
         refuse_differentiable(group.get("fused") and group.get("differentiable"))

@@ -340,3 +340,60 @@ def test_a_string_option_in_a_later_group_raises_what_torch_raises_before_any_gr
     with pytest.raises(TypeError, match="'x'"):
         opt.step()
     assert_unchanged(opt, before)
+
+
+BETA_DIVIDES_BY_ZERO = [("Adam", (1.0, 0.999)), ("AdamW", (1.0, 0.999)), ("Adamax", (1.0, 0.999)),
+                        ("RAdam", (0.9, 1.0))]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("name,betas", BETA_DIVIDES_BY_ZERO, ids=[n for n, _ in BETA_DIVIDES_BY_ZERO])
+@pytest.mark.parametrize("when", ["first step", "later step"])
+def test_a_beta_set_later_that_torch_divides_by_zero_raises_before_anything_changes(name, betas, backend, when):
+    """torch's constructor refuses beta = 1; set in a group afterwards, torch's step divides
+    a Python float by zero (lr / (1 - beta1**step); RAdam's 2 / (1 - beta2)) after stepping
+    what came before. fusedopt raises the same before anything changes; its 'auto' path
+    (torch's fused kernel for Adam) wrote NaN into the parameters without a word."""
+    def build(cls, **kw):
+        params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}], **kw)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if when == "later step":
+            opt.step()
+        opt.param_groups[1]["betas"] = betas
+        return opt
+
+    with pytest.raises(ZeroDivisionError):
+        build(getattr(torch.optim, name)).step()
+    ours = build(getattr(fusedopt, name), backend=backend)
+    before = snapshot(ours)
+    with pytest.raises(ZeroDivisionError, match=rf"betas\[{0 if name != 'RAdam' else 1}\] is 1.0"):
+        ours.step()
+    assert_unchanged(ours, before)
+
+
+BETAS_TORCH_STEPS_WITH = [("NAdam", (1.0, 0.999)), ("RAdam", (1.0, 0.999)), ("Adamax", (0.9, 1.5)),
+                          ("RAdam", (0.9, 1.5)), ("Adam", (1.0, 0.999), dict(fused=True))]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", BETAS_TORCH_STEPS_WITH, ids=lambda c: f"{c[0]}-{c[1]}" + ("-fused" if len(c) > 2 else ""))
+def test_a_beta_set_later_that_torch_steps_with_is_stepped_as_torch(case, backend):
+    """Other out-of-range betas torch's step takes without an error (NAdam and RAdam never
+    divide by 1 - beta1**step in Python, Adamax never takes the square root of
+    1 - beta2**step, nor RAdam before its rectification, torch's fused kernel computes on
+    tensors): fusedopt raised ZeroDivisionError or a math domain ValueError there."""
+    name, betas, options = case[0], case[1], (case[2] if len(case) > 2 else {})
+    results = []
+    for cls, kw in ((getattr(torch.optim, name), {}), (getattr(fusedopt, name), dict(backend=backend))):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(6, generator=gen))
+        opt = cls([p], lr=0.01, **options, **kw)
+        opt.param_groups[0]["betas"] = betas
+        for _ in range(3):
+            p.grad = torch.randn(6, generator=gen)
+            opt.step()
+        results.append(p.detach())
+    assert torch.equal(results[1].isnan(), results[0].isnan())
+    assert torch.allclose(results[1], results[0], rtol=1e-6, atol=1e-7, equal_nan=True)

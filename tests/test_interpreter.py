@@ -1,6 +1,7 @@
 """The interpreter fixes (`fusedopt/kernels/_interpreter.py`): `tl.fma` rounds once, as on a
 GPU, whatever the Triton version, which the bit-for-bit comparisons with torch rely on
-(lerp in weight averaging, L2 weight decay)."""
+(lerp in weight averaging, L2 weight decay); bf16 widens and narrows as on a GPU
+(subnormals exact, nearest even)."""
 from fractions import Fraction
 
 import numpy as np
@@ -99,3 +100,50 @@ def test_tl_fma_in_a_kernel_rounds_once(dtype):
     out = torch.empty_like(x)
     _fma_kernel[(1,)](x, x, -(x * x), out, N=16)
     assert torch.equal(out.cpu(), torch.full((16,), 2.0 ** (-2 * k), dtype=dtype))
+
+
+@triton.jit
+def _bf16_kernel(b_ptr, widened_ptr, f_ptr, narrowed_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(widened_ptr + offs, tl.load(b_ptr + offs).to(tl.float32))
+    tl.store(narrowed_ptr + offs, tl.load(f_ptr + offs).to(tl.bfloat16))
+
+
+def test_bf16_conversions_in_a_kernel_are_a_gpus():
+    # Every bf16 bit pattern widens exactly (subnormals included, which Triton's own
+    # interpreter flushes or misplaces), and fp32 values narrow to nearest even, as
+    # torch's .bfloat16() and a GPU's conversion do (the interpreter truncates).
+    n = 1 << 16
+    bits = torch.arange(n, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(n, generator=gen) * torch.logspace(-45, 38, n).to(torch.float32)
+    f[:8] = torch.tensor([9.2e-41, -3e-39, 1e-45, 3.4e38, -0.0, float("inf"), -float("inf"), 1 + 2 ** -8 + 2 ** -20])
+    widened, narrowed = torch.empty(n, device=DEVICE), torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    _bf16_kernel[(1,)](bits.to(DEVICE), widened, f.to(DEVICE), narrowed, N=n)
+    expected = bits.float()
+    finite = ~expected.isnan()
+    assert torch.equal(widened.cpu()[finite].view(torch.int32), expected[finite].view(torch.int32))
+    assert widened.cpu()[~finite].isnan().all()
+    assert torch.equal(narrowed.cpu().view(torch.int16), f.bfloat16().view(torch.int16))
+
+
+def test_rprop_bf16_subnormal_gradients_on_the_kernel():
+    # End to end: Rprop's sign product of two bf16 subnormals, and subnormal gradients
+    # read by the kernel, step as torch's do (before the conversions were a GPU's, the
+    # kernel read 1e-40 as 0 and stepped those elements the other way).
+    import fusedopt
+
+    gen = torch.Generator().manual_seed(1)
+    scale = torch.tensor([1e-40, -1e-40, 3e-39, -2e-38, 1.0, 1e-3, -0.0, 0.0] * 4)
+    p_ref = torch.randn(32, generator=gen).bfloat16().requires_grad_()
+    p_new = p_ref.detach().clone().to(DEVICE).requires_grad_()
+    ref = torch.optim.Rprop([p_ref], lr=0.01, maximize=True)
+    new = fusedopt.Rprop([p_new], lr=0.01, maximize=True, backend="triton")
+    for step in range(4):
+        g = (scale * torch.randn(32, generator=gen).sign()).bfloat16()
+        p_ref.grad, p_new.grad = g.clone(), g.clone().to(DEVICE)
+        ref.step()
+        new.step()
+        assert torch.equal(p_new.detach().cpu().view(torch.int16), p_ref.detach().view(torch.int16)), step
+        for key in ("prev", "step_size"):
+            assert torch.equal(new.state[p_new][key].cpu().view(torch.int16), ref.state[p_ref][key].view(torch.int16)), (step, key)

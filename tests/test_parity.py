@@ -6,7 +6,7 @@ the plain-torch path over the same flat buffers, 'auto' what a user gets by defa
 import pytest
 import torch
 
-from _compare import assert_same_run, run_side_by_side
+from _compare import assert_close, assert_same_run, run_side_by_side
 from optim_db import OPTIMIZERS, all_cases, dtype_cases
 
 BACKENDS = ["triton", "reference", "auto"]
@@ -43,3 +43,51 @@ def test_scalar_state_under_a_float64_default_dtype(info, dtype, backend, float6
     default dtype, and computes with them so: the same dtypes and numbers here."""
     run = run_side_by_side(info, info.configs[-1], backend, dtype=dtype)
     assert_same_run(*run, rtol=info.rtol32 if dtype == torch.float32 else None)
+
+
+# ---------------------------------------------------------------- edge values
+
+def _step_both(torch_cls, fused_cls, backend, params, grads, steps=1, **options):
+    """Step torch's and fusedopt's optimizer on copies of `params` with the same gradients
+    (one list per step) and return both parameter lists and optimizers."""
+    p_ref = [p.clone().requires_grad_() for p in params]
+    p_new = [p.clone().requires_grad_() for p in params]
+    ref = torch_cls(p_ref, **options)
+    new = fused_cls(p_new, backend=backend, **options)
+    for step in range(steps):
+        for a, b, g in zip(p_ref, p_new, grads[step]):
+            a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        new.step()
+    return p_ref, ref, p_new, new
+
+
+def _assert_same_specials(name, actual, expected, rtol=None, atol=None):
+    """NaN and infinities where torch has them, zeros of torch's sign, the rest close."""
+    a, e = actual.detach(), expected.detach()
+    assert torch.equal(a.isnan(), e.isnan()), f"{name}: NaN at {a.isnan().nonzero().flatten().tolist()}, torch's at {e.isnan().nonzero().flatten().tolist()}"
+    keep = ~e.isnan()
+    a, e = a[keep], e[keep]
+    assert torch.equal(a.isinf(), e.isinf()) and torch.equal(a[a.isinf()], e[e.isinf()]), f"{name}: {a} against torch's {e}"
+    zeros = (a == 0) & (e == 0)
+    assert torch.equal(a[zeros].signbit(), e[zeros].signbit()), f"{name}: signs of zeros differ: {a} against torch's {e}"
+    assert_close(name, a, e, rtol, atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_centered_rmsprop_keeps_a_parameter_whose_square_avg_overflowed(backend, dtype):
+    """A huge gradient makes square_avg inf and grad_avg**2 overflow: torch's
+    `square_avg.addcmul(grad_avg, grad_avg, value=-1)` is an fma, inf, so the step divides
+    by inf and the parameter stays. A rounded product (inf - inf) made it NaN."""
+    import fusedopt
+
+    huge = torch.finfo(dtype).max / 4
+    p = torch.tensor([1.5, -0.25, 2.0, 0.75], dtype=dtype)
+    g = torch.tensor([huge, -huge, 0.5, -1.0], dtype=dtype)
+    for momentum in (0.0, 0.9):
+        p_ref, ref, p_new, new = _step_both(torch.optim.RMSprop, fusedopt.RMSprop, backend, [p], [[g], [g / 2]],
+                                            steps=2, lr=0.01, centered=True, momentum=momentum)
+        _assert_same_specials("param", p_new[0], p_ref[0])
+        for key in ("square_avg", "grad_avg"):
+            _assert_same_specials(key, new.state[p_new[0]][key], ref.state[p_ref[0]][key])

@@ -11,6 +11,15 @@ called by `_triton` when TRITON_INTERPRET=1; a compiled kernel never comes here.
   reproduce with it (`averaging`, `_launch.load_grad_l2`). Triton 3.9 rounds once
   (libtriton's `interpreter.fma_fp32`/`fma_fp64`); for the versions before it the
   builder's `create_fma` is replaced with `fma` below, which computes what 3.9's does.
+- bf16 and fp32: the interpreter (3.9 included) converts between them through its own
+  float codec, which loses subnormals (bf16 1e-40 widens to 0, 1e-39 to 4.4e-39) and
+  truncates when narrowing. bf16 and fp32 share their exponent range, so on a GPU
+  widening is exact (the bf16 bits are the fp32 value's top half) and narrowing rounds to
+  nearest even. Every kernel loads bf16 and widens it, so a subnormal gradient, state or
+  parameter read wrong (Adamax with eps=0 divided by 0 where torch divides by the
+  subnormal); Rprop narrows its sign product and the averaging kernel copies through
+  `.to`. `cast_impl` is wrapped to do both as a GPU does, where a probe shows the
+  interpreter's conversion differs.
 """
 from __future__ import annotations
 
@@ -30,10 +39,11 @@ def version(text: str) -> tuple[int, int]:
 
 def install(triton) -> None:
     """Correct the interpreter of the imported `triton` module where it needs it."""
-    if version(triton.__version__) >= FMA_ROUNDS_ONCE:
-        return
     from triton.runtime import interpreter
 
+    _install_bf16_conversions(interpreter)
+    if version(triton.__version__) >= FMA_ROUNDS_ONCE:
+        return
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_fma, "fusedopt", False):
         return
@@ -44,6 +54,53 @@ def install(triton) -> None:
 
     create_fma.fusedopt = True
     builder.create_fma = create_fma
+
+
+def widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """bf16 values (their uint16 bits, as the interpreter stores them) as float32, exactly."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def narrow_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values as bf16 bits (uint16), rounded to nearest even, NaN kept a NaN: the
+    integer rounding of `_launch.bf16_bits`."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    out = np.where(np.isnan(values), bits | 0x400000, rounded) >> 16
+    return out.astype(np.uint16)
+
+
+def _install_bf16_conversions(interpreter) -> None:
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.cast_impl, "fusedopt", False):
+        return
+    import triton.language as tl
+
+    bf16 = np.array([0x0001, 0x00B4, 0x807F, 0x3F80], dtype=np.uint16)  # subnormals, one negative; 1
+    fp32 = np.array([9.2e-41, -3e-39, 1.00390625 + 2.0 ** -20, 1.0], dtype=np.float32)  # the third rounds up
+    try:
+        widened = interpreter._convert_float(bf16, tl.bfloat16, tl.float32, None).view(np.uint32)
+        narrowed = interpreter._convert_float(fp32, tl.float32, tl.bfloat16, None).view(np.uint16)
+    except Exception:  # a Triton whose interpreter has no such helper: leave it as it is
+        return
+    widen = not np.array_equal(widened, widen_bf16(bf16).view(np.uint32))
+    narrow = not np.array_equal(narrowed, narrow_bf16(fp32))
+    if not (widen or narrow):
+        return
+    cast_impl = builder.cast_impl
+
+    def bf16_cast_impl(self, src, dst_type):
+        src_type, dst = src.dtype.scalar, dst_type.scalar
+        if widen and src_type == tl.bfloat16 and dst == tl.float32:
+            return interpreter.TensorHandle(widen_bf16(src.data), dst)
+        if narrow and src_type == tl.float32 and dst == tl.bfloat16:
+            return interpreter.TensorHandle(narrow_bf16(src.data), dst)
+        return cast_impl(self, src, dst_type)
+
+    # create_fp_ext and create_fp_trunc are lambdas that look cast_impl up on the
+    # instance: they see this one.
+    bf16_cast_impl.fusedopt = True
+    builder.cast_impl = bf16_cast_impl
 
 
 # -- a correctly rounded fma in numpy ------------------------------------------------------

@@ -117,7 +117,10 @@ def scalars(steps: torch.Tensor, o: AdamOptions, mu_product: torch.Tensor | None
     step = steps.to(torch.float64)
     bias_correction1 = 1 - o.beta1 ** step
     bias_correction2 = 1 - o.beta2 ** step
-    shared = [o.lr / bias_correction1, bias_correction2.sqrt(), 1 - o.beta1, o.beta2, 1 - o.beta2,
+    # The columns a variant never reads are NaN, as in `uniform_scalars`.
+    step_size = o.lr / bias_correction1 if o.variant in ("adam", "adamax") else math.nan
+    bc2_sqrt = bias_correction2.sqrt() if o.variant in ("adam", "radam") else math.nan
+    shared = [step_size, bc2_sqrt, 1 - o.beta1, o.beta2, 1 - o.beta2,
               o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
     if o.variant == "nadam":
         mu, mu_next = momentum_cache(step, o)
@@ -132,6 +135,7 @@ def scalars(steps: torch.Tensor, o: AdamOptions, mu_product: torch.Tensor | None
         # table never carries the NaN that rho_t < 4 gives.
         rectify = rho_t > 5.0
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).sqrt()
+        shared[1] = torch.where(rectify, bc2_sqrt, math.nan)   # read only where rectified
         return shared + [bias_correction1, o.lr, rectify.to(torch.float64), torch.where(rectify, rect, 1.0)]
     return shared
 
@@ -324,13 +328,30 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     bucket.scatter(p, batch.params, batch.index)
 
 
+def _ieee_div(a: float, b: float) -> float:
+    """a / b as a float64 division on tensors gives it (inf or NaN for b = 0): torch's
+    fused kernel and capturable step divide so, and reach here with a beta1 of 1 that
+    `_check_group` lets through because torch's step takes it."""
+    if b != 0:
+        return a / b
+    if a == 0 or a != a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
 def uniform_scalars(step: float, o: AdamOptions, mu_product: float | None = None) -> list[float]:
     """`scalars` for tensors that all have taken `step` steps (NAdam's: and share
     `mu_product`, already advanced), in Python floats, as torch's for-loop computes its
     step sizes, bias corrections, NAdam's momentum schedule and RAdam's rectification."""
     bias_correction1 = 1 - o.beta1 ** step
     bias_correction2 = 1 - o.beta2 ** step
-    shared = [o.lr / bias_correction1, math.sqrt(bias_correction2), 1 - o.beta1, o.beta2, 1 - o.beta2,
+    # Only the Python arithmetic the variant's torch step does: a column it never reads is
+    # NaN, so that what torch takes without an error (NAdam and RAdam with beta1 = 1,
+    # Adamax or an unrectified RAdam with beta2 > 1, set after construction) does not
+    # raise here either (and what raises in torch, `_check_group` refuses first).
+    step_size = _ieee_div(o.lr, bias_correction1) if o.variant in ("adam", "adamax") else math.nan
+    bc2_sqrt = math.sqrt(bias_correction2) if o.variant == "adam" else math.nan
+    shared = [step_size, bc2_sqrt, 1 - o.beta1, o.beta2, 1 - o.beta2,
               o.eps, o.weight_decay, 1 - o.lr * o.weight_decay]
     if o.variant == "nadam":
         mu = o.beta1 * (1.0 - 0.5 * 0.96 ** (step * o.momentum_decay))
@@ -341,6 +362,7 @@ def uniform_scalars(step: float, o: AdamOptions, mu_product: float | None = None
         rho_inf = 2 / (1 - o.beta2) - 1
         rho_t = rho_inf - 2 * step * o.beta2 ** step / bias_correction2
         if rho_t > 5.0:
+            shared[1] = math.sqrt(bias_correction2)
             rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
             return shared + [bias_correction1, o.lr, 1.0, rect]
         return shared + [bias_correction1, o.lr, 0.0, 1.0]

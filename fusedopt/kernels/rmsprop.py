@@ -6,7 +6,7 @@ The update, per element (torch's order of operations; no step-dependent scalars)
     g = g + weight_decay * p
     square_avg = square_avg * alpha + (1 - alpha) * g * g
     grad_avg = lerp(grad_avg, g, 1 - alpha)                            # centered
-    avg = sqrt(square_avg - grad_avg * grad_avg) if centered else sqrt(square_avg)
+    avg = sqrt(fma(-grad_avg, grad_avg, square_avg)) if centered else sqrt(square_avg)
     avg = avg + eps
     momentum_buffer = momentum_buffer * momentum + g / avg             # momentum > 0
     p = p - lr * momentum_buffer      if momentum > 0
@@ -71,7 +71,10 @@ def _rmsprop_update(p_ptr, g_ptr, sq_ptr, ga_ptr, buf_ptr, offs, mask, s_ptr,
     if CENTERED:
         grad_avg = _lerp(tl.load(ga_ptr + offs, mask=mask).to(cdt), g, one_minus_alpha)
         store_as(ga_ptr, offs, grad_avg, mask)
-        avg = ieee_sqrt(square_avg - grad_avg * grad_avg)
+        # torch's square_avg.addcmul(grad_avg, grad_avg, value=-1) is an fma (CPU and CUDA
+        # alike): where grad_avg**2 overflows and square_avg is inf, it gives inf (the
+        # parameter stays), where a rounded product minus inf would be NaN.
+        avg = ieee_sqrt(tl.fma(-grad_avg, grad_avg, square_avg))
     else:
         avg = ieee_sqrt(square_avg)
     avg = avg + eps
@@ -141,7 +144,7 @@ def rmsprop_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str,
     if o.centered:
         grad_avg = torch.lerp(state["grad_avg"].to(cdt), g, s["one_minus_alpha"])
         _flat.commit(state["grad_avg"], grad_avg, stepped)
-        avg = (square_avg - grad_avg * grad_avg).sqrt()
+        avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt()  # torch's op: an fma, as the kernel's
     else:
         avg = square_avg.sqrt()
     avg = avg + s["eps"]
