@@ -279,3 +279,29 @@ def test_fused_true_refuses_a_gradient_whose_elements_share_memory(backend, name
         p.grad = p.grad[:1].expand(4, 3)
         with pytest.raises(RuntimeError):
             scaler.step(getattr(module, name)([p], lr=1e-2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("torch_cls,fused_cls,options", FUSED)
+def test_fused_true_loading_an_unfused_checkpoint_keeps_unscaling(torch_cls, fused_cls, options, backend):
+    """README: a fused=True optimizer loading a fused=False checkpoint takes its groups
+    ("fused": None or False, as torch's load does) and still applies GradScaler's scale, with the
+    numbers of a fused=True run throughout (torch.optim raises AssertionError there)."""
+    model, x, y = model_and_data()
+    twin = copy.deepcopy(model)
+    ref = torch_cls(model.parameters(), fused=True, **options)
+    opt = fused_cls(twin.parameters(), backend=backend, **options)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    s_new = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    a = train(model, ref, s_ref, x, y, 2)
+    b = train(twin, opt, s_new, x, y, 2)
+    saved = opt.state_dict()
+    opt = fused_cls(twin.parameters(), fused=True, backend=backend, **options)
+    opt.load_state_dict(saved)
+    assert not opt.param_groups[0]["fused"] and opt._step_supports_amp_scaling
+    a += train(model, ref, s_ref, x, y, 3, inf_at=(1,))
+    b += train(twin, opt, s_new, x, y, 3, inf_at=(1,))
+    assert a == b
+    assert_same_grads(model, twin)
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"param {i}", q.detach(), p.detach())
