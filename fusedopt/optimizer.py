@@ -670,6 +670,21 @@ class Optimizer(torch.optim.Optimizer):
             f"kernels do; parameter {self._global_index(p)} is {p.dtype} on {p.device.type}. help: fused=False "
             "(complex parameters step without it)")
 
+    def _refuse_overlapping_grads(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
+        """A GradScaler step (fused=True) writes the unscaled gradients back, as torch's fused
+        kernels do; a gradient whose elements share memory (an expanded tensor put in `.grad`)
+        cannot take that write: torch's in-place ops refuse it with RuntimeError (GradScaler's
+        own unscale_, for an optimizer without fused=True), and torch's fused CPU kernels read
+        and write past it. Refused here, before anything changes; only a staged gradient (not
+        dense with its parameter's strides) can be one."""
+        for i, g in zip(batch.index, batch.user_grads):
+            if not g.is_contiguous() and torch._debug_has_internal_overlap(g) == 1:
+                raise RuntimeError(
+                    f"parameter {self._global_index(bucket.params[i])}'s gradient has elements that share memory "
+                    f"(shape {tuple(g.shape)}, stride {g.stride()}): GradScaler's step with fused=True writes the "
+                    "unscaled gradient back into it, an in-place write torch refuses for such a tensor. "
+                    "help: assign a clone() of it to .grad")
+
     def _sparse_update(self, group: dict, bucket: _flat.Bucket, sparse: list[tuple[int, Tensor]],
                        fresh: list[int]) -> None:
         """Step the bucket's parameters whose gradients are sparse ((position, gradient)
@@ -775,6 +790,8 @@ class Optimizer(torch.optim.Optimizer):
                                            sparse)
                 if group.get("fused") and (batch is not None or sparse) and not bucket.dtype.is_floating_point:
                     self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
+                if amp is not None and amp[0] is not None and batch is not None and batch.user_grads is not None:
+                    self._refuse_overlapping_grads(bucket, batch)
                 if sparse:
                     self._check_sparse(group, bucket)
                 if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:

@@ -244,3 +244,64 @@ def test_fused_true_leaves_gradients_unscaled_like_torch_fused(backend, name, ca
         theirs = stepped(torch.optim, {})
         for i, (p, q) in enumerate(zip(ours, theirs)):
             assert torch.equal(p.grad, q.grad), f"grad {i}: {p.grad.flatten()[:3]} against torch's {q.grad.flatten()[:3]}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Adagrad"])
+@pytest.mark.parametrize("found_inf", [0.0, 1.0], ids=["step", "skip"])
+def test_fused_true_refuses_a_gradient_whose_elements_share_memory(backend, name, found_inf):
+    """GradScaler's step (fused=True) writes the unscaled gradients back; an expanded
+    gradient cannot take that write. torch refuses the in-place write with RuntimeError
+    (GradScaler's unscale_ of an unfused optimizer), and its fused CPU kernels run past
+    such a tensor; fusedopt raised it after the update had moved the parameters and created
+    state. It must be refused before anything changes."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    params[0].grad = torch.arange(3.0).expand(4, 3)
+    params[1].grad = torch.randn(5)
+    opt = getattr(fusedopt, name)(params, lr=1e-2, fused=True, backend=backend)
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    state = copy.deepcopy(opt.state_dict()["state"])   # (Adagrad's is made at construction)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(found_inf)
+    with pytest.raises(RuntimeError, match="parameter 0's gradient"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before)), "a refused step moved parameters"
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads)), "a refused step unscaled gradients"
+    after = opt.state_dict()["state"]
+    assert after.keys() == state.keys() and all(
+        torch.equal(after[k][key], v) for k in state for key, v in state[k].items()), "a refused step changed state"
+    # The unfused path: GradScaler's own unscale_ refuses it, with torch.optim as with fusedopt.
+    for module in (torch.optim, fusedopt):
+        p = torch.nn.Parameter(torch.randn(4, 3))
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(p.sum()).backward()
+        p.grad = p.grad[:1].expand(4, 3)
+        with pytest.raises(RuntimeError):
+            scaler.step(getattr(module, name)([p], lr=1e-2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("torch_cls,fused_cls,options", FUSED)
+def test_fused_true_loading_an_unfused_checkpoint_keeps_unscaling(torch_cls, fused_cls, options, backend):
+    """README: a fused=True optimizer loading a fused=False checkpoint takes its groups
+    ("fused": None or False, as torch's load does) and still applies GradScaler's scale, with the
+    numbers of a fused=True run throughout (torch.optim raises AssertionError there)."""
+    model, x, y = model_and_data()
+    twin = copy.deepcopy(model)
+    ref = torch_cls(model.parameters(), fused=True, **options)
+    opt = fused_cls(twin.parameters(), backend=backend, **options)
+    s_ref = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    s_new = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    a = train(model, ref, s_ref, x, y, 2)
+    b = train(twin, opt, s_new, x, y, 2)
+    saved = opt.state_dict()
+    opt = fused_cls(twin.parameters(), fused=True, backend=backend, **options)
+    opt.load_state_dict(saved)
+    assert not opt.param_groups[0]["fused"] and opt._step_supports_amp_scaling
+    a += train(model, ref, s_ref, x, y, 3, inf_at=(1,))
+    b += train(twin, opt, s_new, x, y, 3, inf_at=(1,))
+    assert a == b
+    assert_same_grads(model, twin)
+    for i, (p, q) in enumerate(zip(model.parameters(), twin.parameters())):
+        assert_close(f"param {i}", q.detach(), p.detach())
