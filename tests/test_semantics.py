@@ -392,6 +392,77 @@ def test_data_replaced_with_other_shape_raises_clearly(backend):
         opt.step()
 
 
+VIEWS_OF_THE_SAME_MEMORY = {
+    "reshaped": lambda t: t.view(4, 3),
+    "flattened": lambda t: t.view(12),
+    "transposed": lambda t: t.t(),
+    "fewer rows": lambda t: t[:2],          # contiguous, 8 of the 12 elements
+    "fewer columns": lambda t: t[:, :2],    # not dense
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", list(VIEWS_OF_THE_SAME_MEMORY), ids=list(VIEWS_OF_THE_SAME_MEMORY))
+def test_data_replaced_with_a_view_at_the_same_address_is_seen(view, backend):
+    # `p.data = p.data.view(...)` (or `.t()`, `[:k]`) keeps the address the kernels are
+    # told about, and fusedopt looked at addresses only: it went on pairing elements in
+    # the old layout (a transposed gradient, a wrong update) and read and wrote 12
+    # elements of an 8-element parameter and gradient. A parameter with state must raise
+    # before anything changes (torch fails on the state's shape); a stateless one steps
+    # in its new layout, as torch's does.
+    make = VIEWS_OF_THE_SAME_MEMORY[view]
+    theirs, ref, ours, opt = twin([torch.randn(3, 4)], fusedopt.SGD, torch.optim.SGD, dict(lr=0.1), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, 0))
+    for p in theirs + ours:
+        p.data = make(p.data)
+    assert ours[0].data_ptr() == opt._buckets[0][1][0]._ptrs[0]
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_close("param", ours[0], theirs[0])
+
+    p = torch.randn(3, 4, requires_grad=True)
+    opt = fusedopt.Adam([p], lr=0.01, backend=backend)
+    p.grad = torch.randn(3, 4)
+    opt.step()
+    p.data = make(p.data)
+    p.grad = torch.randn(p.shape)
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(RuntimeError, match=r"parameter 0 changed shape from \(3, 4\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_square_parameter_given_its_transpose_as_data_steps_in_its_new_layout(backend):
+    # `p.data = p.data.t()` of a square matrix: same address and shape, other strides.
+    theirs, ref, ours, opt = twin([torch.randn(4, 4), torch.randn(3)], fusedopt.Adam, torch.optim.Adam,
+                                  dict(lr=0.01), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, 0))
+    for p in theirs[:1] + ours[:1]:
+        p.data = p.data.t()
+    for step in (1, 2, 3):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_copy_takes_up_a_transposed_view_put_in_through_data(backend):
+    # The master copy is in the state's layout; after `p.data = p.data.t()` it must take
+    # the parameter's values where they now are, as after any `.data` replacement: a step
+    # at lr 0 leaves the parameter as it is (it wrote back the old layout's values).
+    p = torch.randn(4, 4, dtype=torch.bfloat16, requires_grad=True)
+    opt = fusedopt.AdamW([p], lr=0.01, weight_decay=0, master_weights=True, backend=backend)
+    p.grad = torch.randn(4, 4, dtype=torch.bfloat16)
+    opt.step()
+    p.data = p.data.t()
+    opt.param_groups[0]["lr"] = 0.0
+    before = p.detach().clone()
+    p.grad = torch.randn(4, 4, dtype=torch.bfloat16)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_data_replaced_with_other_dtype_keeps_updating(backend):
     p = torch.randn(10, requires_grad=True)
