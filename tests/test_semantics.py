@@ -9,6 +9,7 @@ import torch
 import fusedopt
 from _compare import assert_close, assert_same_run, clone_params
 from fusedopt.kernels._launch import count_launches
+from optim_db import OPTIMIZERS
 
 BACKENDS = ["triton", "reference", "auto"]
 
@@ -349,6 +350,49 @@ def test_state_a_step_needs_removed_raises_before_anything_changes(how, backend)
     assert all(torch.equal(a, b) for a, b in zip(ours, before[0]))
     assert all(torch.equal(opt.state[ours[0]][k], v) for k, v in before[1].items())
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name not in ("SGD", "Adagrad")], ids=lambda i: i.name)
+def test_an_entry_given_other_keys_before_the_first_step_fails_as_in_torch(info, backend):
+    """torch creates a parameter's state only while `opt.state[p]` is empty: an entry that
+    got another key before the parameter's first step makes that step fail with KeyError.
+    fusedopt created the state beside the key and stepped. Here it raises before anything
+    changes; the parameter stepped earlier keeps its state."""
+    params = [torch.randn(5), torch.randn(3, 4)]
+    theirs, ref, ours, opt = twin(params, info.fused, info.torch, info.configs[0], backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], [random_grads(params, 0)[0], None])
+    ref.state[theirs[1]]["note"] = 1.0
+    opt.state[ours[1]]["note"] = 1.0
+    before = [p.detach().clone() for p in ours], {k: v.clone() for k, v in opt.state[ours[0]].items()}
+    grads = random_grads(params, 1)
+    for a, b, g in zip(theirs, ours, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    with pytest.raises(KeyError):
+        ref.step()
+    with pytest.raises(KeyError, match="parameter 1 has no optimizer state"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, before[0]))
+    assert all(torch.equal(opt.state[ours[0]][k], v) for k, v in before[1].items())
+    assert dict(opt.state[ours[1]]) == {"note": 1.0}
+    # Emptied again, it starts afresh at its next step, as torch's does.
+    del ref.state[theirs[1]]["note"], opt.state[ours[1]]["note"]
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 2))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name in ("SGD", "Adagrad")], ids=lambda i: i.name)
+def test_an_entry_given_other_keys_steps_where_torch_steps_it(info, backend):
+    # torch's SGD reads its momentum buffer with `state.get`, and its Adagrad creates
+    # every parameter's state in its constructor: another key does not matter.
+    params = [torch.randn(5)]
+    theirs, ref, ours, opt = twin(params, info.fused, info.torch, info.configs[-1], backend)
+    ref.state[theirs[0]]["note"] = 1.0
+    opt.state[ours[0]]["note"] = 1.0
+    for step in range(3):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
 
 def test_copies_of_the_state_are_torchs():
     params = [torch.randn(10)]
