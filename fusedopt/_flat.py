@@ -34,6 +34,7 @@ SEGMENT_ALIGN = 16
 
 _grad = operator.attrgetter("grad")
 _version = operator.attrgetter("_version")
+_shape = operator.attrgetter("shape")
 _dtype = operator.attrgetter("dtype")
 
 
@@ -345,26 +346,32 @@ class Bucket:
         """Detect parameters whose ``.data`` was replaced since the bucket was built.
 
         A replacement with the same shape, dtype and device is harmless (the kernel reads
-        the new address every step; a master copy is checked against it, as after a write
-        in place); anything else would silently desynchronise the flat state, so it raises.
+        the new address every step, a non-contiguous one through a staging copy; a master
+        copy is checked against it, as after a write in place); anything else would
+        silently desynchronise the flat state, so it raises.
         The optimizer rebuilds its buckets instead where it can.
         """
         shards = [local(p) for p in self.params] if self.sharded else self.params
         ptrs = list(map(Tensor.data_ptr, shards))
-        if ptrs == self._ptrs:
+        # The address alone does not show a view of the same memory put in through `.data`
+        # (`p.data = p.data.view(...)`, `.t()`, `[:k]`) or an in-place `p.t_()`: the
+        # kernels would pair the elements in the old layout, and read past a smaller one.
+        contiguous = list(map(Tensor.is_contiguous, shards))
+        if ptrs == self._ptrs and contiguous == self.contiguous and list(map(_shape, shards)) == self.shapes:
             return
         for i, (p, old, new) in enumerate(zip(shards, self._ptrs, ptrs)):
-            if old == new:
-                continue
             if p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise StaleLayout(i)
+            if old == new and contiguous[i] == self.contiguous[i]:
+                continue
             if self.versions is not None:
                 # A new tensor put in through `.data` (`p.data = t`, torch's
-                # `vector_to_parameters`) holds the user's values, and no version counter
-                # shows it: a copy of the parameter in the state must take it up too.
+                # `vector_to_parameters`; a transposed view) holds the user's values, and
+                # no version counter shows it: a copy of the parameter in the state must
+                # take it up too.
                 self.unchecked.setdefault(i, False)
         self._ptrs = ptrs
-        self.contiguous = [p.is_contiguous() for p in shards]
+        self.contiguous = contiguous
 
     def collect(self, error_on_sparse: str | None = None, grads: list[Tensor | None] | None = None,
                 sparse: list[tuple[int, Tensor]] | None = None) -> Batch | None:

@@ -724,6 +724,20 @@ class Optimizer(torch.optim.Optimizer):
         complete = True
         for i, p in enumerate(bucket.params):
             if not bucket.initialized[i]:
+                # torch creates a parameter's state only while its entry is empty (`if
+                # len(state) == 0`): an entry given other keys before the first step
+                # (`opt.state[p]["note"] = ...`) makes that step look its state up, and fail.
+                state = dict.get(self.state, p)
+                if state:
+                    missing = next((k for k in all_keys if k not in self._optional_state and k not in state), None)
+                    if missing is not None:
+                        complete = False
+                        if i in stepped:
+                            raise KeyError(
+                                f"parameter {self._global_index(p)} has no optimizer state {missing!r}: its entry in "
+                                f"opt.state holds {sorted(map(str, state))} only, and torch creates a parameter's "
+                                "state only while its entry is empty. help: leave opt.state[p] empty until its first "
+                                "step, or pop the other keys")
                 continue
             state = dict.get(self.state, p, {})
             wrong = next((k for k in all_keys if not isinstance(state.get(k), Tensor)), None)

@@ -9,6 +9,7 @@ import torch
 import fusedopt
 from _compare import assert_close, assert_same_run, clone_params
 from fusedopt.kernels._launch import count_launches
+from optim_db import OPTIMIZERS
 
 BACKENDS = ["triton", "reference", "auto"]
 
@@ -350,6 +351,49 @@ def test_state_a_step_needs_removed_raises_before_anything_changes(how, backend)
     assert all(torch.equal(opt.state[ours[0]][k], v) for k, v in before[1].items())
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name not in ("SGD", "Adagrad")], ids=lambda i: i.name)
+def test_an_entry_given_other_keys_before_the_first_step_fails_as_in_torch(info, backend):
+    """torch creates a parameter's state only while `opt.state[p]` is empty: an entry that
+    got another key before the parameter's first step makes that step fail with KeyError.
+    fusedopt created the state beside the key and stepped. Here it raises before anything
+    changes; the parameter stepped earlier keeps its state."""
+    params = [torch.randn(5), torch.randn(3, 4)]
+    theirs, ref, ours, opt = twin(params, info.fused, info.torch, info.configs[0], backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], [random_grads(params, 0)[0], None])
+    ref.state[theirs[1]]["note"] = 1.0
+    opt.state[ours[1]]["note"] = 1.0
+    before = [p.detach().clone() for p in ours], {k: v.clone() for k, v in opt.state[ours[0]].items()}
+    grads = random_grads(params, 1)
+    for a, b, g in zip(theirs, ours, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    with pytest.raises(KeyError):
+        ref.step()
+    with pytest.raises(KeyError, match="parameter 1 has no optimizer state"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, before[0]))
+    assert all(torch.equal(opt.state[ours[0]][k], v) for k, v in before[1].items())
+    assert dict(opt.state[ours[1]]) == {"note": 1.0}
+    # Emptied again, it starts afresh at its next step, as torch's does.
+    del ref.state[theirs[1]]["note"], opt.state[ours[1]]["note"]
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, 2))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name in ("SGD", "Adagrad")], ids=lambda i: i.name)
+def test_an_entry_given_other_keys_steps_where_torch_steps_it(info, backend):
+    # torch's SGD reads its momentum buffer with `state.get`, and its Adagrad creates
+    # every parameter's state in its constructor: another key does not matter.
+    params = [torch.randn(5)]
+    theirs, ref, ours, opt = twin(params, info.fused, info.torch, info.configs[-1], backend)
+    ref.state[theirs[0]]["note"] = 1.0
+    opt.state[ours[0]]["note"] = 1.0
+    for step in range(3):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(params, step))
+    assert_same_run(theirs, ref, ours, opt)
+
 def test_copies_of_the_state_are_torchs():
     params = [torch.randn(10)]
     opt = fusedopt.SGD(params, lr=0.1, momentum=0.9)
@@ -390,6 +434,77 @@ def test_data_replaced_with_other_shape_raises_clearly(backend):
     p.grad = torch.randn(12)
     with pytest.raises(RuntimeError, match="changed shape from \\(10,\\) to \\(12,\\)"):
         opt.step()
+
+
+VIEWS_OF_THE_SAME_MEMORY = {
+    "reshaped": lambda t: t.view(4, 3),
+    "flattened": lambda t: t.view(12),
+    "transposed": lambda t: t.t(),
+    "fewer rows": lambda t: t[:2],          # contiguous, 8 of the 12 elements
+    "fewer columns": lambda t: t[:, :2],    # not dense
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", list(VIEWS_OF_THE_SAME_MEMORY), ids=list(VIEWS_OF_THE_SAME_MEMORY))
+def test_data_replaced_with_a_view_at_the_same_address_is_seen(view, backend):
+    # `p.data = p.data.view(...)` (or `.t()`, `[:k]`) keeps the address the kernels are
+    # told about, and fusedopt looked at addresses only: it went on pairing elements in
+    # the old layout (a transposed gradient, a wrong update) and read and wrote 12
+    # elements of an 8-element parameter and gradient. A parameter with state must raise
+    # before anything changes (torch fails on the state's shape); a stateless one steps
+    # in its new layout, as torch's does.
+    make = VIEWS_OF_THE_SAME_MEMORY[view]
+    theirs, ref, ours, opt = twin([torch.randn(3, 4)], fusedopt.SGD, torch.optim.SGD, dict(lr=0.1), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, 0))
+    for p in theirs + ours:
+        p.data = make(p.data)
+    assert ours[0].data_ptr() == opt._buckets[0][1][0]._ptrs[0]
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_close("param", ours[0], theirs[0])
+
+    p = torch.randn(3, 4, requires_grad=True)
+    opt = fusedopt.Adam([p], lr=0.01, backend=backend)
+    p.grad = torch.randn(3, 4)
+    opt.step()
+    p.data = make(p.data)
+    p.grad = torch.randn(p.shape)
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(RuntimeError, match=r"parameter 0 changed shape from \(3, 4\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0])
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_square_parameter_given_its_transpose_as_data_steps_in_its_new_layout(backend):
+    # `p.data = p.data.t()` of a square matrix: same address and shape, other strides.
+    theirs, ref, ours, opt = twin([torch.randn(4, 4), torch.randn(3)], fusedopt.Adam, torch.optim.Adam,
+                                  dict(lr=0.01), backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, 0))
+    for p in theirs[:1] + ours[:1]:
+        p.data = p.data.t()
+    for step in (1, 2, 3):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_copy_takes_up_a_transposed_view_put_in_through_data(backend):
+    # The master copy is in the state's layout; after `p.data = p.data.t()` it must take
+    # the parameter's values where they now are, as after any `.data` replacement: a step
+    # at lr 0 leaves the parameter as it is (it wrote back the old layout's values).
+    p = torch.randn(4, 4, dtype=torch.bfloat16, requires_grad=True)
+    opt = fusedopt.AdamW([p], lr=0.01, weight_decay=0, master_weights=True, backend=backend)
+    p.grad = torch.randn(4, 4, dtype=torch.bfloat16)
+    opt.step()
+    p.data = p.data.t()
+    opt.param_groups[0]["lr"] = 0.0
+    before = p.detach().clone()
+    p.grad = torch.randn(4, 4, dtype=torch.bfloat16)
+    opt.step()
+    assert torch.equal(p.detach(), before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
