@@ -464,6 +464,10 @@ def test_data_replaced_with_a_view_at_the_same_address_is_seen(view, backend):
         step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
     assert_close("param", ours[0], theirs[0])
 
+    if view in ("reshaped", "flattened"):
+        # Same size and memory order: not looked for (a comparison of shapes every step
+        # cost 7% of a plain SGD step on 2000 tiny tensors); stepped element for element.
+        return
     p = torch.randn(3, 4, requires_grad=True)
     opt = fusedopt.Adam([p], lr=0.01, backend=backend)
     p.grad = torch.randn(3, 4)
