@@ -102,6 +102,24 @@ class Adagrad(Optimizer):
                                       weight_decay=group["weight_decay"], eps=group["eps"],
                                       maximize=bool(group["maximize"]))
 
+    def _check_steps(self, group, bucket: _flat.Bucket, batch, sparse) -> None:
+        """A negative lr_decay (refused by the constructor, set in a group afterwards) makes
+        torch's step divide lr by 1 + (step - 1) * lr_decay = 0 at some step, a Python float
+        division that raises ZeroDivisionError (its fused kernel, which `backend='auto'` runs
+        without fused=True too, steps with an infinite lr instead). Raised here before
+        anything changes, for the tensors this step steps."""
+        lr_decay = group["lr_decay"]
+        if isinstance(lr_decay, Tensor) or not lr_decay < 0 or group.get("fused"):
+            return
+        stepped = ([] if batch is None else list(batch.index)) + [i for i, _ in sparse or ()]
+        counts = bucket.scalar("step")[stepped].to("cpu", torch.float64)   # (step - 1) of the coming step
+        zero = (counts * lr_decay + 1 == 0).nonzero()
+        if len(zero):
+            raise ZeroDivisionError(
+                f"float division by zero: lr_decay is {lr_decay!r}, and torch's Adagrad divides lr by "
+                f"1 + (step - 1) * lr_decay, which is 0 at step {int(counts[zero[0, 0]]) + 1} of parameter "
+                f"{self._global_index(bucket.params[stepped[zero[0, 0]]])} (its constructor refuses a negative lr_decay)")
+
     def _check_sparse(self, group, bucket: _flat.Bucket) -> None:
         super()._check_sparse(group, bucket)
         if group["weight_decay"] != 0:

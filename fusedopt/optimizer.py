@@ -336,6 +336,9 @@ class Optimizer(torch.optim.Optimizer):
     #: divides by eps alone in the one, not in the other)
     _native_fused_on_request = (torch.float16,)
     _sparse_error: str | None = None
+    #: a check of the coming step's counts, for what torch raises at a given step (before
+    #: anything changes): called with (group, bucket, batch, sparse) for every bucket stepped
+    _check_steps = None
     #: whether sparse gradients are stepped (torch's SGD and Adagrad take them):
     #: `_sparse_update` then steps those parameters, `_check_sparse` refuses options first
     _steps_sparse = False
@@ -810,6 +813,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._check_sparse(group, bucket)
                 if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:
                     self._check_state(bucket, batch, keys)
+                if self._check_steps is not None and (batch is not None or sparse):
+                    self._check_steps(group, bucket, batch, sparse)
                 if batch is not None or sparse:
                     work.append((group, bucket, batch, sparse))
         if len(work) > 1:

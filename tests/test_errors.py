@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fusedopt
+from _compare import assert_close
 from optim_db import OPTIMIZERS
 
 ROWS = [pytest.param(info, id=info.name) for info in OPTIMIZERS]
@@ -369,6 +370,41 @@ def test_a_beta_set_later_that_torch_divides_by_zero_raises_before_anything_chan
     ours = build(getattr(fusedopt, name), backend=backend)
     before = snapshot(ours)
     with pytest.raises(ZeroDivisionError, match=rf"betas\[{0 if name != 'RAdam' else 1}\] is 1.0"):
+        ours.step()
+    assert_unchanged(ours, before)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_a_negative_lr_decay_set_later_raises_where_torch_divides_by_zero(backend, sparse):
+    """torch's constructor refuses lr_decay < 0; set in a group afterwards, torch's Adagrad
+    divides lr by 1 + (step - 1) * lr_decay, 0 at the third step for -0.5, and raises
+    ZeroDivisionError after counting the step. fusedopt raises the same before anything
+    changes; its 'auto' path (torch's fused kernel) stepped on with an infinite lr, and
+    NaN parameters, without a word. The steps before it are torch's."""
+    def build(module, **kw):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, generator=gen))
+        opt = module.Adagrad([torch.nn.Parameter(torch.randn(3, generator=gen)), p], lr=0.1, **kw)
+        opt.param_groups[0]["lr_decay"] = -0.5
+        return opt, p
+
+    def grad(step):
+        g = torch.randn(5, generator=torch.Generator().manual_seed(step))
+        return g.to_sparse() if sparse else g
+
+    (theirs, p_theirs), (ours, p_ours) = build(torch.optim), build(fusedopt, backend=backend)
+    for step in (1, 2):
+        for p in (p_theirs, p_ours):
+            p.grad = grad(step)
+        theirs.step()
+        ours.step()
+        assert_close(f"param after step {step}", p_ours.detach(), p_theirs.detach())
+    p_theirs.grad, p_ours.grad = grad(3), grad(3)
+    with pytest.raises(ZeroDivisionError):
+        theirs.step()
+    before = snapshot(ours)
+    with pytest.raises(ZeroDivisionError, match=r"lr_decay is -0.5.*step 3 of parameter 1"):
         ours.step()
     assert_unchanged(ours, before)
 
