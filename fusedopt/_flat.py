@@ -277,6 +277,9 @@ class Bucket:
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._ptrs = [p.data_ptr() for p in shards]
         self._anchor: Tensor | None = None
+        # Pairs of parameters that share memory (views of one tensor): the optimizer refuses
+        # a step that would update both (`Optimizer._refuse_shared_memory`).
+        self.shared = shared_memory(shards, self._ptrs, self.contiguous)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -376,6 +379,7 @@ class Bucket:
                 self.unchecked.setdefault(i, False)
         self._ptrs = ptrs
         self.contiguous = contiguous
+        self.shared = shared_memory(shards, ptrs, contiguous)
 
     def collect(self, error_on_sparse: str | None = None, grads: list[Tensor | None] | None = None,
                 sparse: list[tuple[int, Tensor]] | None = None) -> Batch | None:
@@ -513,6 +517,70 @@ def reference_inputs(bucket: Bucket, batch: Batch, table: Tensor, columns) -> tu
 def commit(buffer: Tensor, value: Tensor, stepped: Tensor) -> None:
     """Write `value` into the stepped tensors' segments of a flat buffer, nowhere else."""
     buffer.copy_(torch.where(stepped, value.to(buffer.dtype), buffer))
+
+
+# Above this many elements between the first and last byte of a group of parameters whose
+# extents overlap, `shared_memory` does not look for a common element (an array as long as
+# the group's span) and takes the overlapping extents as sharing one, which refuses
+# disjoint strided views of one large tensor rather than let two writes race.
+EXACT_SPAN = 1 << 24
+
+
+def shared_memory(tensors: list[Tensor], ptrs: list[int] | None = None,
+                  contiguous: list[bool] | None = None) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, of tensors (of one device and dtype) that share memory.
+
+    A fused step updates a bucket's tensors at once: two that share an element would race
+    on a GPU, and the reference path keeps one of the two updates, where torch.optim's
+    for-loop applies both in turn. Extents (first to last byte) are compared first, in
+    address order (`ptrs` and `contiguous`, where the caller has them, save reading them
+    again: a bucket looks again every step that parameters get new memory through
+    `.data`); views whose extents interleave without sharing an element (the columns of
+    one matrix) are told apart by marking each one's elements.
+    """
+    if len(tensors) < 2 or tensors[0].device.type == "meta":
+        return []
+    starts = list(map(Tensor.data_ptr, tensors)) if ptrs is None else ptrs
+    extents = list(map(Tensor.numel, tensors))
+    for i, c in enumerate(map(Tensor.is_contiguous, tensors) if contiguous is None else contiguous):
+        if not c and extents[i]:
+            t = tensors[i]
+            extents[i] = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    size = tensors[0].element_size()
+    spans = sorted((starts[i], starts[i] + n * size, i) for i, n in enumerate(extents) if n)
+    pairs: list[tuple[int, int]] = []
+    cluster, reach = spans[:1], spans[0][1] if spans else 0
+    for span in spans[1:] + [None]:
+        if span is not None and span[0] < reach:
+            cluster.append(span)
+            reach = max(reach, span[1])
+            continue
+        if len(cluster) > 1:
+            pairs += _shared_in(cluster, tensors)
+        if span is not None:
+            cluster, reach = [span], span[1]
+    return sorted(pairs)
+
+
+def _shared_in(cluster: list[tuple[int, int, int]], tensors: list[Tensor]) -> list[tuple[int, int]]:
+    """`shared_memory` for tensors whose extents chain into one range of addresses."""
+    base, end = cluster[0][0], max(span[1] for span in cluster)
+    size = tensors[cluster[0][2]].element_size()
+    exact = (end - base) // size <= EXACT_SPAN and all((start - base) % size == 0 for start, _, _ in cluster)
+    if all(tensors[i].is_contiguous() for _, _, i in cluster) or not exact:
+        # A contiguous tensor's extent is its elements.
+        return [(min(i, j), max(i, j)) for k, (_, end_i, i) in enumerate(cluster)
+                for start_j, _, j in cluster[k + 1:] if start_j < end_i]
+    owner = torch.full(((end - base) // size,), -1, dtype=torch.int32)
+    elements = torch.arange(owner.numel())
+    pairs = []
+    for start, _, i in sorted(cluster, key=operator.itemgetter(2)):
+        t = tensors[i]
+        index = elements.as_strided(t.shape, t.stride(), (start - base) // size).flatten()
+        earlier = owner[index]
+        pairs += [(j, i) for j in earlier[earlier >= 0].unique().tolist()]
+        owner[index] = i
+    return pairs
 
 
 class StaleLayout(Exception):

@@ -688,6 +688,26 @@ class Optimizer(torch.optim.Optimizer):
                     "unscaled gradient back into it, an in-place write torch refuses for such a tensor. "
                     "help: assign a clone() of it to .grad")
 
+    def _refuse_shared_memory(self, bucket: _flat.Bucket, batch: _flat.Batch | None,
+                              sparse: list[tuple[int, Tensor]] | None) -> None:
+        """Two parameters that share memory (views of one tensor, `nn.Parameter(w[:6])` beside
+        `nn.Parameter(w[4:])`) and both have a gradient: torch.optim's for-loop updates one,
+        then the other from the first's result; its foreach and fused paths order the writes
+        differently again (torch's fused CUDA kernels race). A fused step updates a bucket's
+        parameters at once: on a GPU the two writes would race, and the reference path would
+        keep one update of the two. Refused here, before anything changes, rather than give
+        numbers that depend on the path; a parameter that shares memory but has no gradient
+        this step is stepped by no one, and not refused."""
+        stepped = set(batch.index if batch is not None else ()).union(i for i, _ in sparse or ())
+        for i, j in bucket.shared:
+            if i in stepped and j in stepped:
+                first, second = self._global_index(bucket.params[i]), self._global_index(bucket.params[j])
+                raise ValueError(
+                    f"fusedopt: parameters {first} and {second} share memory (views of one tensor) and both have "
+                    "a gradient; a fused step updates them at once, where torch.optim updates one after the other "
+                    "(so the shared elements take both updates in an order that depends on torch's path). "
+                    "help: give each parameter its own memory (clone() it), or tie weights by using one Parameter")
+
     def _sparse_update(self, group: dict, bucket: _flat.Bucket, sparse: list[tuple[int, Tensor]],
                        fresh: list[int]) -> None:
         """Step the bucket's parameters whose gradients are sparse ((position, gradient)
@@ -809,6 +829,8 @@ class Optimizer(torch.optim.Optimizer):
                     self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
                 if amp is not None and amp[0] is not None and batch is not None and batch.user_grads is not None:
                     self._refuse_overlapping_grads(bucket, batch)
+                if bucket.shared:
+                    self._refuse_shared_memory(bucket, batch, sparse)
                 if sparse:
                     self._check_sparse(group, bucket)
                 if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:

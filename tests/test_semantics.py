@@ -494,6 +494,77 @@ def test_square_parameter_given_its_transpose_as_data_steps_in_its_new_layout(ba
     assert_same_run(theirs, ref, ours, opt)
 
 
+# Parameters made as views of one tensor: (views sharing memory, disjoint views).
+SHARING_VIEWS = {
+    "overlapping slices": lambda w: [w.view(-1)[:14], w.view(-1)[10:]],
+    "a matrix and its transpose": lambda w: [w[:4], w[:4].t()],
+    "a column and a row": lambda w: [w[:, 2], w[1:3]],
+}
+DISJOINT_VIEWS = {
+    "adjacent slices": lambda w: [w.view(-1)[:10], w.view(-1)[10:]],
+    "columns": lambda w: [w[:, :2], w[:, 2:3], w[:, 3:]],
+    "every other row": lambda w: [w[::2], w[1::2]],
+}
+
+
+def parameters_viewing(make, seed=0):
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed))
+    return w, [torch.nn.Parameter(v) for v in make(w)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("views", SHARING_VIEWS)
+@pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.AdamW], ids=["SGD", "AdamW"])
+def test_parameters_sharing_memory_are_refused_before_anything_changes(cls, views, backend):
+    # torch.optim updates such parameters one after the other, the shared elements taking
+    # both updates in an order that depends on its path; a fused step updates them at once
+    # (on a GPU the two writes race; the reference path kept one update of the two).
+    w, params = parameters_viewing(SHARING_VIEWS[views])
+    opt = cls(params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = w.clone()
+    with pytest.raises(ValueError, match="parameters 0 and 1 share memory"):
+        opt.step()
+    assert torch.equal(w, before)
+    assert all(not opt.state[p] for p in params)
+    # One of them without a gradient: nothing races, and it steps as torch's does.
+    theirs_w, theirs = parameters_viewing(SHARING_VIEWS[views])
+    ref = getattr(torch.optim, cls.__name__)(theirs, lr=0.1)
+    params[0].grad = theirs[0].grad = None
+    theirs[1].grad = params[1].grad.clone()
+    opt.step()
+    ref.step()
+    assert_close("memory", w, theirs_w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("views", DISJOINT_VIEWS)
+def test_disjoint_views_of_one_tensor_step_as_torch_steps_them(views, backend):
+    w, params = parameters_viewing(DISJOINT_VIEWS[views])
+    theirs_w, theirs = parameters_viewing(DISJOINT_VIEWS[views])
+    opt, ref = fusedopt.Adam(params, lr=0.1, backend=backend), torch.optim.Adam(theirs, lr=0.1)
+    for step in range(2):
+        step_both(list(zip(theirs, params)), [ref, opt], random_grads(theirs, step))
+    assert_close("memory", w, theirs_w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_given_anothers_memory_through_data_is_refused(backend):
+    # Same shape, so the bucket is not rebuilt: the new address is looked at again.
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]
+    opt = fusedopt.SGD(params, lr=0.1, momentum=0.9, backend=backend)
+    for p in params:
+        p.grad = torch.randn(3, 4)
+    opt.step()
+    params[2].data = params[0].data
+    before = [p.detach().clone() for p in params], [opt.state[p]["momentum_buffer"].clone() for p in params]
+    with pytest.raises(ValueError, match="parameters 0 and 2 share memory"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], b) for p, b in zip(params, before[1]))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_master_copy_takes_up_a_transposed_view_put_in_through_data(backend):
     # The master copy is in the state's layout; after `p.data = p.data.t()` it must take
