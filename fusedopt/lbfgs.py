@@ -220,6 +220,58 @@ def _strong_wolfe(evaluate, t, d, f, g, gtd, c1=1e-4, c2=0.9, tolerance_change=1
     return bracket.f[low], bracket.g[low], bracket.t[low], evals
 
 
+def _not_a_number(value) -> bool:
+    return value is None or isinstance(value, (str, bytes))
+
+
+def _check_options(group: dict, state: dict) -> None:
+    """Raise what torch's step raises for a malformed option, before anything changes.
+
+    torch's step raises only where it first uses an option: after evaluating the closure
+    and counting the evaluation, and for most options after moving the parameters,
+    appending to the history and overwriting ``prev_flat_grad``, so that a step retried
+    once the option is fixed continues from a corrupted history. Here the same exception
+    types are raised first, for the options this step's first iteration uses (and max_eval,
+    which torch reads after it, unless that iteration is the last or finds no descent
+    direction: a step that returns there is refused too).
+    """
+    line_search_fn, tolerance_grad = group["line_search_fn"], group["tolerance_grad"]
+    if line_search_fn not in (None, "strong_wolfe"):
+        raise RuntimeError(f"only 'strong_wolfe' is supported (line_search_fn={line_search_fn!r})")
+    if _not_a_number(tolerance_grad):
+        raise TypeError(f"tolerance_grad is {tolerance_grad!r}; expected a number")
+    max_iter = group["max_iter"]
+    if _not_a_number(max_iter):
+        raise TypeError(f"max_iter is {max_iter!r}; expected a number")
+    if not 0 < max_iter:
+        return   # no iteration uses the others
+    lr, tolerance_change = group["lr"], group["tolerance_change"]
+    if _not_a_number(tolerance_change):
+        raise TypeError(f"tolerance_change is {tolerance_change!r}; expected a number")
+    if _not_a_number(lr) or (isinstance(lr, Tensor) and lr.numel() != 1):
+        # (torch's add_ takes the step size as alpha, which must be a number)
+        raise TypeError(f"lr is {lr!r}; expected a number or a 1-element tensor")
+    max_eval = group["max_eval"]
+    # Without a line search torch compares the evaluations with max_eval only after an
+    # iteration that is not the last.
+    if (line_search_fn is not None or max_iter != 1) and _not_a_number(max_eval):
+        raise TypeError(f"max_eval is {max_eval!r}; expected a number")
+    if line_search_fn is not None and max_eval < 1:
+        # the line search gets max_eval - 1 evaluations (the step made one): fewer than
+        # none leaves torch's without a bracket, and it fails reading it
+        raise UnboundLocalError(
+            f"max_eval={max_eval!r} leaves the strong Wolfe line search a negative number of evaluations; "
+            "torch.optim.LBFGS fails there with UnboundLocalError. help: max_eval >= 1")
+    history_size = group["history_size"]
+    if "al" not in state and state.get("n_iter", 0) >= 1:
+        # this step's first iteration creates torch's `al` as [None] * history_size (a
+        # first step's second one would, if it comes: torch raises there, and so does this)
+        try:
+            [None] * history_size
+        except TypeError:
+            raise TypeError(f"history_size is {history_size!r}; expected an int") from None
+
+
 class LBFGS(Optimizer):
     """L-BFGS, as torch.optim.LBFGS: same options, state, iterates and losses.
 
@@ -339,14 +391,9 @@ class LBFGS(Optimizer):
         max_iter, max_eval = group["max_iter"], group["max_eval"]
         tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
         line_search_fn, history_size = group["line_search_fn"], group["history_size"]
-        # torch raises on these after evaluating the closure and counting it, or after
-        # moving the parameters; here before anything changes, with torch's types.
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise RuntimeError(f"only 'strong_wolfe' is supported (line_search_fn={line_search_fn!r})")
-        if tolerance_grad is None or isinstance(tolerance_grad, (str, bytes)):
-            raise TypeError(f"tolerance_grad is {tolerance_grad!r}; expected a number")
-
         first = self._params[0]   # (an empty group raises IndexError, as in torch)
+        # (read without creating the entry: a refused step leaves no empty state behind)
+        _check_options(group, self.state.get(first) or {})
         flat = self._flat()
 
         # Global state, registered under the first parameter as torch does (so that
