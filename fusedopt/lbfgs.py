@@ -272,6 +272,26 @@ def _check_options(group: dict, state: dict) -> None:
             raise TypeError(f"history_size is {history_size!r}; expected an int") from None
 
 
+def _flat_numel(params: list[Tensor]) -> int:
+    """The length of torch's flat vector: every element, a complex one counted twice."""
+    return sum(2 * p.numel() if p.is_complex() else p.numel() for p in params)
+
+
+def _misfit(entry: dict, numel: int) -> tuple[str, tuple[int, ...]] | None:
+    """(name, shape) of the first flat vector kept in a state entry (``d``,
+    ``prev_flat_grad``, the history's ``old_dirs``/``old_stps``) that is not of length
+    `numel`, the parameters' flat vector; None when all are."""
+    vectors = [(key, entry.get(key)) for key in ("d", "prev_flat_grad")]
+    for key in ("old_dirs", "old_stps"):
+        history = entry.get(key)
+        if isinstance(history, (list, tuple)):
+            vectors += [(f"{key}[{i}]", v) for i, v in enumerate(history)]
+    for name, v in vectors:
+        if isinstance(v, Tensor) and v.shape != (numel,):
+            return name, tuple(v.shape)
+    return None
+
+
 class LBFGS(Optimizer):
     """L-BFGS, as torch.optim.LBFGS: same options, state, iterates and losses.
 
@@ -353,6 +373,18 @@ class LBFGS(Optimizer):
             layout = self._layout = _FlatLayout(params)
         return layout
 
+    def _validate_entry(self, key, p: Tensor, entry, group: dict) -> None:
+        # The base class checks state against its parameter's shape; LBFGS's is global, of
+        # the flat vector's length. torch loads a checkpoint of other parameters and its
+        # step fails on it, after evaluating the closure and counting the evaluation.
+        super()._validate_entry(key, p, entry, group)
+        numel = _flat_numel(self._params)
+        misfit = _misfit(entry, numel)
+        if misfit is not None:
+            raise ValueError(
+                f"loaded state dict has state '{misfit[0]}' of shape {misfit[1]} for parameter {key}; LBFGS's flat "
+                f"vectors here have {numel} elements (its parameters' elements, complex ones counted twice)")
+
     @staticmethod
     def _cast(p, key, value):
         # Like torch: tensors inside the history lists are cast too, and the lists are
@@ -395,6 +427,14 @@ class LBFGS(Optimizer):
         # (read without creating the entry: a refused step leaves no empty state behind)
         _check_options(group, self.state.get(first) or {})
         flat = self._flat()
+        misfit = _misfit(self.state.get(first) or {}, flat.numel) if 0 < max_iter else None
+        if misfit is not None:
+            # parameters of another size than the history's (`p.data = ...` of another
+            # shape): torch's step fails on the first vector op, after the closure and its count
+            raise RuntimeError(
+                f"LBFGS state '{misfit[0]}' has shape {misfit[1]}, but the parameters' flat vector now has "
+                f"{flat.numel} elements (complex ones counted twice): the state belongs to other parameters. "
+                "help: opt.state.clear() starts afresh")
 
         # Global state, registered under the first parameter as torch does (so that
         # load_state_dict casts it). Plain dict writes: these tensors are replaced, not

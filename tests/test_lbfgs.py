@@ -414,3 +414,49 @@ def test_replaced_parameter_data_is_followed():
     for a, b in zip(p_ref, p_new):
         assert torch.equal(a, b)
     assert_same_state(opt_new, opt_ref)
+
+
+def test_a_checkpoint_of_other_parameters_is_refused_at_load():
+    """README: load_state_dict refuses state of the wrong shape before anything changes.
+    LBFGS's state is one flat vector over all parameters: torch loads a checkpoint of a
+    model of another size, and its next step fails after evaluating the closure and
+    counting it. fusedopt refuses it at load, naming the vector."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    params = make(torch.float64)
+    src = torch.optim.LBFGS(params, max_iter=3, history_size=2)
+    for _ in range(2):
+        src.step(closure_for(src, params, loss_fn))
+    saved = copy.deepcopy(src.state_dict())
+
+    other = make(torch.float64)
+    other[2] = torch.randn(4, dtype=torch.float64, requires_grad=True)   # one element more
+    opt = fusedopt.LBFGS(other, max_iter=3, history_size=2)
+    with pytest.raises(ValueError, match=r"'d' of shape \(39,\).*40 elements"):
+        opt.load_state_dict(saved)
+    assert not opt.state
+    # each history vector is checked too
+    saved["state"][0]["d"] = torch.zeros(40, dtype=torch.float64)
+    saved["state"][0]["prev_flat_grad"] = torch.zeros(40, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'old_dirs\[0\]' of shape \(39,\)"):
+        opt.load_state_dict(saved)
+    assert not opt.state
+
+
+def test_parameters_of_another_size_raise_before_anything_changes():
+    """A parameter given data of another size between steps: the history is of the old
+    size. torch's step fails on it (RuntimeError) after evaluating the closure and counting
+    it; fusedopt raises RuntimeError before that."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    runs = []
+    for cls in (torch.optim.LBFGS, fusedopt.LBFGS):
+        params = make(torch.float64)
+        opt = cls(params, lr=0.05, max_iter=3)
+        opt.step(closure_for(opt, params, loss_fn))
+        with torch.no_grad():
+            params[2].data = torch.zeros(5, dtype=torch.float64)   # unused by the loss: 3 -> 5 elements
+        before = copy.deepcopy(opt.state_dict()["state"])
+        runs.append((_error(lambda: opt.step(closure_for(opt, params, loss_fn))), before, opt.state_dict()["state"]))
+    (theirs, *_), (ours, before, after) = runs
+    assert theirs[0] is ours[0] is RuntimeError and "'d' has shape (39,)" in ours[1]
+    for key, value in before[0].items():
+        assert_same_value(key, after[0][key], value)
