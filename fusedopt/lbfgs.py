@@ -20,7 +20,8 @@ class _FlatLayout:
     Segments follow one another with no padding, in the order of the parameter list, each
     in the parameter's logical (row-major) element order: exactly the vector torch's LBFGS
     concatenates, so dot products and norms reduce the same numbers in the same order. The
-    dtype is what concatenating the parameters' (real) dtypes gives.
+    dtype is what concatenating the parameters' (real) dtypes gives; the flat gradient's is
+    what concatenating the gradients' gives (`gather_grad`), as in torch.
     """
 
     def __init__(self, params: list[Tensor]):
@@ -39,8 +40,8 @@ class _FlatLayout:
             self.bounds.append((start, start + r.numel()))
             start += r.numel()
         self.numel = start
-        self.grad = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        self.grad_views = self.views(self.grad)
+        # flat gradient buffers and their views, by dtype (see gather_grad)
+        self._grads: dict[torch.dtype, tuple[Tensor, list[Tensor]]] = {}
         self._snapshot: Tensor | None = None
         self._snapshot_views: list[Tensor] = []
         self._direction: tuple[Tensor, list[Tensor]] | None = None
@@ -56,12 +57,26 @@ class _FlatLayout:
     def gather_grad(self, params: list[Tensor]) -> Tensor:
         """The flat gradient (zeros where a parameter has none), written into one buffer.
 
+        Its dtype is the one torch's ``cat`` of the gradients takes: the parameters' unless
+        a gradient is of a wider dtype than its parameter (``param.grad_dtype``), and every
+        vector derived from it (``d``, the history) follows, as in torch.
         The buffer is reused: every caller that keeps a gradient across evaluations copies
         it (as torch's algorithm already does for the vectors it keeps).
         """
+        grads = [p.grad for p in params]
+        dtype = self.dtype
+        for g, p in zip(grads, params):
+            if g is not None and g.dtype != p.dtype:
+                dtype = functools.reduce(torch.promote_types, (
+                    r.dtype if g is None else _real(g).dtype for g, r in zip(grads, self.reals)))
+                break
+        buffers = self._grads.get(dtype)
+        if buffers is None:
+            flat = torch.empty(self.numel, dtype=dtype, device=self.device)
+            buffers = self._grads[dtype] = (flat, self.views(flat))
+        flat, views = buffers
         dst, src, missing = [], [], []
-        for p, view in zip(params, self.grad_views):
-            g = p.grad
+        for g, view in zip(grads, views):
             if g is None:
                 missing.append(view)
                 continue
@@ -73,7 +88,7 @@ class _FlatLayout:
             torch._foreach_copy_(dst, src)
         if missing:
             torch._foreach_zero_(missing)
-        return self.grad
+        return flat
 
     def add(self, step, direction: Tensor) -> None:
         """params += step * direction, one multi-tensor op (torch: one add_ per parameter)."""

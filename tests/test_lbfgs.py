@@ -460,3 +460,30 @@ def test_parameters_of_another_size_raise_before_anything_changes():
     assert theirs[0] is ours[0] is RuntimeError and "'d' has shape (39,)" in ours[1]
     for key, value in before[0].items():
         assert_same_value(key, after[0][key], value)
+
+
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+def test_gradients_wider_than_their_parameters_as_torch(line_search_fn):
+    """With `param.grad_dtype` a bf16 parameter's gradient is fp32: torch's flat gradient
+    (a cat of the gradients) is then fp32, and so are d, the history and the steps taken.
+    fusedopt's was in the parameters' dtype, rounding every gradient to bf16."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        wide = torch.randn(6, generator=g).to(torch.bfloat16).requires_grad_()
+        wide.grad_dtype = torch.float32
+        plain = torch.randn(3, generator=g).to(torch.bfloat16).requires_grad_()
+        return [wide, plain]
+
+    def loss_fn(ps):
+        return ((ps[0].float() - 1) ** 4).sum() + (ps[1].float() ** 2).sum()
+
+    p_ref, p_new = make(), make()
+    options = dict(lr=1 if line_search_fn else 0.05, max_iter=5, line_search_fn=line_search_fn)
+    opt_ref, opt_new = torch.optim.LBFGS(p_ref, **options), fusedopt.LBFGS(p_new, **options)
+    for _ in range(3):
+        assert opt_new.step(closure_for(opt_new, p_new, loss_fn)).item() == \
+            opt_ref.step(closure_for(opt_ref, p_ref, loss_fn)).item()
+        for a, b in zip(p_ref, p_new):
+            assert torch.equal(a, b)
+        assert_same_state(opt_new, opt_ref)
+    assert opt_new.state[p_new[0]]["d"].dtype == torch.float32
