@@ -20,7 +20,8 @@ class _FlatLayout:
     Segments follow one another with no padding, in the order of the parameter list, each
     in the parameter's logical (row-major) element order: exactly the vector torch's LBFGS
     concatenates, so dot products and norms reduce the same numbers in the same order. The
-    dtype is what concatenating the parameters' (real) dtypes gives.
+    dtype is what concatenating the parameters' (real) dtypes gives; the flat gradient's is
+    what concatenating the gradients' gives (`gather_grad`), as in torch.
     """
 
     def __init__(self, params: list[Tensor]):
@@ -39,8 +40,8 @@ class _FlatLayout:
             self.bounds.append((start, start + r.numel()))
             start += r.numel()
         self.numel = start
-        self.grad = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        self.grad_views = self.views(self.grad)
+        # flat gradient buffers and their views, by dtype (see gather_grad)
+        self._grads: dict[torch.dtype, tuple[Tensor, list[Tensor]]] = {}
         self._snapshot: Tensor | None = None
         self._snapshot_views: list[Tensor] = []
         self._direction: tuple[Tensor, list[Tensor]] | None = None
@@ -56,12 +57,26 @@ class _FlatLayout:
     def gather_grad(self, params: list[Tensor]) -> Tensor:
         """The flat gradient (zeros where a parameter has none), written into one buffer.
 
+        Its dtype is the one torch's ``cat`` of the gradients takes: the parameters' unless
+        a gradient is of a wider dtype than its parameter (``param.grad_dtype``), and every
+        vector derived from it (``d``, the history) follows, as in torch.
         The buffer is reused: every caller that keeps a gradient across evaluations copies
         it (as torch's algorithm already does for the vectors it keeps).
         """
+        grads = [p.grad for p in params]
+        dtype = self.dtype
+        for g, p in zip(grads, params):
+            if g is not None and g.dtype != p.dtype:
+                dtype = functools.reduce(torch.promote_types, (
+                    r.dtype if g is None else _real(g).dtype for g, r in zip(grads, self.reals)))
+                break
+        buffers = self._grads.get(dtype)
+        if buffers is None:
+            flat = torch.empty(self.numel, dtype=dtype, device=self.device)
+            buffers = self._grads[dtype] = (flat, self.views(flat))
+        flat, views = buffers
         dst, src, missing = [], [], []
-        for p, view in zip(params, self.grad_views):
-            g = p.grad
+        for g, view in zip(grads, views):
             if g is None:
                 missing.append(view)
                 continue
@@ -73,7 +88,7 @@ class _FlatLayout:
             torch._foreach_copy_(dst, src)
         if missing:
             torch._foreach_zero_(missing)
-        return self.grad
+        return flat
 
     def add(self, step, direction: Tensor) -> None:
         """params += step * direction, one multi-tensor op (torch: one add_ per parameter)."""
@@ -220,6 +235,78 @@ def _strong_wolfe(evaluate, t, d, f, g, gtd, c1=1e-4, c2=0.9, tolerance_change=1
     return bracket.f[low], bracket.g[low], bracket.t[low], evals
 
 
+def _not_a_number(value) -> bool:
+    return value is None or isinstance(value, (str, bytes))
+
+
+def _check_options(group: dict, state: dict) -> None:
+    """Raise what torch's step raises for a malformed option, before anything changes.
+
+    torch's step raises only where it first uses an option: after evaluating the closure
+    and counting the evaluation, and for most options after moving the parameters,
+    appending to the history and overwriting ``prev_flat_grad``, so that a step retried
+    once the option is fixed continues from a corrupted history. Here the same exception
+    types are raised first, for the options this step's first iteration uses (and max_eval,
+    which torch reads after it, unless that iteration is the last or finds no descent
+    direction: a step that returns there is refused too).
+    """
+    line_search_fn, tolerance_grad = group["line_search_fn"], group["tolerance_grad"]
+    if line_search_fn not in (None, "strong_wolfe"):
+        raise RuntimeError(f"only 'strong_wolfe' is supported (line_search_fn={line_search_fn!r})")
+    if _not_a_number(tolerance_grad):
+        raise TypeError(f"tolerance_grad is {tolerance_grad!r}; expected a number")
+    max_iter = group["max_iter"]
+    if _not_a_number(max_iter):
+        raise TypeError(f"max_iter is {max_iter!r}; expected a number")
+    if not 0 < max_iter:
+        return   # no iteration uses the others
+    lr, tolerance_change = group["lr"], group["tolerance_change"]
+    if _not_a_number(tolerance_change):
+        raise TypeError(f"tolerance_change is {tolerance_change!r}; expected a number")
+    if _not_a_number(lr) or (isinstance(lr, Tensor) and lr.numel() != 1):
+        # (torch's add_ takes the step size as alpha, which must be a number)
+        raise TypeError(f"lr is {lr!r}; expected a number or a 1-element tensor")
+    max_eval = group["max_eval"]
+    # Without a line search torch compares the evaluations with max_eval only after an
+    # iteration that is not the last.
+    if (line_search_fn is not None or max_iter != 1) and _not_a_number(max_eval):
+        raise TypeError(f"max_eval is {max_eval!r}; expected a number")
+    if line_search_fn is not None and max_eval < 1:
+        # the line search gets max_eval - 1 evaluations (the step made one): fewer than
+        # none leaves torch's without a bracket, and it fails reading it
+        raise UnboundLocalError(
+            f"max_eval={max_eval!r} leaves the strong Wolfe line search a negative number of evaluations; "
+            "torch.optim.LBFGS fails there with UnboundLocalError. help: max_eval >= 1")
+    history_size = group["history_size"]
+    if "al" not in state and state.get("n_iter", 0) >= 1:
+        # this step's first iteration creates torch's `al` as [None] * history_size (a
+        # first step's second one would, if it comes: torch raises there, and so does this)
+        try:
+            [None] * history_size
+        except TypeError:
+            raise TypeError(f"history_size is {history_size!r}; expected an int") from None
+
+
+def _flat_numel(params: list[Tensor]) -> int:
+    """The length of torch's flat vector: every element, a complex one counted twice."""
+    return sum(2 * p.numel() if p.is_complex() else p.numel() for p in params)
+
+
+def _misfit(entry: dict, numel: int) -> tuple[str, tuple[int, ...]] | None:
+    """(name, shape) of the first flat vector kept in a state entry (``d``,
+    ``prev_flat_grad``, the history's ``old_dirs``/``old_stps``) that is not of length
+    `numel`, the parameters' flat vector; None when all are."""
+    vectors = [(key, entry.get(key)) for key in ("d", "prev_flat_grad")]
+    for key in ("old_dirs", "old_stps"):
+        history = entry.get(key)
+        if isinstance(history, (list, tuple)):
+            vectors += [(f"{key}[{i}]", v) for i, v in enumerate(history)]
+    for name, v in vectors:
+        if isinstance(v, Tensor) and v.shape != (numel,):
+            return name, tuple(v.shape)
+    return None
+
+
 class LBFGS(Optimizer):
     """L-BFGS, as torch.optim.LBFGS: same options, state, iterates and losses.
 
@@ -301,6 +388,18 @@ class LBFGS(Optimizer):
             layout = self._layout = _FlatLayout(params)
         return layout
 
+    def _validate_entry(self, key, p: Tensor, entry, group: dict) -> None:
+        # The base class checks state against its parameter's shape; LBFGS's is global, of
+        # the flat vector's length. torch loads a checkpoint of other parameters and its
+        # step fails on it, after evaluating the closure and counting the evaluation.
+        super()._validate_entry(key, p, entry, group)
+        numel = _flat_numel(self._params)
+        misfit = _misfit(entry, numel)
+        if misfit is not None:
+            raise ValueError(
+                f"loaded state dict has state '{misfit[0]}' of shape {misfit[1]} for parameter {key}; LBFGS's flat "
+                f"vectors here have {numel} elements (its parameters' elements, complex ones counted twice)")
+
     @staticmethod
     def _cast(p, key, value):
         # Like torch: tensors inside the history lists are cast too, and the lists are
@@ -339,15 +438,18 @@ class LBFGS(Optimizer):
         max_iter, max_eval = group["max_iter"], group["max_eval"]
         tolerance_grad, tolerance_change = group["tolerance_grad"], group["tolerance_change"]
         line_search_fn, history_size = group["line_search_fn"], group["history_size"]
-        # torch raises on these after evaluating the closure and counting it, or after
-        # moving the parameters; here before anything changes, with torch's types.
-        if line_search_fn not in (None, "strong_wolfe"):
-            raise RuntimeError(f"only 'strong_wolfe' is supported (line_search_fn={line_search_fn!r})")
-        if tolerance_grad is None or isinstance(tolerance_grad, (str, bytes)):
-            raise TypeError(f"tolerance_grad is {tolerance_grad!r}; expected a number")
-
         first = self._params[0]   # (an empty group raises IndexError, as in torch)
+        # (read without creating the entry: a refused step leaves no empty state behind)
+        _check_options(group, self.state.get(first) or {})
         flat = self._flat()
+        misfit = _misfit(self.state.get(first) or {}, flat.numel) if 0 < max_iter else None
+        if misfit is not None:
+            # parameters of another size than the history's (`p.data = ...` of another
+            # shape): torch's step fails on the first vector op, after the closure and its count
+            raise RuntimeError(
+                f"LBFGS state '{misfit[0]}' has shape {misfit[1]}, but the parameters' flat vector now has "
+                f"{flat.numel} elements (complex ones counted twice): the state belongs to other parameters. "
+                "help: opt.state.clear() starts afresh")
 
         # Global state, registered under the first parameter as torch does (so that
         # load_state_dict casts it). Plain dict writes: these tensors are replaced, not

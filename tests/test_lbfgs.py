@@ -232,26 +232,73 @@ def test_unknown_line_search_raises_as_torch():
     assert ours[0] is theirs[0] and ours[1].startswith(theirs[1]) and "'bogus'" in ours[1]
 
 
-@pytest.mark.parametrize("edit", [dict(line_search_fn="bogus"), dict(tolerance_grad="1e-7"), dict(tolerance_grad=None)],
-                         ids=["line_search_fn", "tolerance_grad-str", "tolerance_grad-None"])
-def test_bad_options_raise_what_torch_raises_before_anything_changes(edit):
-    """torch raises these after evaluating the closure and counting the evaluation (for
-    line_search_fn, after moving the parameters once); fusedopt raises the same type
-    before either, and the optimizer and parameters are as they were."""
+BAD_EDITS = {
+    "line_search_fn": dict(line_search_fn="bogus"),
+    "tolerance_grad-str": dict(tolerance_grad="1e-7"),
+    "tolerance_grad-None": dict(tolerance_grad=None),
+    "max_iter-None": dict(max_iter=None),
+    "tolerance_change-None": dict(tolerance_change=None),
+    "tolerance_change-str": dict(tolerance_change="1e-9"),
+    "lr-None": dict(lr=None),
+    "lr-str": dict(lr="0.1"),
+    "lr-two-elements": dict(lr=torch.tensor([0.1, 0.2])),
+    "max_eval-None": dict(max_eval=None),
+    "max_eval-None-wolfe": dict(max_eval=None, line_search_fn="strong_wolfe"),
+    "max_eval-0-wolfe": dict(max_eval=0, line_search_fn="strong_wolfe"),
+    "history_size-None": dict(history_size=None),
+}
+
+
+# (history_size on a first step is read at its second iteration, if one comes: there fusedopt
+# raises where torch does, after the first)
+@pytest.mark.parametrize("first_step, edit", [
+    pytest.param(first, edit, id=f"{'first' if first else 'later'}-step-{name}")
+    for first in (True, False) for name, edit in BAD_EDITS.items() if not (first and name == "history_size-None")])
+def test_bad_options_raise_what_torch_raises_before_anything_changes(edit, first_step):
+    """torch raises on these where its step first uses the option: after evaluating the
+    closure and counting the evaluation, mostly after moving the parameters, appending to
+    the history and overwriting prev_flat_grad, so that a step retried with the option
+    fixed goes on from a corrupted history. fusedopt raises the same type before any of
+    that, and the optimizer and parameters are as they were."""
     def attempt(cls):
-        p = torch.tensor([1.0, 2.0], requires_grad=True)
-        opt = cls([p], max_iter=1)   # (so that the second step iterates: torch checks line_search_fn there)
-        objective = lambda ps: ps[0].pow(2).sum()  # noqa: E731
-        opt.step(closure_for(opt, [p], objective))
-        opt.param_groups[0].update(edit)
-        before = (p.detach().clone(), copy.deepcopy(dict(opt.state[p])))
+        p = torch.tensor([1.0, 2.0, -3.0], requires_grad=True)
+        # (one iteration first: torch creates the history's `al` at the second)
+        opt = cls([p], lr=0.1, max_iter=1)
+        objective = lambda ps: (ps[0] ** 4).sum() + ps[0].prod()  # noqa: E731
+        if not first_step:
+            opt.step(closure_for(opt, [p], objective))
+        opt.param_groups[0].update({"max_iter": 3, **edit})
+        before = (p.detach().clone(), copy.deepcopy(opt.state_dict()["state"]))
         return _error(lambda: opt.step(closure_for(opt, [p], objective))), p, opt, before
 
     theirs = attempt(torch.optim.LBFGS)[0]
     ours, p, opt, (value, state) = attempt(fusedopt.LBFGS)
-    assert theirs is not None and ours[0] is theirs[0], (ours, theirs)
+    assert theirs is not None and ours is not None and ours[0] is theirs[0], (ours, theirs)
     assert torch.equal(p, value)
-    assert opt.state[p]["func_evals"] == state["func_evals"] and opt.state[p]["n_iter"] == state["n_iter"]
+    after = opt.state_dict()["state"]
+    assert list(after) == list(state)
+    for k, entry in state.items():
+        assert list(after[k]) == list(entry)
+        for key, v in entry.items():
+            assert_same_value(key, after[k][key], v)
+
+
+def test_options_used_by_no_iteration_are_not_checked_as_in_torch():
+    """An option the step never reaches raises nothing, in torch or here: max_eval without
+    a line search when max_iter is 1, anything but tolerance_grad when max_iter is 0."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    for edit in (dict(max_eval=None, max_iter=1), dict(max_iter=0, lr=None, tolerance_change=None, max_eval=None,
+                                                        line_search_fn="strong_wolfe")):
+        p_ref, p_new = make(torch.float64), make(torch.float64)
+        opt_ref, opt_new = torch.optim.LBFGS(p_ref, lr=0.05), fusedopt.LBFGS(p_new, lr=0.05)
+        for opt in (opt_ref, opt_new):
+            opt.param_groups[0].update(edit)
+        for _ in range(2):
+            assert opt_new.step(closure_for(opt_new, p_new, loss_fn)).item() == \
+                opt_ref.step(closure_for(opt_ref, p_ref, loss_fn)).item()
+        for a, b in zip(p_ref, p_new):
+            assert torch.equal(a, b)
+        assert_same_state(opt_new, opt_ref)
 
 
 def test_an_empty_group_raises_what_torch_raises():
@@ -367,3 +414,76 @@ def test_replaced_parameter_data_is_followed():
     for a, b in zip(p_ref, p_new):
         assert torch.equal(a, b)
     assert_same_state(opt_new, opt_ref)
+
+
+def test_a_checkpoint_of_other_parameters_is_refused_at_load():
+    """README: load_state_dict refuses state of the wrong shape before anything changes.
+    LBFGS's state is one flat vector over all parameters: torch loads a checkpoint of a
+    model of another size, and its next step fails after evaluating the closure and
+    counting it. fusedopt refuses it at load, naming the vector."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    params = make(torch.float64)
+    src = torch.optim.LBFGS(params, max_iter=3, history_size=2)
+    for _ in range(2):
+        src.step(closure_for(src, params, loss_fn))
+    saved = copy.deepcopy(src.state_dict())
+
+    other = make(torch.float64)
+    other[2] = torch.randn(4, dtype=torch.float64, requires_grad=True)   # one element more
+    opt = fusedopt.LBFGS(other, max_iter=3, history_size=2)
+    with pytest.raises(ValueError, match=r"'d' of shape \(39,\).*40 elements"):
+        opt.load_state_dict(saved)
+    assert not opt.state
+    # each history vector is checked too
+    saved["state"][0]["d"] = torch.zeros(40, dtype=torch.float64)
+    saved["state"][0]["prev_flat_grad"] = torch.zeros(40, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'old_dirs\[0\]' of shape \(39,\)"):
+        opt.load_state_dict(saved)
+    assert not opt.state
+
+
+def test_parameters_of_another_size_raise_before_anything_changes():
+    """A parameter given data of another size between steps: the history is of the old
+    size. torch's step fails on it (RuntimeError) after evaluating the closure and counting
+    it; fusedopt raises RuntimeError before that."""
+    make, loss_fn = PROBLEMS["least_squares"]
+    runs = []
+    for cls in (torch.optim.LBFGS, fusedopt.LBFGS):
+        params = make(torch.float64)
+        opt = cls(params, lr=0.05, max_iter=3)
+        opt.step(closure_for(opt, params, loss_fn))
+        with torch.no_grad():
+            params[2].data = torch.zeros(5, dtype=torch.float64)   # unused by the loss: 3 -> 5 elements
+        before = copy.deepcopy(opt.state_dict()["state"])
+        runs.append((_error(lambda: opt.step(closure_for(opt, params, loss_fn))), before, opt.state_dict()["state"]))
+    (theirs, *_), (ours, before, after) = runs
+    assert theirs[0] is ours[0] is RuntimeError and "'d' has shape (39,)" in ours[1]
+    for key, value in before[0].items():
+        assert_same_value(key, after[0][key], value)
+
+
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+def test_gradients_wider_than_their_parameters_as_torch(line_search_fn):
+    """With `param.grad_dtype` a bf16 parameter's gradient is fp32: torch's flat gradient
+    (a cat of the gradients) is then fp32, and so are d, the history and the steps taken.
+    fusedopt's was in the parameters' dtype, rounding every gradient to bf16."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        wide = torch.randn(6, generator=g).to(torch.bfloat16).requires_grad_()
+        wide.grad_dtype = torch.float32
+        plain = torch.randn(3, generator=g).to(torch.bfloat16).requires_grad_()
+        return [wide, plain]
+
+    def loss_fn(ps):
+        return ((ps[0].float() - 1) ** 4).sum() + (ps[1].float() ** 2).sum()
+
+    p_ref, p_new = make(), make()
+    options = dict(lr=1 if line_search_fn else 0.05, max_iter=5, line_search_fn=line_search_fn)
+    opt_ref, opt_new = torch.optim.LBFGS(p_ref, **options), fusedopt.LBFGS(p_new, **options)
+    for _ in range(3):
+        assert opt_new.step(closure_for(opt_new, p_new, loss_fn)).item() == \
+            opt_ref.step(closure_for(opt_ref, p_ref, loss_fn)).item()
+        for a, b in zip(p_ref, p_new):
+            assert torch.equal(a, b)
+        assert_same_state(opt_new, opt_ref)
+    assert opt_new.state[p_new[0]]["d"].dtype == torch.float32
