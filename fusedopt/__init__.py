@@ -24,17 +24,19 @@ from . import schedulers, swa
 lr_scheduler = schedulers
 swa_utils = swa
 
-# torch.optim also has Adafactor and Muon (row/column-factored and matrix-orthogonalising
-# updates, not element-wise). fusedopt has no fused step for them yet: the names are
-# torch's own classes, so code that uses them keeps working after the switch.
-from torch.optim import Adafactor, Muon  # noqa: E402
+__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam", "lr_scheduler", "schedulers", "swa", "swa_utils"]
 
-__all__ = ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam", "lr_scheduler", "schedulers", "swa", "swa_utils"]
-# torch's context manager that steps an optimizer on other parameters and state (newer
-# torch versions): torch's own function, which works on fusedopt's optimizers.
 import torch.optim as _torch_optim  # noqa: E402
 
-if hasattr(_torch_optim, "swap_in_optimizer_params_and_state"):
-    from torch.optim import swap_in_optimizer_params_and_state  # noqa: E402
-    __all__.append("swap_in_optimizer_params_and_state")
+# torch.optim also has Adafactor and Muon (row/column-factored and matrix-orthogonalising
+# updates, not element-wise). fusedopt has no fused step for them yet: the names are
+# torch's own classes, so code that uses them keeps working after the switch. So is torch's
+# context manager that steps an optimizer on other parameters and state, which works on
+# fusedopt's optimizers. Each only where this torch has it (all three are newer than the
+# torch 2.4 the bootstrap reuses): an unconditional import failed `import fusedopt` there.
+for _name in ("Adafactor", "Muon", "swap_in_optimizer_params_and_state"):
+    if hasattr(_torch_optim, _name):
+        globals()[_name] = getattr(_torch_optim, _name)
+        __all__.append(_name)
+del _name
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@ flat state. It is what `backend='auto'` takes on a CPU.
 
 On a CPU the fastest correct step is torch's own code: its fused kernel where torch has
 one that is right for the dtype (Adam, AdamW and Adagrad in fp32, fp64 and bf16, and in fp16
-for a group with `fused=True`, as torch; SGD in fp32 and fp64, see `Optimizer._native_dtypes`), its multi-tensor (foreach) implementation
-otherwise. The numbers are therefore torch's, to the rounding in which torch's own paths
+for a group with `fused=True`, as torch; SGD in fp32 and fp64, see `Optimizer._native_dtypes`), its multi-tensor (foreach)
+implementation otherwise, or its for-loop for the tensor sizes where that measured faster
+(`LOOP_WINDOW`). The numbers are therefore torch's, to the rounding in which torch's own paths
 differ from each other. What the flat layout adds is fewer, larger tensors:
 
 * a large tensor is handed to torch as itself, with views of its state segments in its

@@ -312,7 +312,8 @@ class Optimizer(torch.optim.Optimizer):
     Under ``torch.compile``, ``step()`` is traced as one opaque custom op, ``fusedopt::step``
     (``fusedopt/_compile.py``), so a compiled function that calls it keeps one graph
     (``fullgraph=True`` works); as for torch.optim, a tensor lr may change every step
-    without recompiling, a Python-number one recompiles when it changes.
+    without recompiling. A Python-number one recompiles every time it changes, up to
+    dynamo's recompile limit (torch.optim's becomes a graph input after one recompile).
     """
 
     #: state keys that live in flat buffers, in torch's order ("step" is the step vector)

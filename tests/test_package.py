@@ -1,5 +1,7 @@
 """`import fusedopt as optim` is a one-line switch from `import torch.optim as optim`."""
 import inspect
+import subprocess
+import sys
 
 import torch
 
@@ -36,3 +38,20 @@ def test_torch_module_names_work():
     assert type(sched).__module__.startswith("fusedopt.") and type(swa_model).__module__.startswith("fusedopt.")
     for name in ("LRScheduler", "StepLR", "OneCycleLR", "ReduceLROnPlateau", "SequentialLR", "CyclicLR"):
         assert hasattr(optim.lr_scheduler, name), name
+
+
+def test_imports_on_a_torch_without_the_newer_torch_optim_names():
+    """The bootstrap reuses an installed torch from 2.4 on, which has no Muon (nor Adafactor,
+    nor swap_in_optimizer_params_and_state): `import fusedopt` must still work there, and
+    export only what that torch.optim has."""
+    names = ("Adafactor", "Muon", "swap_in_optimizer_params_and_state")
+    code = (
+        "import torch.optim\n"
+        f"for n in {names!r}:\n"
+        "    if hasattr(torch.optim, n): delattr(torch.optim, n)\n"
+        "import fusedopt\n"
+        f"assert not [n for n in {names!r} if hasattr(fusedopt, n) or n in fusedopt.__all__]\n"
+        "assert fusedopt.AdamW is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
