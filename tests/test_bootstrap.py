@@ -10,9 +10,11 @@ bootstrap = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bootstrap)
 
 
-def fake_pip(report_names, calls):
+def fake_pip(report_names, calls, version="24.0"):
     def run(*cmd, capture=False):
         calls.append(cmd)
+        if "--version" in cmd:
+            return f"pip {version} from /somewhere (python 3.10)"
         if "--dry-run" in cmd:
             return json.dumps({"install": [{"metadata": {"name": n}} for n in report_names]})
         return ""
@@ -24,7 +26,7 @@ def test_refuses_when_pip_would_fetch_cuda_packages(monkeypatch):
     monkeypatch.setattr(bootstrap, "run", fake_pip(["torch", "nvidia-cublas-cu12", "nvidia-cudnn-cu12"], calls))
     with pytest.raises(SystemExit, match="refusing to install torch==2.13.0.*nvidia-cublas-cu12"):
         bootstrap.install_cpu_torch(["python", "-m", "pip"])
-    assert all("--dry-run" in c for c in calls), "it installed something after seeing CUDA packages"
+    assert all("--dry-run" in c for c in calls if "install" in c), "it installed something after seeing CUDA packages"
 
 
 def test_installs_the_cpu_build_when_the_dry_run_is_clean(monkeypatch):
@@ -42,3 +44,15 @@ def test_an_installed_torch_is_reused(monkeypatch, tmp_path):
     monkeypatch.setattr(bootstrap.venv, "EnvBuilder", lambda **kw: type("B", (), {"create": lambda self, t: None})())
     bootstrap.main()
     assert not any("torch" in " ".join(c) and "install" in c and "-e" not in c for c in calls), calls
+
+
+def test_a_pip_too_old_for_the_dry_run_report_is_upgraded_first(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bootstrap, "run", fake_pip(["torch"], calls, version="21.2.3"))
+    bootstrap.install_cpu_torch(["python", "-m", "pip"])
+    installs = [c for c in calls if "install" in c]
+    assert installs[0][-1] == "pip>=22.2" and "--dry-run" in installs[1], calls
+    calls.clear()
+    monkeypatch.setattr(bootstrap, "run", fake_pip(["torch"], calls, version="22.2"))
+    bootstrap.install_cpu_torch(["python", "-m", "pip"])
+    assert not any("pip>=22.2" in c for c in calls), calls

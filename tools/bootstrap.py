@@ -45,6 +45,11 @@ def torch_version(py: str) -> tuple[int, ...] | None:
 
 
 def install_cpu_torch(pip: list[str]) -> None:
+    # The dry run's list (`--report`) is pip 22.2's; the pip a venv is made with is the one
+    # its Python shipped with (3.10.0's is 21.2), so an older one is brought up to it first.
+    version = run(*pip, "--version", capture=True).split()[1]
+    if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (22, 2):
+        run(*pip, "install", "--quiet", "pip>=22.2")
     extra = []
     if os.environ.get("FUSEDOPT_TORCH_INDEX"):
         extra = ["--index-url", os.environ["FUSEDOPT_TORCH_INDEX"]]
