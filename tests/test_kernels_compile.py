@@ -9,8 +9,9 @@ def test_every_kernel_variant_compiles_to_128_bit_accesses():
     out = subprocess.run([sys.executable, "-m", "fusedopt.kernels", "--check"], env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if " sm_90 " in line or " gfx942 " in line]
+    rows = [line.split() for line in out.stdout.splitlines() if " sm_90 " in line or " gfx942 " in line]
     assert rows, "the check listed no variants"
+    assert all(row[3].isdigit() for row in rows), "a variant's register use went unreported"
     assert "of" in out.stdout.splitlines()[-1]
 
 
@@ -31,6 +32,32 @@ def test_check_fails_on_a_narrow_variant(tmp_path):
         "sys.exit(0 if rows[0]['problem'] else 1)\n"
     )
     script = tmp_path / "narrow.py"  # Triton reads a jit function's source from its file
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_check_fails_on_a_variant_that_spills(tmp_path):
+    """A block too large for its math spills registers to local memory: the check says so
+    on sm_90 (ptxas) and gfx942 (scratch), and reports the registers of those that do not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, sys\n"
+        "from fusedopt.kernels import _aot\n"
+        "from fusedopt.kernels._triton import triton, tl\n"
+        "@triton.jit\n"
+        "def spills(x_ptr, y_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):\n"
+        "    offs = tl.program_id(0) * 32768 + tl.arange(0, 32768)\n"
+        "    a, b = tl.load(x_ptr + offs), tl.load(y_ptr + offs)\n"
+        "    c, d = tl.load(x_ptr + offs + 32768), tl.load(y_ptr + offs + 32768)\n"
+        "    tl.store(y_ptr + offs, tl.sqrt(a * b + c) / (d + a))\n"
+        "    tl.store(x_ptr + offs, tl.exp(a * d - c) + b)\n"
+        "v = _aot.Variant('spills', spills, {'x_ptr': torch.float32, 'y_ptr': torch.float32}, {}, loads=2, stores=2)\n"
+        "rows = _aot.check([v], ('sm_90', 'gfx942'))\n"
+        "print(rows)\n"
+        "sys.exit(0 if all('spilled to local memory' in r['problem'] for r in rows) else 1)\n"
+    )
+    script = tmp_path / "spills.py"  # Triton reads a jit function's source from its file
     script.write_text(code)
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

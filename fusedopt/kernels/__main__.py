@@ -1,8 +1,9 @@
 """`python -m fusedopt.kernels --check`: compile every kernel variant ahead of time.
 
 No GPU is needed. Prints one row per (variant, target) with the width of the whole-block
-global accesses and any problem, and exits non-zero if a variant fails to compile or its
-accesses on 16-byte aligned buffers are not 128-bit.
+global accesses, the registers a thread uses (sm_90, from ptxas; gfx942, VGPRs) and any
+problem, and exits non-zero if a variant fails to compile, its accesses on 16-byte aligned
+buffers are not 128-bit, or it spills registers to local memory.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def main(argv=None) -> int:
     variants = [v for v in all_variants() if args.pattern in v.name]
     rows = _aot.check(variants, tuple(args.target or _aot.TARGETS))
     width = max(len(r["variant"]) for r in rows)
-    print(f"{'variant':<{width}}  target  access    problem")
+    print(f"{'variant':<{width}}  target  access    regs  problem")
     for r in rows:
-        print(f"{r['variant']:<{width}}  {r['target']:<6}  {r['width']:<8}  {r['problem']}")
+        print(f"{r['variant']:<{width}}  {r['target']:<6}  {r['width']:<8}  {r['regs']:>4}  {r['problem']}")
     failed = [r for r in rows if r["problem"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} variant builds OK")
     return 1 if failed else 0

@@ -10,7 +10,10 @@ flat buffers and aligned parameters sees them.
 """
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -86,11 +89,52 @@ def expected_vectors(v: Variant, target: str) -> int:
     return block_size(v.dtype, TARGETS[target][2]) * torch.empty((), dtype=v.dtype).element_size() // (threads * 16)
 
 
+def ptxas_report(ptx: str, arch: int) -> str | None:
+    """What ptxas says of the PTX's registers and local memory (`ptxas -v`), run with the
+    ptxas Triton compiles with; None where this Triton does not say which that is."""
+    try:
+        from triton.backends.nvidia import compiler as nvidia
+    except ImportError:
+        return None
+    try:   # (Triton 3.4 on: a knob with a path; before, a (path, version) pair; some take no arch)
+        tool = nvidia.get_ptxas(arch)
+    except TypeError:
+        tool = nvidia.get_ptxas()
+    except AttributeError:
+        return None
+    ptxas = tool.path if hasattr(tool, "path") else tool[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                              "-o", os.devnull, src], capture_output=True, text=True)
+    return out.stderr if out.returncode == 0 else None
+
+
+def register_use(asm: str, target: str) -> tuple[int, int] | None:
+    """(registers a thread, bytes spilled to local memory) for a compiled variant: from
+    ptxas on NVIDIA (spill stores; sm_90 only, which the block policy is tuned for), from
+    the AMDGCN's own metadata (VGPRs, scratch) on AMD. A streaming kernel keeps a few
+    values per element in registers; a spill means a block too large for the math, and
+    turns each spilled value into local-memory traffic beside the streams it was to save."""
+    if target.startswith("sm_"):
+        if target != "sm_90":
+            return None
+        report = ptxas_report(asm, TARGETS[target][1])
+        regs = re.search(r"Used (\d+) registers", report or "")
+        spills = re.search(r"(\d+) bytes spill stores", report or "")
+        return (int(regs[1]), int(spills[1])) if regs and spills else None
+    vgprs = re.search(r"NumVgprs: (\d+)", asm)
+    scratch = re.search(r"ScratchSize: (\d+)", asm)
+    return (int(vgprs[1]), int(scratch[1])) if vgprs and scratch else None
+
+
 def check(variants: list[Variant], targets=tuple(TARGETS)) -> list[dict]:
     rows = []
     for v in variants:
         for target in targets:
-            row = {"variant": v.name, "target": target, "width": "-", "problem": ""}
+            row = {"variant": v.name, "target": target, "width": "-", "regs": "-", "problem": ""}
             try:
                 compiled = compile_variant(v, target)
             except Exception as exc:  # a compile failure is a row, not a crash
@@ -105,5 +149,12 @@ def check(variants: list[Variant], targets=tuple(TARGETS)) -> list[dict]:
             if not ok:
                 row["problem"] = (f"{loads} 128-bit loads / {stores} stores; expected >= "
                                   f"{v.loads * per_stream} / {v.stores * per_stream}")
+            use = register_use(asm, target)
+            if use is not None:
+                row["regs"] = str(use[0])
+                if use[1]:
+                    row["problem"] = "; ".join(filter(None, (row["problem"], f"{use[1]} bytes spilled to local memory")))
+            elif target in ("sm_90", "gfx942"):
+                row["problem"] = "; ".join(filter(None, (row["problem"], "register use not reported")))
             rows.append(row)
     return rows
