@@ -291,6 +291,29 @@ def test_layout_follows_replaced_tensors(backend):
         assert_same_state(mine, theirs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["params", "buffers"])
+def test_a_module_added_to_the_average_and_the_model_is_averaged_like_torch(backend, use_buffers):
+    # torch walks both modules every update: a layer added to both after the first update is
+    # averaged from then on. fusedopt kept its first layout and left the new layer at its copy.
+    model = bn_model()
+    theirs = ref.AveragedModel(model, use_buffers=use_buffers)
+    mine = swa.AveragedModel(model, use_buffers=use_buffers, backend=backend)
+    for k in range(2):
+        train_a_little(model, k)
+        theirs.update_parameters(model)
+        mine.update_parameters(model)
+    extra = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).to(DEVICE)
+    model.append(extra)
+    theirs.module.append(copy.deepcopy(extra))
+    mine.module.append(copy.deepcopy(extra))
+    for k in range(2, 5):
+        train_a_little(model, k)
+        theirs.update_parameters(model)
+        mine.update_parameters(model)
+        assert_same_state(mine, theirs)
+
+
 def test_model_tensor_moved_by_data_assignment():
     model = bn_model()
     theirs, mine = ref.AveragedModel(model), swa.AveragedModel(model, backend="triton")

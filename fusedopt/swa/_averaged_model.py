@@ -234,6 +234,15 @@ class AveragedModel(Module):
 
         n_avg = layout.n_averaged_tensors
         sources = self._averaged_tensors(model)
+        if len(sources) != n_avg and not done and len(self._averaged_tensors(self.module)) != n_avg:
+            # A module added to the average since its layout was built (`avg.module.add_module`,
+            # and to the model): torch walks both every update and averages the new tensors.
+            # Looked for only where the model's count differs, which torch's zip of the two
+            # needs for a new tensor to be averaged, so an update walks one module, not two.
+            self._layout = None
+            layout = self._flat_layout()
+            averages = [self._average(b.device) for b in layout.buckets]
+            n_avg = layout.n_averaged_tensors
         synced = [] if self.use_buffers else list(model.buffers())
         if len(synced) != len(layout.tensors) - n_avg:
             raise ValueError(f"the model has {len(synced)} buffers; the averaged model has "
