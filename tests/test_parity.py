@@ -91,3 +91,24 @@ def test_centered_rmsprop_keeps_a_parameter_whose_square_avg_overflowed(backend,
         _assert_same_specials("param", p_new[0], p_ref[0])
         for key in ("square_avg", "grad_avg"):
             _assert_same_specials(key, new.state[p_new[0]][key], ref.state[p_ref[0]][key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", [("Adagrad", dict(lr=0.1, eps=1e-10)), ("RMSprop", dict(lr=0.01, eps=1e-10)),
+                                          ("Adam", dict(lr=0.01, eps=1e-10)), ("NAdam", dict(lr=0.01, eps=1e-10))])
+def test_l2_decay_that_cancels_the_gradient_rounds_once(name, options, backend):
+    """torch's L2 decay, `grad.add(param, alpha=weight_decay)`, is an fma: where the
+    gradient is minus the rounded decay term, what is left is the rounding error of
+    weight_decay * param, and an algorithm that normalises its step turns that into a step
+    of about lr. Rounded twice, the sum is 0 and the parameter does not move."""
+    import fusedopt
+
+    weight_decay = 0.1
+    from fusedopt.kernels._launch import BLOCK
+
+    p = torch.randn(BLOCK + 5, generator=torch.Generator().manual_seed(0))
+    g = -(p * weight_decay)   # fp32: rounded
+    p_ref, ref, p_new, new = _step_both(getattr(torch.optim, name), getattr(fusedopt, name), backend, [p], [[g], [g]],
+                                        steps=2, weight_decay=weight_decay, **options)
+    assert (p_ref[0] - p).abs().max() > options["lr"] / 10   # torch's own step is visible
+    assert_close("param", p_new[0], p_ref[0])
