@@ -398,6 +398,26 @@ def test_bf16_state_matches_float64_reference(backend):
         assert_close(f"exp_avg_sq {j}", st["exp_avg_sq"], v[j], rtol=2 ** -7, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ALL_PATHS)
+def test_bf16_state_keeps_a_nan_of_any_payload(backend):
+    """A NaN gradient makes NaN moments, whatever its bits: a GPU's default NaN is
+    0x7FFFFFFF, and rounding that to bf16 by adding half an ulp carries into the sign bit
+    (-0.0) unless NaN is kept apart (0xFFFFFFFF wraps to +0.0). A moment that drops its
+    NaN would hide a diverged run."""
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    p = torch.randn(BLOCK + 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    opt = fusedopt.Adam([p], lr=1e-2, backend=backend, state_dtype=torch.bfloat16)
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    where = [0, 1, BLOCK + 1, BLOCK + 3]   # in a whole block and in the masked tail
+    g[where] = nans
+    p.grad = g
+    opt.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        state = opt.state[p][key]
+        assert state.isnan().nonzero().flatten().tolist() == where, key
+    assert p.isnan().nonzero().flatten().tolist() == where
+
+
 def test_bf16_state_halves_state_memory():
     params = make_params(torch.float32, shapes=[(1024,), (33,)])
     opts = [fusedopt.Adam(params, backend="reference"),
