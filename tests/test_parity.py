@@ -112,3 +112,19 @@ def test_l2_decay_that_cancels_the_gradient_rounds_once(name, options, backend):
                                         steps=2, weight_decay=weight_decay, **options)
     assert (p_ref[0] - p).abs().max() > options["lr"] / 10   # torch's own step is visible
     assert_close("param", p_new[0], p_ref[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_asgd_ax_is_the_parameter_until_averaging_starts(backend, dtype):
+    """While mu is 1 (up to step t0) torch copies the parameter into ax: bit for bit, where
+    averaging with weight 1, ax + (p - ax), rounds wherever p crossed zero or halved."""
+    import fusedopt
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(2000, generator=gen, dtype=dtype) * 0.05
+    grads = [[torch.randn(2000, generator=gen, dtype=dtype)] for _ in range(4)]
+    p_ref, ref, p_new, new = _step_both(torch.optim.ASGD, fusedopt.ASGD, backend, [p], grads, steps=4, lr=0.05, t0=100)
+    assert torch.equal(ref.state[p_ref[0]]["ax"], p_ref[0].detach())   # torch's copy
+    assert torch.equal(new.state[p_new[0]]["ax"], p_new[0].detach())
+    assert_close("param", p_new[0], p_ref[0])
