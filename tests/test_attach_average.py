@@ -135,6 +135,12 @@ def test_bf16_parameters(options, average):
 
 
 @pytest.mark.parametrize("optimizer", [o for o in OPTIMIZERS if o != "AdamW-amsgrad"])
+def test_bf16_parameters_of_every_update_kernel(optimizer):
+    # every kernel hands the average its parameter as stored, rounded to bf16
+    run_twins(optimizer, "ema_multi", "triton", dtype=torch.bfloat16, steps=3)
+
+
+@pytest.mark.parametrize("optimizer", [o for o in OPTIMIZERS if o != "AdamW-amsgrad"])
 def test_one_launch_fewer(optimizer):
     """With every averaged tensor updated by the kernel, the step launches nothing more than
     a plain step; a parameter without a gradient costs one averaging launch for itself."""

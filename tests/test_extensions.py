@@ -398,6 +398,26 @@ def test_bf16_state_matches_float64_reference(backend):
         assert_close(f"exp_avg_sq {j}", st["exp_avg_sq"], v[j], rtol=2 ** -7, atol=1e-8)
 
 
+@pytest.mark.parametrize("backend", ALL_PATHS)
+def test_bf16_state_keeps_a_nan_of_any_payload(backend):
+    """A NaN gradient makes NaN moments, whatever its bits: a GPU's default NaN is
+    0x7FFFFFFF, and rounding that to bf16 by adding half an ulp carries into the sign bit
+    (-0.0) unless NaN is kept apart (0xFFFFFFFF wraps to +0.0). A moment that drops its
+    NaN would hide a diverged run."""
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    p = torch.randn(BLOCK + 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    opt = fusedopt.Adam([p], lr=1e-2, backend=backend, state_dtype=torch.bfloat16)
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    where = [0, 1, BLOCK + 1, BLOCK + 3]   # in a whole block and in the masked tail
+    g[where] = nans
+    p.grad = g
+    opt.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        state = opt.state[p][key]
+        assert state.isnan().nonzero().flatten().tolist() == where, key
+    assert p.isnan().nonzero().flatten().tolist() == where
+
+
 def test_bf16_state_halves_state_memory():
     params = make_params(torch.float32, shapes=[(1024,), (33,)])
     opts = [fusedopt.Adam(params, backend="reference"),
@@ -526,15 +546,17 @@ def test_max_grad_norm_is_one_reduction_launch_per_bucket_and_no_clip_below_it()
         assert torch.equal(a, b)  # coefficient 1: the same numbers as no clipping
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["own", "views"])
 @pytest.mark.parametrize("scale", [None, 2.0 ** 100], ids=["unscaled", "grad-scale"])
 @pytest.mark.parametrize("chunk", [None, 64], ids=["chunk", "small-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_sum_of_squares_of_the_native_and_reference_paths(dtype, chunk, scale, monkeypatch):
+def test_sum_of_squares_of_the_native_and_reference_paths(dtype, chunk, scale, views, monkeypatch):
     """The sum of squares against float64 and against the Triton kernel's: norms of the
     large tensors (whole, or by rows and what is left after the last row), dot products of
     packed chunks of the rest (bf16 widened), cut and packed across tensors. With
     GradScaler's scale, the sum of the unscaled gradients' squares: 2**100 times gradients
-    near 1 squares to inf in fp32, the unscaled ones do not."""
+    near 1 squares to inf in fp32, the unscaled ones do not. With `views`, the gradients
+    are views of one flat buffer at storage offsets (DDP's gradient_as_bucket_view)."""
     from fusedopt.kernels import clip
     if chunk is not None:
         # read in place from 100 elements: up to 128 whole, larger by rows of 64 (3x70:
@@ -547,6 +569,13 @@ def test_sum_of_squares_of_the_native_and_reference_paths(dtype, chunk, scale, m
     gen = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, dtype=torch.float64, generator=gen).to(dtype)
+    if views:
+        # in reverse order: the 3x70 gradient, three rows and 18 packed, lies at an offset
+        flat = torch.cat([p.grad.flatten() for p in reversed(params)])
+        start = 0
+        for p in reversed(params):
+            p.grad = flat[start:start + p.numel()].view(p.shape)
+            start += p.numel()
     exact = sum(float(p.grad.double().square().sum()) for p in params)
     if scale is not None:
         for p in params:

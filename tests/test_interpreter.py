@@ -10,7 +10,9 @@ import torch
 
 from conftest import DEVICE
 from fusedopt.kernels import _interpreter
+from fusedopt.kernels._launch import store_as
 from fusedopt.kernels._triton import tl, triton
+from fusedopt.kernels.sparse_adam import _rounded
 
 
 def nearest(value: Fraction, dtype) -> float:
@@ -147,3 +149,32 @@ def test_rprop_bf16_subnormal_gradients_on_the_kernel():
         assert torch.equal(p_new.detach().cpu().view(torch.int16), p_ref.detach().view(torch.int16)), step
         for key in ("prev", "step_size"):
             assert torch.equal(new.state[p_new][key].cpu().view(torch.int16), ref.state[p_ref][key].view(torch.int16)), (step, key)
+
+
+@triton.jit
+def _bf16_rounding_kernel(x_ptr, like_ptr, stored_ptr, rounded_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    store_as(stored_ptr, offs, x, None)
+    tl.store(rounded_ptr + offs, _rounded(x, like_ptr))
+
+
+def test_bf16_rounding_helpers_keep_every_nan():
+    # The kernels' own bf16 rounding (`store_as`, SparseAdam's `_rounded`) against torch's,
+    # over every fp32 with one of 2**16 upper halves and random lower halves, and the NaNs
+    # whose rounding by adding half an ulp would carry: a GPU's default NaN 0x7FFFFFFF (to
+    # -0.0), 0xFFFFFFFF (to +0.0), 0x7F800001 and 0x7FBFFFFF (to inf).
+    gen = torch.Generator().manual_seed(0)
+    upper = torch.arange(1 << 16, dtype=torch.int64) << 16
+    bits = upper | torch.randint(0, 1 << 16, (1 << 16,), generator=gen)
+    bits[:4] = torch.tensor([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FBFFFFF])
+    x = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+    like = torch.empty(1, dtype=torch.bfloat16, device=DEVICE)
+    stored = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    rounded = torch.empty(x.numel(), device=DEVICE)
+    _bf16_rounding_kernel[(1,)](x.to(DEVICE), like, stored, rounded, N=x.numel())
+    expected = x.bfloat16()
+    nan = x.isnan()
+    for name, got in (("store_as", stored.cpu()), ("_rounded", rounded.cpu().bfloat16())):
+        assert torch.equal(got.isnan(), nan), f"{name}: NaN lost at {(got.isnan() != nan).nonzero().flatten()[:4].tolist()}"
+        assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16)), name

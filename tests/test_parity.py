@@ -91,3 +91,65 @@ def test_centered_rmsprop_keeps_a_parameter_whose_square_avg_overflowed(backend,
         _assert_same_specials("param", p_new[0], p_ref[0])
         for key in ("square_avg", "grad_avg"):
             _assert_same_specials(key, new.state[p_new[0]][key], ref.state[p_ref[0]][key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", [("Adagrad", dict(lr=0.1, eps=1e-10)), ("RMSprop", dict(lr=0.01, eps=1e-10)),
+                                          ("Adam", dict(lr=0.01, eps=1e-10)), ("NAdam", dict(lr=0.01, eps=1e-10))])
+def test_l2_decay_that_cancels_the_gradient_rounds_once(name, options, backend):
+    """torch's L2 decay, `grad.add(param, alpha=weight_decay)`, is an fma: where the
+    gradient is minus the rounded decay term, what is left is the rounding error of
+    weight_decay * param, and an algorithm that normalises its step turns that into a step
+    of about lr. Rounded twice, the sum is 0 and the parameter does not move."""
+    import fusedopt
+
+    weight_decay = 0.1
+    from fusedopt.kernels._launch import BLOCK
+
+    p = torch.randn(BLOCK + 5, generator=torch.Generator().manual_seed(0))
+    g = -(p * weight_decay)   # fp32: rounded
+    p_ref, ref, p_new, new = _step_both(getattr(torch.optim, name), getattr(fusedopt, name), backend, [p], [[g], [g]],
+                                        steps=2, weight_decay=weight_decay, **options)
+    assert (p_ref[0] - p).abs().max() > options["lr"] / 10   # torch's own step is visible
+    assert_close("param", p_new[0], p_ref[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_asgd_ax_is_the_parameter_until_averaging_starts(backend, dtype):
+    """While mu is 1 (up to step t0) torch copies the parameter into ax: bit for bit, where
+    averaging with weight 1, ax + (p - ax), rounds wherever p crossed zero or halved."""
+    import fusedopt
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(2000, generator=gen, dtype=dtype) * 0.05
+    grads = [[torch.randn(2000, generator=gen, dtype=dtype)] for _ in range(4)]
+    p_ref, ref, p_new, new = _step_both(torch.optim.ASGD, fusedopt.ASGD, backend, [p], grads, steps=4, lr=0.05, t0=100)
+    assert torch.equal(ref.state[p_ref[0]]["ax"], p_ref[0].detach())   # torch's copy
+    assert torch.equal(new.state[p_new[0]]["ax"], p_new[0].detach())
+    assert_close("param", p_new[0], p_ref[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options,key", [
+    ("Adam", dict(lr=0.01, weight_decay=0.1), "exp_avg"),
+    ("AdamW", dict(lr=0.01, betas=(0.3, 0.999)), "exp_avg"),
+    ("RMSprop", dict(lr=1e-3, centered=True), "grad_avg"),
+    ("RMSprop", dict(lr=1e-3, alpha=1.5, centered=True), "grad_avg"),   # a negative weight 1 - alpha
+], ids=["Adam", "AdamW-beta1-0.3", "RMSprop", "RMSprop-alpha-1.5"])
+def test_lerp_rounds_once_as_torchs(name, options, key, backend):
+    """torch's lerp (Adam's exp_avg, centered RMSprop's grad_avg) is one fma on the CPU (its
+    vectorised kernel) and on CUDA, with the formula exact at the nearer end: the state is
+    torch's bit for bit. The interpreter rounded a written-out lerp twice (a third of the
+    elements an ulp off)."""
+    import fusedopt
+
+    gen = torch.Generator().manual_seed(0)
+    from fusedopt.kernels._launch import BLOCK
+
+    p = torch.randn(BLOCK + 5, generator=gen)
+    grads = [[torch.randn(p.shape, generator=gen)] for _ in range(3)]
+    p_ref, ref, p_new, new = _step_both(getattr(torch.optim, name), getattr(fusedopt, name), backend, [p], grads,
+                                        steps=3, **options)
+    want, got = ref.state[p_ref[0]][key], new.state[p_new[0]][key]
+    assert torch.equal(got, want), f"{key}: {int((got != want).sum())} of {want.numel()} elements differ"

@@ -434,6 +434,28 @@ def test_matches_torch_step_by_step(case):
     assert ours == reference(case)
 
 
+@pytest.mark.parametrize("threshold_mode", ["rel", "abs"])
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_plateau_metric_equal_to_the_best_is_no_improvement(mode, threshold_mode):
+    """torch compares strictly: with threshold 0, a metric equal to the best so far is a bad
+    epoch, so a flat metric reduces the lr after `patience` epochs (METRIC's plateaus never
+    equal the best in mode 'max')."""
+    sign = 1.0 if mode == "min" else -1.0
+    metrics = [sign * m for m in (1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25)]
+    runs = []
+    for S, impl in ((TS, "torch"), (FS, "fusedopt")):
+        opt = make_optimizer(impl=impl)
+        sched = S.ReduceLROnPlateau(opt, mode=mode, threshold=0.0, threshold_mode=threshold_mode, patience=1)
+        rows = []
+        for metric in metrics:
+            opt.step()
+            sched.step(metric)
+            rows.append(hyperparameters(opt))
+        runs.append(rows)
+    assert runs[1] == runs[0]
+    assert runs[0][-1] != runs[0][0]   # torch reduced the lr on the plateaus
+
+
 @pytest.mark.parametrize("direction", ["fusedopt_to_torch", "torch_to_fusedopt"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_state_dict_moves_between_implementations(case, direction):

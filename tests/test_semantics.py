@@ -121,6 +121,22 @@ def test_noncontiguous_channels_last_0dim_and_zero_size(fused_cls, torch_cls, op
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
+def test_a_transposed_gradient_of_a_contiguous_parameter(fused_cls, torch_cls, options, backend):
+    """Every parameter contiguous and every one with a gradient: the bucket's quick collect.
+    A gradient whose strides differ from its parameter's (assigned by hand, or a transposed
+    view) must still be read in its own layout: taken as it lies, its elements would pair
+    with the wrong elements of the parameter."""
+    params = [torch.randn(4, 6), torch.randn(5)]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)
+    for step in range(3):
+        grads = random_grads(params, step)
+        grads[0] = grads[0].t().contiguous().t()   # dense, transposed strides
+        step_both(list(zip(theirs, ours)), [ref, opt], grads)
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
 def test_params_that_do_not_require_grad(fused_cls, torch_cls, options, backend):
     params = [torch.randn(4), torch.randn(5).requires_grad_(False), torch.randn(3)]
     theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, backend)

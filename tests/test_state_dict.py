@@ -165,6 +165,8 @@ def bad_state_dicts(good):
     wrong_shape["state"][2]["exp_avg"] = torch.zeros(5)
     wrong_shape_late = copy.deepcopy(good)  # the bad entry comes after good ones
     wrong_shape_late["state"][6]["exp_avg_sq"] = torch.zeros(2, 2)
+    transposed = copy.deepcopy(good)  # as many elements, another shape: the layout would be wrong
+    transposed["state"][5]["exp_avg"] = torch.zeros(17, 13)
     not_a_dict = copy.deepcopy(good)
     not_a_dict["state"][3] = 1.0
     wrong_step = copy.deepcopy(good)
@@ -174,12 +176,13 @@ def bad_state_dicts(good):
         "count": (wrong_count, "doesn't match the size of optimizer's group"),
         "shape": (wrong_shape, r"state 'exp_avg' of shape \(5,\) for parameter 2, whose shape is \(7,\)"),
         "late-shape": (wrong_shape_late, r"state 'exp_avg_sq' of shape \(2, 2\) for parameter 6"),
+        "transposed": (transposed, r"state 'exp_avg' of shape \(17, 13\) for parameter 5, whose shape is \(13, 17\)"),
         "not-a-dict": (not_a_dict, "expected a dict"),
         "step": (wrong_step, "'step' of 3 elements"),
     }
 
 
-@pytest.mark.parametrize("case", ["groups", "count", "shape", "late-shape", "not-a-dict", "step"])
+@pytest.mark.parametrize("case", ["groups", "count", "shape", "late-shape", "transposed", "not-a-dict", "step"])
 def test_a_state_dict_that_does_not_fit_is_rejected_before_anything_changes(case):
     params = make_params()
     opt = fusedopt.Adam(params, lr=0.01)

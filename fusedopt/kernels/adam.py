@@ -144,8 +144,11 @@ def scalars(steps: torch.Tensor, o: AdamOptions, mu_product: torch.Tensor | None
 
 @triton.jit
 def _lerp(start, end, weight):
-    # ATen's lerp: the formula that is exact at the nearer end of the interval.
-    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+    # ATen's lerp: the formula that is exact at the nearer end of the interval, as one fma
+    # (its vectorised CPU kernel's `fmadd`, nvcc's contraction on CUDA). Written out, the
+    # GPU contracts it too, but Triton's interpreter rounds the product and the sum apart.
+    diff = end - start
+    return tl.where(weight < 0.5, tl.fma(weight, diff, start), tl.fma(weight - 1, diff, end))
 
 
 @triton.jit

@@ -48,7 +48,9 @@ def scalars(o: RMSpropOptions) -> list[torch.Tensor | float]:
 @triton.jit
 def _lerp(start, end, weight):
     # ATen's lerp, |weight| included: alpha may exceed 1, so 1 - alpha may be negative.
-    return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+    # One fma, as adam.py's `_lerp` says why.
+    diff = end - start
+    return tl.where(tl.abs(weight) < 0.5, tl.fma(weight, diff, start), tl.fma(weight - 1, diff, end))
 
 
 @triton.jit
