@@ -243,6 +243,21 @@ def mark_sparse(state, grad: Tensor) -> None:
         state.sparse_dim = grad.sparse_dim()
 
 
+def _set_view(state: dict, key: str, view: Tensor) -> None:
+    """Put a view of flat state in a parameter's entry, keeping the tensor already there
+    when it is the same view (`_compile.prepare` made it when dynamo traced the step). A
+    view made inside the `fusedopt::step` op, which runs below autograd's view tracking,
+    has no `_base`; AOT autograd refuses a graph whose mutated inputs alias one another
+    with and without one, as a graph that reads opt.state after step() has them."""
+    current = dict.get(state, key)
+    if isinstance(current, Tensor) and current is not view:
+        a, b = _flat.local(current), _flat.local(view)
+        if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
+                and a.shape == b.shape and a.stride() == b.stride() and type(current) is type(view)):
+            return
+    dict.__setitem__(state, key, view)
+
+
 class _State(_WritesThroughSetitem, defaultdict):
     """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
     `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
@@ -647,11 +662,11 @@ class Optimizer(torch.optim.Optimizer):
                 if key in self._scalar_state:
                     vec = bucket.scalar(key)
                     vec[i] = self._initial_scalar(group, key)
-                    dict.__setitem__(state, key, vec[i])
+                    _set_view(state, key, vec[i])
                 else:
                     bucket.buffer(key, self._buffer_dtype(bucket, key))
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
-                    dict.__setitem__(state, key, bucket.state_view(key, i))
+                    _set_view(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
 
     def _check_sparse(self, group: dict, bucket: _flat.Bucket) -> None:
