@@ -11,7 +11,7 @@ from torch import Tensor
 from . import _flat, _native
 from .kernels import _launch
 from .kernels import adam as kernels
-from .optimizer import Optimizer, _as_float, user_stacklevel, check_lr, check_max_grad_norm, check_nonnegative
+from .optimizer import Optimizer, _as_float, _set_view, user_stacklevel, check_lr, check_max_grad_norm, check_nonnegative
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -130,7 +130,7 @@ class AdamFamily(Optimizer):
             bucket.versions = []   # from this step on, writes to the parameters are watched
         for i in indices:
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
-            dict.__setitem__(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
+            _set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
     def _adopt(self, p: Tensor, entries: dict, into=None, carried: bool | None = None) -> None:
         loaded = isinstance(entries, dict) and "master_param" in entries

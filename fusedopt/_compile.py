@@ -153,13 +153,17 @@ def groups_with(groups: list[dict], tensors: list[Tensor], numbers: list[float])
 
 
 def prepare(opt) -> int:
-    """Build the buckets and allocate the state tensors the next step will use.
+    """Build the buckets and allocate the state tensors the next step will use, and
+    create the `opt.state` entries of the parameters it steps for the first time.
 
     Dynamo calls it with the real optimizer when it traces `step()`, outside the graph,
     and bakes in its result (see below), so that the state exists before the traced code
     lists it: a first step compiled from scratch then compiles once, not again when the
-    state appears. State *values* are still created by the step itself, when the graph
-    runs (SGD's momentum starts as the first gradient).
+    state appears, and code traced after `step()` (a post-hook, a read of `opt.state[p]`)
+    sees the entries, as torch's optimizers, whose `_init_group` dynamo runs at trace
+    time, create theirs. The step itself still starts those parameters' state when the
+    graph runs (SGD's momentum starts as the first gradient), and drops the entries if
+    it raises (`Optimizer._prepare_state`).
     """
     try:
         opt._prepare_state()

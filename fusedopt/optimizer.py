@@ -243,6 +243,21 @@ def mark_sparse(state, grad: Tensor) -> None:
         state.sparse_dim = grad.sparse_dim()
 
 
+def _set_view(state: dict, key: str, view: Tensor) -> None:
+    """Put a view of flat state in a parameter's entry, keeping the tensor already there
+    when it is the same view (`_compile.prepare` made it when dynamo traced the step). A
+    view made inside the `fusedopt::step` op, which runs below autograd's view tracking,
+    has no `_base`; AOT autograd refuses a graph whose mutated inputs alias one another
+    with and without one, as a graph that reads opt.state after step() has them."""
+    current = dict.get(state, key)
+    if isinstance(current, Tensor) and current is not view:
+        a, b = _flat.local(current), _flat.local(view)
+        if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
+                and a.shape == b.shape and a.stride() == b.stride() and type(current) is type(view)):
+            return
+    dict.__setitem__(state, key, view)
+
+
 class _State(_WritesThroughSetitem, defaultdict):
     """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
     `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
@@ -647,11 +662,11 @@ class Optimizer(torch.optim.Optimizer):
                 if key in self._scalar_state:
                     vec = bucket.scalar(key)
                     vec[i] = self._initial_scalar(group, key)
-                    dict.__setitem__(state, key, vec[i])
+                    _set_view(state, key, vec[i])
                 else:
                     bucket.buffer(key, self._buffer_dtype(bucket, key))
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
-                    dict.__setitem__(state, key, bucket.state_view(key, i))
+                    _set_view(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
 
     def _check_sparse(self, group: dict, bucket: _flat.Bucket) -> None:
@@ -1043,13 +1058,54 @@ class Optimizer(torch.optim.Optimizer):
         return out
 
     def _prepare_state(self) -> None:
-        """Build buckets and allocate (not fill) the state of every bucket that has a
-        gradient now, as a step would: called when dynamo traces a step."""
+        """Build buckets and allocate the state of every bucket that has a gradient now, as
+        a step would, and create the entries in `opt.state` of the parameters it steps for
+        the first time, with their initial values: called when dynamo traces a step.
+
+        torch's optimizers create their state when dynamo traces their first step (it runs
+        `_init_group` for real), so code traced after `step()` in the same graph (a step
+        post-hook, a read of `opt.state[p]`) sees it; so must it here. Those parameters stay
+        uninitialized for the step (`bucket.initialized`), which starts them again, as a
+        first step, when the graph runs the op; if that step raises instead, the op drops
+        the entries (`_step_from_op`), and the optimizer is as it was."""
         self._sync_state()
+        work = []
         for gi, group in enumerate(self.param_groups):
-            for bucket in self._group_buckets(gi):
-                if any(p.grad is not None for p in bucket.params):
-                    self._allocate_state(group, bucket)
+            buckets = [b for b in self._group_buckets(gi) if any(p.grad is not None for p in b.params)]
+            if buckets:
+                # A group the step refuses gets nothing (it raises when the graph runs).
+                work.append((group, self._validate_group(gi, group), buckets))
+        created = []   # (group, bucket, indices of its first-time parameters)
+        for group, keys, buckets in work:
+            for bucket in buckets:
+                self._allocate_state(group, bucket)
+                fresh = [i for i, p in enumerate(bucket.params)
+                         if keys and not bucket.initialized[i] and p.grad is not None and not p.grad.is_sparse
+                         and not dict.get(self.state, p)]
+                if fresh:
+                    created.append((group, bucket, fresh))
+        if not created:
+            return
+        state, ids = self.state, {id(bucket.params[i]) for _, bucket, fresh in created for i in fresh}
+        for group in self.param_groups:   # in the groups' order, as a step creates them
+            for p in group["params"]:
+                if id(p) in ids and p not in state:
+                    state[p]   # (`_State.__missing__` makes the entry; `_init_state` fills it)
+        for group, bucket, fresh in created:
+            self._init_state(group, bucket, fresh)
+            for i in fresh:
+                bucket.initialized[i] = False
+        self._prepared = [(bucket.params[i], dict.get(state, bucket.params[i]))
+                          for _, bucket, fresh in created for i in fresh]
+
+    def _drop_prepared(self) -> None:
+        """Forget the entries `_prepare_state` made for a step that then raised: the
+        parameters were not stepped, and an optimizer whose step raised is as it was."""
+        prepared, self._prepared = self.__dict__.get("_prepared"), None
+        for p, entry in prepared or ():
+            slot = self._slot(p)
+            if slot is not None and not slot[1].initialized[slot[2]] and dict.get(self.state, p) is entry:
+                dict.pop(self.state, p)
 
     def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
         for key in self._state_keys(group):
@@ -1097,8 +1153,13 @@ class Optimizer(torch.optim.Optimizer):
             # op declares its gradients read-only, so it steps with copies and leaves the
             # user's scaled (README, "Using fusedopt with GradScaler").
             grads_by_id = {k: None if g is None else g.clone() for k, g in grads_by_id.items()}
-        with torch.no_grad():
-            self._step_body(_compile.groups_with(self.param_groups, options, numbers), grads_by_id, amp_inputs)
+        try:
+            with torch.no_grad():
+                self._step_body(_compile.groups_with(self.param_groups, options, numbers), grads_by_id, amp_inputs)
+        except BaseException:
+            self._drop_prepared()
+            raise
+        self._prepared = None
         for own, given in pairs:
             given.copy_(own)
         # An LR scheduler wraps step() to record that it ran in an attribute (torch's and
