@@ -15,49 +15,51 @@ def test_every_kernel_variant_compiles_to_128_bit_accesses():
     assert "of" in out.stdout.splitlines()[-1]
 
 
-def test_check_fails_on_a_narrow_variant(tmp_path):
-    """The check must be able to fail: a masked-only kernel never gets 128-bit accesses."""
+def check_own_kernel(tmp_path, name: str, kernel: str, variant: str, targets: tuple, verdict: str) -> None:
+    """Compile a kernel written for the test through the check, in a process without
+    TRITON_INTERPRET, and assert the script's `verdict` (an expression over `rows`) holds.
+    Triton reads a jit function's source from its file, so the kernel goes into one."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import torch, sys\n"
         "from fusedopt.kernels import _aot\n"
         "from fusedopt.kernels._triton import triton, tl\n"
         "@triton.jit\n"
-        "def narrow(x_ptr, n_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):\n"
-        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)\n"
-        "    m = offs < tl.load(n_ptr)\n"
-        "    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)\n"
-        "v = _aot.Variant('narrow', narrow, {'x_ptr': torch.float32, 'n_ptr': torch.int64}, {}, loads=1, stores=1)\n"
-        "rows = _aot.check([v], ('sm_90',))\n"
-        "sys.exit(0 if rows[0]['problem'] else 1)\n"
+        f"{kernel}"
+        f"v = _aot.Variant('{name}', {name}, {variant}, {{}}, loads=2, stores=2)\n"
+        f"rows = _aot.check([v], {targets!r})\n"
+        "print(rows)\n"
+        f"sys.exit(0 if {verdict} else 1)\n"
     )
-    script = tmp_path / "narrow.py"  # Triton reads a jit function's source from its file
+    script = tmp_path / f"{name}.py"
     script.write_text(code)
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_check_fails_on_a_narrow_variant(tmp_path):
+    """The check must be able to fail: a masked-only kernel never gets 128-bit accesses."""
+    kernel = (
+        "def narrow(x_ptr, y_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):\n"
+        "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)\n"
+        "    m = offs < tl.load(y_ptr).to(tl.int32)\n"
+        "    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)\n"
+        "    tl.store(y_ptr + offs, tl.load(y_ptr + offs, mask=m) * 2, mask=m)\n"
+    )
+    check_own_kernel(tmp_path, "narrow", kernel, "{'x_ptr': torch.float32, 'y_ptr': torch.float32}", ("sm_90",),
+                     "'128-bit' in rows[0]['problem']")
+
+
 def test_check_fails_on_a_variant_that_spills(tmp_path):
     """A block too large for its math spills registers to local memory: the check says so
-    on sm_90 (ptxas) and gfx942 (scratch), and reports the registers of those that do not."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (
-        "import torch, sys\n"
-        "from fusedopt.kernels import _aot\n"
-        "from fusedopt.kernels._triton import triton, tl\n"
-        "@triton.jit\n"
+    on sm_90 (ptxas) and gfx942 (scratch)."""
+    kernel = (
         "def spills(x_ptr, y_ptr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):\n"
         "    offs = tl.program_id(0) * 32768 + tl.arange(0, 32768)\n"
         "    a, b = tl.load(x_ptr + offs), tl.load(y_ptr + offs)\n"
         "    c, d = tl.load(x_ptr + offs + 32768), tl.load(y_ptr + offs + 32768)\n"
         "    tl.store(y_ptr + offs, tl.sqrt(a * b + c) / (d + a))\n"
         "    tl.store(x_ptr + offs, tl.exp(a * d - c) + b)\n"
-        "v = _aot.Variant('spills', spills, {'x_ptr': torch.float32, 'y_ptr': torch.float32}, {}, loads=2, stores=2)\n"
-        "rows = _aot.check([v], ('sm_90', 'gfx942'))\n"
-        "print(rows)\n"
-        "sys.exit(0 if all('spilled to local memory' in r['problem'] for r in rows) else 1)\n"
     )
-    script = tmp_path / "spills.py"  # Triton reads a jit function's source from its file
-    script.write_text(code)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    check_own_kernel(tmp_path, "spills", kernel, "{'x_ptr': torch.float32, 'y_ptr': torch.float32}",
+                     ("sm_90", "gfx942"), "all('spilled to local memory' in r['problem'] for r in rows)")
