@@ -111,12 +111,17 @@ def assert_same_state(mine, theirs, exact=EXACT):
 def side_by_side(model, average, backend, updates=4, use_buffers=False, exact=EXACT):
     theirs = ref.AveragedModel(model, use_buffers=use_buffers, **AVERAGES[average](ref))
     mine = swa.AveragedModel(model, use_buffers=use_buffers, backend=backend, **AVERAGES[average](swa))
-    for k in range(updates):
+    update_both(model, mine, theirs, range(updates), exact)
+    return mine, theirs
+
+
+def update_both(model, mine, theirs, steps, exact=EXACT):
+    """Train `model` a little before each of `steps`, update both averages, compare them."""
+    for k in steps:
         train_a_little(model, k)
         theirs.update_parameters(model)
         mine.update_parameters(model)
         assert_same_state(mine, theirs, exact)
-    return mine, theirs
 
 
 # ----------------------------------------------------------------------------- AveragedModel
@@ -284,11 +289,7 @@ def test_layout_follows_replaced_tensors(backend):
     mine.module.to(torch.float64).to(torch.float32)
     # the model changes layout too: its averaged copy must read it through a staged copy
     model[0].weight.data = model[0].weight.data.contiguous()
-    for k in range(2, 4):
-        train_a_little(model, k)
-        theirs.update_parameters(model)
-        mine.update_parameters(model)
-        assert_same_state(mine, theirs)
+    update_both(model, mine, theirs, range(2, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,21 +298,12 @@ def test_a_module_added_to_the_average_and_the_model_is_averaged_like_torch(back
     # torch walks both modules every update: a layer added to both after the first update is
     # averaged from then on. fusedopt kept its first layout and left the new layer at its copy.
     model = bn_model()
-    theirs = ref.AveragedModel(model, use_buffers=use_buffers)
-    mine = swa.AveragedModel(model, use_buffers=use_buffers, backend=backend)
-    for k in range(2):
-        train_a_little(model, k)
-        theirs.update_parameters(model)
-        mine.update_parameters(model)
+    mine, theirs = side_by_side(model, "default", backend, updates=2, use_buffers=use_buffers)
     extra = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).to(DEVICE)
     model.append(extra)
     theirs.module.append(copy.deepcopy(extra))
     mine.module.append(copy.deepcopy(extra))
-    for k in range(2, 5):
-        train_a_little(model, k)
-        theirs.update_parameters(model)
-        mine.update_parameters(model)
-        assert_same_state(mine, theirs)
+    update_both(model, mine, theirs, range(2, 5))
 
 
 def test_model_tensor_moved_by_data_assignment():
