@@ -171,33 +171,28 @@ def test_fullgraph_step_compiles_once_and_orders_reads_after_it(name, options, b
     opt = getattr(fusedopt, name)(list(twin.parameters()), backend=backend, **options)
     backend_ = Graphs()
 
-    @torch.compile(backend=backend_, fullgraph=True)
-    def step_and_read():
-        opt.step()
-        return [p * 1 for p in twin.parameters()]
+    def check(read):
+        for j, (a, b) in enumerate(zip(model.parameters(), read)):
+            assert_close(f"param {j} as read in the graph", b, a.detach())
 
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(4):
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            ref.step()
-            ref.zero_grad()
-            torch.nn.functional.mse_loss(twin(x), y).backward()
-            read = step_and_read()
-            opt.zero_grad()
-            for j, (a, b) in enumerate(zip(model.parameters(), read)):
-                assert_close(f"param {j} as read in the graph", b, a.detach())
+        compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=4,
+                              read=lambda: [p * 1 for p in twin.parameters()], check=check)
     assert backend_.op_calls() == 1
     assert_states_match(ref, opt)
 
 
-def compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=3, before=None, ref_grads=None):
+def compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=3, before=None, ref_grads=None,
+                          read=None, check=None):
     """Train `model` with torch's `ref` eagerly and `twin` with `opt.step()` compiled
     (fullgraph) beside it, from the same data; `before(i)` runs before step i (an lr
-    change), `ref_grads()` on torch's gradients before its step (clipping). Then the
+    change), `ref_grads()` on torch's gradients before its step (clipping); `read()` runs
+    in the graph after the step, and `check(values)` gets what it returned. Then the
     parameters must agree."""
     @torch.compile(backend=backend_, fullgraph=True)
     def step():
         opt.step()
+        return None if read is None else read()
 
     for i in range(steps):
         if before is not None:
@@ -208,8 +203,10 @@ def compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=3, before
         ref.step()
         ref.zero_grad()
         torch.nn.functional.mse_loss(twin(x), y).backward()
-        step()
+        values = step()
         opt.zero_grad()
+        if check is not None:
+            check(values)
     for j, (a, b) in enumerate(zip(model.parameters(), twin.parameters())):
         assert_close(f"param {j}", b, a)
 
@@ -516,23 +513,17 @@ def test_state_read_after_the_first_compiled_step_is_the_new_state(backend):
     opt.register_step_post_hook(post_hook)
     backend_ = Graphs()
 
-    @torch.compile(backend=backend_, fullgraph=True)
-    def step_and_read():
-        opt.step()
-        return opt.state[twin[0].weight]["exp_avg"] * 1, opt.state[twin[2].bias]["step"] * 1
+    def check(read):
+        exp_avg, step = read
+        assert_close("exp_avg read in the graph", exp_avg, ref.state[model[0].weight]["exp_avg"])
+        assert float(step) == float(ref.state[model[2].bias]["step"])
+        assert_close("state summed by the post-hook", logged[0],
+                     sum(s["exp_avg_sq"].sum() for s in ref.state.values()))
 
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(3):
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            ref.step()
-            ref.zero_grad()
-            torch.nn.functional.mse_loss(twin(x), y).backward()
-            exp_avg, step = step_and_read()
-            opt.zero_grad()
-            assert_close("exp_avg read in the graph", exp_avg, ref.state[model[0].weight]["exp_avg"])
-            assert float(step) == float(ref.state[model[2].bias]["step"])
-            assert_close("state summed by the post-hook", logged[0],
-                         sum(s["exp_avg_sq"].sum() for s in ref.state.values()))
+        compiled_beside_torch(ref, opt, model, twin, x, y, backend_, steps=3, check=check,
+                              read=lambda: (opt.state[twin[0].weight]["exp_avg"] * 1,
+                                            opt.state[twin[2].bias]["step"] * 1))
     assert backend_.op_calls() == 1
     assert_states_match(ref, opt)
 

@@ -95,6 +95,13 @@ def run_both(problem, dtype, backend, steps=4, **options):
     p_ref, p_new = make(dtype), make(dtype)
     opt_ref = torch.optim.LBFGS(p_ref, **options)
     opt_new = fusedopt.LBFGS(p_new, backend=backend, **options)
+    step_both(opt_ref, p_ref, opt_new, p_new, loss_fn, steps)
+    return p_ref, opt_ref, p_new, opt_new
+
+
+def step_both(opt_ref, p_ref, opt_new, p_new, loss_fn, steps):
+    """Step torch's LBFGS and fusedopt's side by side: the same losses, closure points,
+    parameters and state after every step, bit for bit."""
     for step in range(steps):
         log_ref, log_new = [], []
         loss_ref = opt_ref.step(closure_for(opt_ref, p_ref, loss_fn, log_ref))
@@ -104,7 +111,6 @@ def run_both(problem, dtype, backend, steps=4, **options):
         for j, (a, b) in enumerate(zip(p_ref, p_new)):
             assert torch.equal(a, b), f"step {step}: parameter {j} differs"
         assert_same_state(opt_new, opt_ref)
-    return p_ref, opt_ref, p_new, opt_new
 
 
 # ----------------------------------------------------------------------------- parity
@@ -293,12 +299,7 @@ def test_options_used_by_no_iteration_are_not_checked_as_in_torch():
         opt_ref, opt_new = torch.optim.LBFGS(p_ref, lr=0.05), fusedopt.LBFGS(p_new, lr=0.05)
         for opt in (opt_ref, opt_new):
             opt.param_groups[0].update(edit)
-        for _ in range(2):
-            assert opt_new.step(closure_for(opt_new, p_new, loss_fn)).item() == \
-                opt_ref.step(closure_for(opt_ref, p_ref, loss_fn)).item()
-        for a, b in zip(p_ref, p_new):
-            assert torch.equal(a, b)
-        assert_same_state(opt_new, opt_ref)
+        step_both(opt_ref, p_ref, opt_new, p_new, loss_fn, 2)
 
 
 def test_an_empty_group_raises_what_torch_raises():
@@ -480,10 +481,5 @@ def test_gradients_wider_than_their_parameters_as_torch(line_search_fn):
     p_ref, p_new = make(), make()
     options = dict(lr=1 if line_search_fn else 0.05, max_iter=5, line_search_fn=line_search_fn)
     opt_ref, opt_new = torch.optim.LBFGS(p_ref, **options), fusedopt.LBFGS(p_new, **options)
-    for _ in range(3):
-        assert opt_new.step(closure_for(opt_new, p_new, loss_fn)).item() == \
-            opt_ref.step(closure_for(opt_ref, p_ref, loss_fn)).item()
-        for a, b in zip(p_ref, p_new):
-            assert torch.equal(a, b)
-        assert_same_state(opt_new, opt_ref)
+    step_both(opt_ref, p_ref, opt_new, p_new, loss_fn, 3)
     assert opt_new.state[p_new[0]]["d"].dtype == torch.float32
