@@ -595,6 +595,24 @@ def test_update_bn_on_averaged_model_and_without_batchnorm():
     swa.update_bn(Exploding(), torch.nn.Linear(2, 2))
 
 
+def test_update_bn_restores_momenta_and_mode_when_the_loader_raises():
+    """torch's update_bn leaves every BatchNorm's momentum None (a cumulative average from
+    then on) and the model in train mode when the loader or the model raises; fusedopt's
+    restores both, as its docstring says, and lets the exception through."""
+    class Failing:
+        def __iter__(self):
+            yield loaders()["tensors"][0]
+            raise OSError("the data went away")
+
+    model = bn_model()
+    model[1].momentum = 0.3
+    model.eval()
+    with pytest.raises(OSError, match="went away"):
+        swa.update_bn(Failing(), model, device=DEVICE)
+    assert [m.momentum for m in (model[1], model[5])] == [0.3, 0.1]
+    assert not model.training
+
+
 # ----------------------------------------------------------------------------- recipe
 
 def recipe(optimizer_cls, averaged_cls, swalr_cls, update_bn, epochs=8, swa_start=4, **avg_kwargs):

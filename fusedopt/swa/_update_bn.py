@@ -13,7 +13,9 @@ def update_bn(loader, model: Module, device: int | torch.device | None = None) -
 
     Each batch is a tensor, or a list/tuple whose first element is the input; it is moved
     to `device` when one is given. Statistics are the plain average over the batches
-    (momentum None while the pass runs); momenta and train/eval mode are restored after.
+    (momentum None while the pass runs); momenta and train/eval mode are restored after,
+    also when the loader or the model raises (torch's then leaves momentum None, which
+    would turn every later training step's running statistics into a cumulative average).
     A model without BatchNorm is left untouched and the loader is not read.
     """
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
