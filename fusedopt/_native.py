@@ -85,6 +85,12 @@ class Native:
     # Whether runs pay off: not for SGD, whose one or three foreach ops a step cost less
     # per tensor than a gather and a scatter do.
     runs: bool = True
+    # Whether torch's for-loop, with these options, steps a gradient of another dtype than
+    # its parameter (`param.grad_dtype`), computing with it as it is. Where it raises (the
+    # dtype checks of its Adam family's and centered RMSprop's lerp_), and only after it has
+    # changed some tensors, fusedopt reads a copy in the parameter's dtype instead, as its
+    # kernels do.
+    takes_other_grad_dtypes: Callable[..., bool] = lambda o: True
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -176,17 +182,21 @@ def _asgd(params, grads, state, scalars, reps, o, ctx):
               weight_decay=o.weight_decay)
 
 
-_ADAM = Native(("step",), _adam_fused, _adam_foreach)
+def _never(o) -> bool:
+    return False
+
+
+_ADAM = Native(("step",), _adam_fused, _adam_foreach, takes_other_grad_dtypes=_never)
 IMPLEMENTATIONS = {
     "Adam": _ADAM,
     "AdamW": _ADAM,
-    "NAdam": Native(("step", "mu_product"), None, _nadam),
-    "RAdam": Native(("step",), None, _radam),
-    "Adamax": Native(("step",), None, _adamax),
+    "NAdam": Native(("step", "mu_product"), None, _nadam, takes_other_grad_dtypes=_never),
+    "RAdam": Native(("step",), None, _radam, takes_other_grad_dtypes=_never),
+    "Adamax": Native(("step",), None, _adamax, takes_other_grad_dtypes=_never),
     "Adagrad": Native(("step",), _adagrad_fused, _adagrad_foreach),
     "SGD": Native((), _sgd_fused, _sgd_foreach, runs=False),
     "Adadelta": Native(("step",), None, _adadelta),
-    "RMSprop": Native(("step",), None, _rmsprop),
+    "RMSprop": Native(("step",), None, _rmsprop, takes_other_grad_dtypes=lambda o: not o.centered),
     "Rprop": Native(("step",), None, _rprop),
     "ASGD": Native(("step", "eta", "mu"), None, _asgd),
 }
@@ -242,24 +252,37 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     if state_keys and all_keys != getattr(bucket, "state_keys", None):
         opt._buffers(group, bucket, batch)  # checks that every stepped tensor has them
     fresh_set = frozenset(fresh)
+    fused, every_tensor_in_loop, grads_in_own_dtype = setup.fused, False, False
     # With GradScaler, torch's kernel writes the unscaled gradients back, which must reach
     # the user's own tensors: no runs then.
     run_below = setup.run_below if batch.grad_ops is None else 0
+    if batch.mixed_dtypes:
+        # A gradient of another dtype than its parameter: a run's gathered copy, and torch's
+        # fused kernels (which refuse it), would round it to the parameter's dtype, where
+        # torch's default CPU code, its for-loop, computes with it as it is. That is what
+        # runs, where the for-loop takes such gradients and GradScaler needs no fused kernel;
+        # elsewhere torch's code reads a copy (see `Native.takes_other_grad_dtypes`).
+        run_below = 0
+        if batch.grad_ops is None and impl.takes_other_grad_dtypes(o):
+            fused, every_tensor_in_loop = False, True
+        else:
+            grads_in_own_dtype = True
     plan = _plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(), run_below)
     # (the guards spare a stateless step calls and comprehension frames, which cost most
     # with the cold cache a step that follows another model's work starts with)
     params, grads = plan.gather(batch) if plan.runs else (batch.params, batch.grads)
-    if setup.fused and batch.mixed_dtypes:
-        # after the gather, whose runs are copies in the bucket's dtype already
+    if grads_in_own_dtype:
         grads = _flat.in_dtype(grads, bucket.real_dtype)
     state = {k: plan.state_views(bucket, k) for k in state_keys} if state_keys else {}
     scalars = {k: plan.scalar_views(bucket, k) for k in impl.scalars} if impl.scalars else {}
-    if setup.fused and "step" in impl.scalars:
+    if fused and "step" in impl.scalars:
         # One op on the bucket's step vector, where torch's fused wrapper adds to each
         # tensor's step in turn (2000 tiny tensors: 3 ms on this CPU).
         opt._advance_steps(bucket, batch)
-    call = impl.fused if setup.fused else impl.foreach
-    if setup.loop_window is None:
+    call = impl.fused if fused else impl.foreach
+    if every_tensor_in_loop:
+        call(params, grads, state, scalars, plan.reps, o, _Context(fresh_set, batch.grad_ops, False))
+    elif setup.loop_window is None:
         call(params, grads, state, scalars, plan.reps, o, _Context(fresh_set, batch.grad_ops, True))
     else:
         for foreach, pick in plan.split(setup.loop_window):

@@ -185,6 +185,70 @@ def test_gradients_of_another_dtype_than_their_parameter(fused_cls, torch_cls, o
         assert_close(f"param {j}", b, a)
 
 
+def wide_grads(params, grad_dtype, seed):
+    return [g.to(grad_dtype) for g in random_grads([p.detach().double() for p in params], seed)]
+
+
+# A large tensor, and small ones: a run of eight or more small tensors is stepped as one
+# gathered copy, in the parameters' dtype.
+WIDE_GRAD_SHAPES = (20000, 7) + (5,) * 10
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without Tensor.grad_dtype")
+@pytest.mark.parametrize("param_dtype,grad_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)],
+                         ids=["bf16-fp32", "fp32-fp64"])
+@pytest.mark.parametrize("fused_cls,torch_cls,options", [
+    pytest.param(fusedopt.SGD, torch.optim.SGD, dict(lr=0.1, weight_decay=0.1), id="SGD"),
+    pytest.param(fusedopt.Adagrad, torch.optim.Adagrad, dict(lr=0.1, weight_decay=0.1), id="Adagrad"),
+    pytest.param(fusedopt.RMSprop, torch.optim.RMSprop, dict(lr=0.01, momentum=0.5), id="RMSprop"),
+    pytest.param(fusedopt.Adadelta, torch.optim.Adadelta, dict(weight_decay=0.1), id="Adadelta"),
+    pytest.param(fusedopt.ASGD, torch.optim.ASGD, dict(t0=1), id="ASGD"),
+])
+def test_wider_gradients_step_on_the_cpu_as_torchs_for_loop_steps_them(fused_cls, torch_cls, options, param_dtype,
+                                                                        grad_dtype):
+    """On the CPU, torch.optim's default code, its for-loop, computes with a gradient of
+    another dtype as it is. So does fusedopt's default path, bit for bit: not through torch's
+    fused kernel (Adagrad), which refuses such a gradient, nor through a gathered run of small
+    tensors, either of which would round it to the parameter's dtype first."""
+    params = [torch.randn(n, dtype=torch.float64).to(param_dtype) for n in WIDE_GRAD_SHAPES]
+    theirs, ref, ours, opt = twin(params, fused_cls, torch_cls, options, "auto")
+    for p in theirs + ours:
+        p.grad_dtype = grad_dtype
+    for step in range(4):
+        step_both(list(zip(theirs, ours)), [ref, opt], wide_grads(theirs, grad_dtype, step))
+    for j, (a, b) in enumerate(zip(theirs, ours)):
+        assert torch.equal(a, b), f"param {j}: {(a.double() - b.double()).abs().max().item()} from torch's"
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without Tensor.grad_dtype")
+@pytest.mark.parametrize("cls,options", [
+    pytest.param(fusedopt.Adam, dict(lr=0.01), id="Adam"),
+    pytest.param(fusedopt.Adamax, dict(lr=0.01), id="Adamax"),
+    pytest.param(fusedopt.NAdam, dict(lr=0.01), id="NAdam"),
+    pytest.param(fusedopt.RAdam, dict(lr=0.01), id="RAdam"),
+    pytest.param(fusedopt.RMSprop, dict(lr=0.01, centered=True), id="RMSprop-centered"),
+])
+def test_wider_gradients_where_torch_raises_are_read_in_the_parameters_dtype(cls, options):
+    """torch's for-loop raises on these gradients, after it has advanced some step counts and
+    moved some state (the dtype check of a lerp_). fusedopt's default CPU path steps them,
+    reading each as its parameter's dtype, as the kernels do: the same numbers as gradients
+    given in that dtype. (The reference path reads them in its compute dtype.)"""
+    params = [torch.randn(n, dtype=torch.float64).to(torch.bfloat16) for n in WIDE_GRAD_SHAPES]
+    wide, narrow = clone_params(params), clone_params(params)
+    opt_wide, opt_narrow = cls(wide, **options), cls(narrow, **options)
+    for p in wide[::2]:   # the others keep gradients of their own dtype
+        p.grad_dtype = torch.float32
+    for step in range(3):
+        grads = wide_grads(params, torch.float32, step)
+        for a, b, g in zip(wide, narrow, grads):
+            a.grad, b.grad = g.to(a.grad_dtype or a.dtype), g.to(torch.bfloat16)
+        opt_wide.step()
+        opt_narrow.step()
+    for j, (a, b) in enumerate(zip(wide, narrow)):
+        assert torch.equal(a, b), f"param {j}"
+    assert wide[0].grad.dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------- live options
 
 @pytest.mark.parametrize("backend", BACKENDS)
