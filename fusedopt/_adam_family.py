@@ -11,7 +11,8 @@ from torch import Tensor
 from . import _flat, _native
 from .kernels import _launch
 from .kernels import adam as kernels
-from .optimizer import Optimizer, _as_float, _set_view, user_stacklevel, check_lr, check_max_grad_norm, check_nonnegative
+from ._options import as_float, check_lr, check_max_grad_norm, check_nonnegative
+from .optimizer import Optimizer, _set_view, user_stacklevel
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -220,10 +221,10 @@ class AdamFamily(Optimizer):
         device-side step counts and no value is read back to the host (a CUDA graph can
         capture the step, and a changed lr tensor is seen by the replays)."""
         beta1, beta2 = group["betas"]
-        scalar = _as_float if not on_device else (lambda x: x.to(torch.float64) if isinstance(x, Tensor) else x)
+        scalar = as_float if not on_device else (lambda x: x.to(torch.float64) if isinstance(x, Tensor) else x)
         return kernels.AdamOptions(
             lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=group["eps"],
-            weight_decay=_as_float(group["weight_decay"]), amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]),
+            weight_decay=as_float(group["weight_decay"]), amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]),
             decoupled=bool(group.get("decoupled_weight_decay", False)), variant=self._variant,
             momentum_decay=group.get("momentum_decay", 0.0))
 

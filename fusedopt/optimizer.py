@@ -18,7 +18,6 @@ bucket, the batch of tensors that have gradients, and the path.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import operator
 import os
@@ -34,60 +33,9 @@ from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import _backend, _compile, _flat, _native
+from ._options import as_float, check_max_grad_norm, check_numbers, refuse_differentiable
 from .kernels import _launch
 from .kernels import clip as _clip
-
-def check_lr(lr) -> None:
-    """torch's learning-rate checks: a 1-element tensor, and not negative (NaN fails)."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_nonnegative(**values) -> None:
-    """torch's `Invalid <name> value: <value>` for the first negative (or NaN) keyword, in
-    the order given, which is torch's order for each class."""
-    for name, value in values.items():
-        if not 0.0 <= value:
-            raise ValueError(f"Invalid {'epsilon' if name == 'eps' else name} value: {value}")
-
-
-def refuse_differentiable(differentiable: bool) -> None:
-    """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
-    if differentiable:
-        raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                           "differentiable. help: use torch.optim for differentiable optimization")
-
-
-def check_max_grad_norm(max_grad_norm) -> float | None:
-    """fusedopt's `max_grad_norm=`: None (off) or a positive number."""
-    if max_grad_norm is None:
-        return None
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
-        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a positive number, or None for no clipping)")
-    if _built_by_zero():
-        raise ValueError("fusedopt: max_grad_norm inside ZeroRedundancyOptimizer would clip each rank's partition "
-                         "by that partition's own norm, not by the model's. help: leave it out and call "
-                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) before step()")
-    return float(max_grad_norm)
-
-
-def _built_by_zero() -> bool:
-    """Whether ZeroRedundancyOptimizer is building this optimizer for its rank's partition
-    (it passes every keyword it was given on): the optimizer sees only that partition and
-    cannot know the whole model's gradients."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    frame = sys._getframe(2)
-    while frame is not None:
-        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _refuse_duplicates(params, gi: int) -> None:
@@ -103,22 +51,6 @@ def _refuse_duplicates(params, gi: int) -> None:
                              "updates each parameter once. help: list each parameter once")
 
 
-def check_numbers(options, gi: int) -> None:
-    """Refuse a group's numeric option (a field of its kernel options) that is None or a
-    string: torch's arithmetic raises TypeError on it when the step reaches the group,
-    after stepping the groups before it; here before any group steps."""
-    for name in _numeric_fields(type(options)):
-        value = getattr(options, name)
-        if value is None or isinstance(value, (str, bytes)):
-            raise TypeError(f"param group {gi}: {name} is {value!r}; expected a number or a 1-element tensor")
-
-
-@functools.cache
-def _numeric_fields(options_class) -> tuple[str, ...]:
-    # (a scheduler's new lr each step re-validates the group: the fields are looked up once)
-    return tuple(f.name for f in dataclasses.fields(options_class) if "float" in str(f.type))
-
-
 def user_stacklevel() -> int:
     """The `stacklevel` that points a warning raised inside the step at the user's line: the
     number of frames up to the first one outside this package (the step is reached through
@@ -128,18 +60,6 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _as_float(x) -> float:
-    """A hyperparameter as a float: a number or a 1-element tensor (a string, which float()
-    would parse, is refused as torch's arithmetic refuses it)."""
-    if isinstance(x, Tensor):
-        if x.numel() != 1:
-            raise TypeError(f"expected a number or a 1-element tensor, got a tensor of shape {tuple(x.shape)}")
-        return float(x.item())
-    if isinstance(x, (str, bytes)):
-        raise TypeError(f"expected a number or a 1-element tensor, got {x!r}")
-    return float(x)
 
 
 # A profiler range from C++ (inductor's generated code opens its ranges with it); torch's
@@ -562,7 +482,7 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != vec.dtype and \
                         (value.dtype == torch.float64 or key != "step"):
                     vec = self._retype_scalar(bucket, key, value.dtype)
-                vec[i] = _as_float(value)
+                vec[i] = as_float(value)
                 dict.__setitem__(state, key, vec[i])
                 flat = True
             elif key in self._flat_state and isinstance(value, Tensor):
@@ -945,7 +865,7 @@ class Optimizer(torch.optim.Optimizer):
         refuse_differentiable(group.get("differentiable"))
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
             check_numbers(self._options(group), gi)
-            _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
+            as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
         keys = tuple(self._state_keys(group)) if self._flat_state else ()
         if seen is not None and seen[1] == keys:
             keys = seen[1]   # the same object: buckets that checked it need not again

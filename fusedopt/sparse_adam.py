@@ -7,7 +7,8 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import sparse_adam as kernels
-from .optimizer import Optimizer, _as_float, mark_sparse, check_numbers
+from ._options import as_float, check_numbers
+from .optimizer import Optimizer, mark_sparse
 
 _DENSE_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
 
@@ -87,7 +88,7 @@ class SparseAdam(Optimizer):
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.squeeze()
-        return kernels.SparseAdamOptions(lr=lr, beta1=_as_float(beta1), beta2=_as_float(beta2),
+        return kernels.SparseAdamOptions(lr=lr, beta1=as_float(beta1), beta2=as_float(beta2),
                                          eps=group["eps"], maximize=group.get("maximize", False))
 
     # Not traced through the fusedopt::step op as Optimizer.step is: dynamo cannot take a
