@@ -12,7 +12,8 @@ from . import _flat, _native
 from .kernels import _launch
 from .kernels import adam as kernels
 from ._options import as_float, check_lr, check_max_grad_norm, check_nonnegative
-from .optimizer import Optimizer, _set_view, user_stacklevel
+from ._state import set_view
+from .optimizer import Optimizer, user_stacklevel
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -131,7 +132,7 @@ class AdamFamily(Optimizer):
             bucket.versions = []   # from this step on, writes to the parameters are watched
         for i in indices:
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
-            _set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
+            set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
     def _adopt(self, p: Tensor, entries: dict, into=None, carried: bool | None = None) -> None:
         loaded = isinstance(entries, dict) and "master_param" in entries

@@ -7,7 +7,8 @@ from torch import Tensor
 from . import _flat
 from .kernels import adagrad as kernels
 from ._options import as_float, check_lr, check_max_grad_norm, check_nonnegative, refuse_differentiable
-from .optimizer import Optimizer, mark_sparse
+from ._state import mark_sparse
+from .optimizer import Optimizer
 
 
 class Adagrad(Optimizer):

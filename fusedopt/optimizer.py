@@ -22,8 +22,6 @@ import functools
 import operator
 import os
 import sys
-import weakref
-from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
 from typing import Any
@@ -34,6 +32,10 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from . import _backend, _compile, _flat, _native
 from ._options import as_float, check_max_grad_norm, check_numbers, refuse_differentiable
+from ._state import ParamState, State, set_view
+# Pickles of `opt.state` name these here: `_rebuild_param_state` (ParamState.__reduce__), and
+# `_ParamState` itself before it had one. They must keep loading.
+from ._state import ParamState as _ParamState, _rebuild_param_state  # noqa: F401
 from .kernels import _launch
 from .kernels import clip as _clip
 
@@ -65,164 +67,6 @@ def user_stacklevel() -> int:
 # A profiler range from C++ (inductor's generated code opens its ranges with it); torch's
 # Python record_function where a build lacks it.
 _record_range = getattr(torch._C._profiler, "_RecordFunctionFast", torch.autograd.profiler.record_function)
-
-
-class _WritesThroughSetitem:
-    """`update`, `setdefault` and `|=` made of `__setitem__`, which the dict classes of
-    `opt.state` override (dict's own would store the values without it)."""
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = default
-        return dict.__getitem__(self, key)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-
-class _ParamState(_WritesThroughSetitem, dict):
-    """`opt.state[p]` for a parameter that has flat state.
-
-    Assigning a tensor to a key that holds a flat-buffer view copies the tensor into the
-    view instead of replacing it, so the kernel keeps seeing what outside code wrote. Every
-    other change (a new key, a number, None, a removed key: `del`, `pop`, `popitem`,
-    `clear`, `update`, `setdefault`, `|=`) makes the optimizer adopt the dict again
-    (`Optimizer._adopt`), so that the next step sees what torch's would: a number is
-    written into the scalar state, a new tensor into the flat buffer, an emptied dict
-    starts afresh, and a missing key is refused when the parameter is stepped. A dict no
-    longer in `opt.state` (replaced there) is a plain dict.
-
-    `sparse_dim` (an attribute, not a key): the sparse dimensions of the gradient that
-    seeded state torch keeps sparse (`Optimizer._sparse_state`), which `state_dict` then
-    exports in torch's sparse layout; None for a parameter with dense gradients.
-    """
-
-    sparse_dim: int | None = None
-    _owner: weakref.ref | None = None   # the optimizer (weak: no cycle keeps its buffers alive)
-    _param: Tensor | None = None
-
-    def __setitem__(self, key, value):
-        current = self.get(key)
-        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current:
-            if value.shape != current.shape:
-                raise ValueError(
-                    f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
-            if value.layout is torch.sparse_coo:  # torch's sparse momentum buffer (see Optimizer._adopt)
-                self.sparse_dim = value.sparse_dim()
-                value = value.to_dense()
-            # detached: the state is a copy, not a node of the value's graph (`p * 0.5`)
-            _flat.local(current).copy_(_flat.shard_like(value.detach(), current))
-            return
-        if value is current and key in self:
-            return
-        super().__setitem__(key, value)
-        self._changed()
-
-    def _changed(self) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and isinstance(owner.state, _State) and dict.get(owner.state, self._param) is self:
-            owner._adopt(self._param, self, into=self)
-
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        self._changed()
-
-    def pop(self, *args):
-        value = super().pop(*args)
-        self._changed()
-        return value
-
-    def popitem(self):
-        item = super().popitem()
-        self._changed()
-        return item
-
-    def clear(self):
-        super().clear()
-        self._changed()
-
-    def __reduce__(self):   # pickles and copies without the optimizer
-        return (_rebuild_param_state, (dict(self), self.sparse_dim))
-
-
-def _rebuild_param_state(entries: dict, sparse_dim: int | None) -> _ParamState:
-    state = _ParamState(entries)
-    state.sparse_dim = sparse_dim
-    return state
-
-
-def mark_sparse(state, grad: Tensor) -> None:
-    """Note on a parameter's state that it was stepped with a sparse gradient of this many
-    sparse dimensions (`_ParamState.sparse_dim`; a plain dict put in `opt.state` takes none)."""
-    if isinstance(state, _ParamState):
-        state.sparse_dim = grad.sparse_dim()
-
-
-def _set_view(state: dict, key: str, view: Tensor) -> None:
-    """Put a view of flat state in a parameter's entry, keeping the tensor already there
-    when it is the same view (`_compile.prepare` made it when dynamo traced the step). A
-    view made inside the `fusedopt::step` op, which runs below autograd's view tracking,
-    has no `_base`; AOT autograd refuses a graph whose mutated inputs alias one another
-    with and without one, as a graph that reads opt.state after step() has them."""
-    current = dict.get(state, key)
-    if isinstance(current, Tensor) and current is not view:
-        a, b = _flat.local(current), _flat.local(view)
-        if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
-                and a.shape == b.shape and a.stride() == b.stride() and type(current) is type(view)):
-            return
-    dict.__setitem__(state, key, view)
-
-
-class _State(_WritesThroughSetitem, defaultdict):
-    """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
-    `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
-    `pop`, `popitem` and `clear`): its next step starts afresh, as torch's does."""
-
-    def __init__(self, owner: Optimizer):
-        super().__init__(dict)
-        self._owner = owner
-
-    def __missing__(self, p):
-        entry = _ParamState()
-        entry._owner, entry._param = weakref.ref(self._owner), p
-        dict.__setitem__(self, p, entry)
-        return entry
-
-    def __setitem__(self, p, entries):
-        self._owner._adopt(p, entries)
-
-    def __delitem__(self, p):
-        super().__delitem__(p)
-        self._owner._forget(p)
-
-    def pop(self, p, *default):
-        if p not in self:
-            return super().pop(p, *default)
-        entry = dict.__getitem__(self, p)
-        del self[p]
-        return entry
-
-    def popitem(self):
-        p, entry = super().popitem()
-        self._owner._forget(p)
-        return p, entry
-
-    def clear(self):
-        for p in list(self):
-            del self[p]
-
-    def copy(self):   # torch's state is a defaultdict(dict): its copy is one, sharing the entries
-        return defaultdict(dict, self)
-
-    __copy__ = copy
-
-    def __reduce__(self):  # pickles and deep-copies as the plain dict torch would have
-        return (dict, (dict(self),))
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -280,7 +124,7 @@ class Optimizer(torch.optim.Optimizer):
     _steps_sparse = False
     #: flat state that torch keeps sparse for a parameter whose gradients are sparse (SGD's
     #: momentum buffer: a copy of the first sparse gradient, updated with sparse ops); the
-    #: flat segment holds it dense and `state_dict` exports it sparse (see `_ParamState`)
+    #: flat segment holds it dense and `state_dict` exports it sparse (see `ParamState`)
     _sparse_state: tuple[str, ...] = ()
     #: state torch reads with `.get` and starts afresh when it is None (SGD's momentum
     #: buffer); any other missing state is an error when its parameter is stepped
@@ -348,7 +192,7 @@ class Optimizer(torch.optim.Optimizer):
         self._valid_groups: dict[int, tuple] = {}   # group index -> the values last validated
         self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
         super().__init__(params, defaults)
-        self.state = _State(self)
+        self.state = State(self)
         self._handle = _compile.register(self)  # names this optimizer to the fusedopt::step op
 
     # ------------------------------------------------------------------ layout
@@ -455,10 +299,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None, carried: bool | None = None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into: ParamState | None = None, carried: bool | None = None) -> None:
         """Make `entries` p's state: flat kinds are copied into p's segments, numbers for
         scalar kinds into their vectors; anything else is kept as given. `into`: the
-        `_ParamState` to refill (`entries` itself, after outside code changed it).
+        `ParamState` to refill (`entries` itself, after outside code changed it).
         `carried`: None for state from outside; else the state is this optimizer's own,
         carried into a rebuilt bucket (a parameter's dtype or device changed), and says
         whether it was loaded and not yet checked (`_check_loaded`)."""
@@ -469,12 +313,12 @@ class Optimizer(torch.optim.Optimizer):
         gi, bucket, i = slot
         items = list(entries.items())
         if into is None:
-            state = _ParamState()
+            state = ParamState()
             state.sparse_dim = getattr(entries, "sparse_dim", None)
         else:
             state = into
             dict.clear(state)
-        state._owner, state._param = weakref.ref(self), p
+        state.bind(self, p)
         flat = False
         for key, value in items:
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
@@ -536,17 +380,17 @@ class Optimizer(torch.optim.Optimizer):
 
     def _sync_state(self) -> None:
         """Adopt a state dict that outside code put in place of ours (`opt.state = ...`)."""
-        if isinstance(self.state, _State) and self.state._owner is self:
+        if isinstance(self.state, State) and self.state.owner is self:
             return
-        foreign, self.state = self.state, _State(self)
+        foreign, self.state = self.state, State(self)
         for gi in range(len(self.param_groups)):
             for b in self._group_buckets(gi):
                 b.initialized = [False] * len(b)
         for p, entries in foreign.items():
             if entries:
                 copied = dict(entries)
-                if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (_ParamState)
-                    copied = _ParamState(copied)
+                if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (ParamState)
+                    copied = ParamState(copied)
                     copied.sparse_dim = entries.sparse_dim
                 self._adopt(p, copied)
         # torch steps the tensors of a state dict put in place of its own in place, and code
@@ -582,11 +426,11 @@ class Optimizer(torch.optim.Optimizer):
                 if key in self._scalar_state:
                     vec = bucket.scalar(key)
                     vec[i] = self._initial_scalar(group, key)
-                    _set_view(state, key, vec[i])
+                    set_view(state, key, vec[i])
                 else:
                     bucket.buffer(key, self._buffer_dtype(bucket, key))
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
-                    _set_view(state, key, bucket.state_view(key, i))
+                    set_view(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
 
     def _check_sparse(self, group: dict, bucket: _flat.Bucket) -> None:
@@ -746,7 +590,7 @@ class Optimizer(torch.optim.Optimizer):
         `.grad`); `amp` is GradScaler's (grad_scale, found_inf) or None.
         """
         state = self.state
-        if state.__class__ is not _State or state._owner is not self:
+        if state.__class__ is not State or state.owner is not self:
             self._sync_state()
         clipped = self._clip_inputs(amp, grads) if self.max_grad_norm is not None else None
         # Every bucket's batch first: a gradient that cannot be stepped (a sparse one an
@@ -846,7 +690,7 @@ class Optimizer(torch.optim.Optimizer):
         for group in groups:
             for p in group["params"]:
                 if id(p) in fresh and p not in state:
-                    state[p]   # (`_State.__missing__` makes the entry; `_init_state` fills it)
+                    state[p]   # (`State.__missing__` makes the entry; `_init_state` fills it)
 
     def _validate_group(self, gi: int, group: dict) -> tuple[str, ...]:
         """Raise what the group's options raise (an lr or another numeric option of None or
@@ -1010,7 +854,7 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:   # in the groups' order, as a step creates them
             for p in group["params"]:
                 if id(p) in ids and p not in state:
-                    state[p]   # (`_State.__missing__` makes the entry; `_init_state` fills it)
+                    state[p]   # (`State.__missing__` makes the entry; `_init_state` fills it)
         for group, bucket, fresh in created:
             self._init_state(group, bucket, fresh)
             for i in fresh:
@@ -1206,7 +1050,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def _exported(self, entries: dict) -> dict:
         """A parameter's state as torch's state_dict holds it: the live tensors, except for a
-        parameter stepped with sparse gradients (`_ParamState.sparse_dim`). State torch keeps
+        parameter stepped with sparse gradients (`ParamState.sparse_dim`). State torch keeps
         sparse for it goes as a sparse copy of the flat segment (its nonzero rows: where
         torch's has entries, up to entries that are exactly zero), which torch's sparse SGD,
         Nesterov included, steps on. Flat state torch adds sparse gradients into (Adagrad's
@@ -1321,6 +1165,6 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets, self._slots, self._valid_groups = {}, {}, {}
         if "_handle" not in self.__dict__:  # unpickled or copied; load_state_dict keeps its handle
             self._handle = _compile.register(self)
-        self.state = foreign if not isinstance(foreign, _State) else dict(foreign)
+        self.state = foreign if not isinstance(foreign, State) else dict(foreign)
         self._sync_state()
 

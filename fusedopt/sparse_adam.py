@@ -8,7 +8,8 @@ from . import _flat
 from .kernels import _launch
 from .kernels import sparse_adam as kernels
 from ._options import as_float, check_numbers
-from .optimizer import Optimizer, mark_sparse
+from ._state import mark_sparse
+from .optimizer import Optimizer
 
 _DENSE_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
 
