@@ -69,7 +69,7 @@ def user_stacklevel() -> int:
 _record_range = getattr(torch._C._profiler, "_RecordFunctionFast", torch.autograd.profiler.record_function)
 
 
-class Optimizer(torch.optim.Optimizer):
+class Optimizer(_compile.TracedStep, torch.optim.Optimizer):
     """Base class of fusedopt's optimizers. See the module docstring.
 
     Every subclass takes torch's keywords for its algorithm, with torch's defaults, and keeps
@@ -433,6 +433,15 @@ class Optimizer(torch.optim.Optimizer):
                     set_view(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
 
+    def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
+        """Allocate the state the group's options need in a bucket, before any step fills
+        it (when dynamo traces a step: `_compile.TracedStep._prepare_state`)."""
+        for key in self._state_keys(group):
+            if key in self._scalar_state:
+                bucket.scalar(key)
+            else:
+                bucket.buffer(key, self._buffer_dtype(bucket, key))
+
     def _check_sparse(self, group: dict, bucket: _flat.Bucket) -> None:
         """Raise, as torch would, when the group's options cannot step a sparse gradient;
         called before anything changes."""
@@ -771,169 +780,6 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("none of the optimizer's parameters is a parameter of the averaged model's model "
                              "(was the AveragedModel built from another model, or from the averaged copy?)")
         self._attached = AttachedAverage(averaged_model, model)
-
-
-    # ------------------------------------------------------------------ torch.compile
-
-    def _traced_step(self, closure):
-        """`step()` as dynamo traces it: only cheap Python, then the `fusedopt::step` op.
-
-        The lists below are the op's inputs (see `fusedopt/_compile.py`); reading
-        `param_groups` makes dynamo guard on every option that is a Python number: one that
-        changes recompiles, every time (the op's `list[float]` cannot be symbolic, where
-        torch.optim's float lr becomes a graph input after one recompile); a tensor does not.
-        """
-        loss = self._evaluate(closure)
-        groups = self.param_groups
-        if any(_flat.dtensor_class() is not None and isinstance(p, _flat.dtensor_class())
-               for group in groups for p in group["params"]):
-            # A DTensor would need a sharding rule for the op; run this step eagerly.
-            self._eager_step()
-            return loss
-        _compile.prepare(self)
-        torch.ops.fusedopt.step(*self._op_inputs())
-        return loss
-
-    def _op_inputs(self) -> tuple:
-        """The arguments of `fusedopt::step` for this optimizer's next step (see
-        `fusedopt/_compile.py`): traced by dynamo, and what tests hand to opcheck."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        grads = [p.grad for p in params]
-        options, numbers = _compile.option_leaves(self.param_groups)
-        amp = self._amp_inputs()
-        return self._handle, params, grads, self._op_state(), options, numbers, [] if amp is None else list(amp)
-
-    @torch._disable_dynamo
-    def _eager_step(self) -> None:
-        with torch.no_grad():
-            self._step_body(self.param_groups, None, self._amp_inputs())
-
-    def _op_state(self) -> list[Tensor]:
-        """Every state tensor a step may write, in a fixed order: each bucket's flat
-        buffers and scalar vectors. Traced by dynamo, and listed again inside the op to
-        pair the op's tensors with the optimizer's own."""
-        out = []
-        for gi in range(len(self.param_groups)):
-            cached = self._buckets.get(gi)
-            if cached is not None:
-                for bucket in cached[1]:
-                    out.extend(bucket.buffers.values())
-                    out.extend(bucket.scalars.values())
-        return out
-
-    def _prepare_state(self) -> None:
-        """Build buckets and allocate the state of every bucket that has a gradient now, as
-        a step would, and create the entries in `opt.state` of the parameters it steps for
-        the first time, with their initial values: called when dynamo traces a step.
-
-        torch's optimizers create their state when dynamo traces their first step (it runs
-        `_init_group` for real), so code traced after `step()` in the same graph (a step
-        post-hook, a read of `opt.state[p]`) sees it; so must it here. Those parameters stay
-        uninitialized for the step (`bucket.initialized`), which starts them again, as a
-        first step, when the graph runs the op; if that step raises instead, the op drops
-        the entries (`_step_from_op`), and the optimizer is as it was."""
-        self._sync_state()
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            buckets = [b for b in self._group_buckets(gi) if any(p.grad is not None for p in b.params)]
-            if buckets:
-                # A group the step refuses gets nothing (it raises when the graph runs).
-                work.append((group, self._validate_group(gi, group), buckets))
-        created = []   # (group, bucket, indices of its first-time parameters)
-        for group, keys, buckets in work:
-            for bucket in buckets:
-                self._allocate_state(group, bucket)
-                fresh = [i for i, p in enumerate(bucket.params)
-                         if keys and not bucket.initialized[i] and p.grad is not None and not p.grad.is_sparse
-                         and not dict.get(self.state, p)]
-                if fresh:
-                    created.append((group, bucket, fresh))
-        if not created:
-            return
-        state, ids = self.state, {id(bucket.params[i]) for _, bucket, fresh in created for i in fresh}
-        for group in self.param_groups:   # in the groups' order, as a step creates them
-            for p in group["params"]:
-                if id(p) in ids and p not in state:
-                    state[p]   # (`State.__missing__` makes the entry; `_init_state` fills it)
-        for group, bucket, fresh in created:
-            self._init_state(group, bucket, fresh)
-            for i in fresh:
-                bucket.initialized[i] = False
-        self._prepared = [(bucket.params[i], dict.get(state, bucket.params[i]))
-                          for _, bucket, fresh in created for i in fresh]
-
-    def _drop_prepared(self) -> None:
-        """Forget the entries `_prepare_state` made for a step that then raised: the
-        parameters were not stepped, and an optimizer whose step raised is as it was."""
-        prepared, self._prepared = self.__dict__.get("_prepared"), None
-        for p, entry in prepared or ():
-            slot = self._slot(p)
-            if slot is not None and not slot[1].initialized[slot[2]] and dict.get(self.state, p) is entry:
-                dict.pop(self.state, p)
-
-    def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
-        for key in self._state_keys(group):
-            if key in self._scalar_state:
-                bucket.scalar(key)
-            else:
-                bucket.buffer(key, self._buffer_dtype(bucket, key))
-
-    def _step_from_op(self, params: list[Tensor], grads: list[Tensor | None], state: list[Tensor],
-                      options: list[Tensor], numbers: list[float], amp: list[Tensor | None]) -> None:
-        """The body of the `fusedopt::step` op: a step on the tensors the op was given.
-
-        Under functionalization (AOT autograd) the mutated inputs may be clones of the
-        optimizer's own parameters and state, which AOT copies back after the op: they
-        must hold the results. Clones are copied into the own tensors, the step runs on
-        those (their addresses are what buckets, views and tables know), and the results
-        are copied out.
-        """
-        own_params = [p for group in self.param_groups for p in group["params"]]
-        own_state = self._op_state()
-        pairs = [(own, given) for own, given in zip(chain(own_params, own_state), chain(params, state))
-                 if given is not own and given.data_ptr() != own.data_ptr()]
-        if (len(own_params) != len(params) or len(own_state) != len(state)
-                or any(own.shape != given.shape or own.dtype != given.dtype for own, given in pairs)):
-            # Dynamo guards on what the traced step lists, so only code that changed the
-            # optimizer inside the compiled function, before step(), gets here.
-            raise RuntimeError(
-                "fusedopt::step: the optimizer's parameters or state changed between the start of the compiled "
-                "function and its step() (parameters, state tensors or their shapes differ from what the graph "
-                "was given). help: change them outside the compiled function")
-        for own, given in pairs:
-            own.copy_(given)
-        if pairs:
-            # These copies, and AOT's copies back after the last step, bump the parameters'
-            # version counters: they are not the user's writes. (So a compiled step does
-            # not see writes made between steps: `Bucket.versions`.)
-            for _, buckets in self._buckets.values():
-                for bucket in buckets:
-                    if bucket.versions is not None:
-                        bucket.record_versions()
-        grads_by_id = {id(p): g for p, g in zip(own_params, grads)}
-        amp_inputs = tuple(amp) if amp else None
-        if amp_inputs is not None:
-            # An eager step leaves the gradients unscaled, as torch's fused kernels do; the
-            # op declares its gradients read-only, so it steps with copies and leaves the
-            # user's scaled (README, "Using fusedopt with GradScaler").
-            grads_by_id = {k: None if g is None else g.clone() for k, g in grads_by_id.items()}
-        try:
-            with torch.no_grad():
-                self._step_body(_compile.groups_with(self.param_groups, options, numbers), grads_by_id, amp_inputs)
-        except BaseException:
-            self._drop_prepared()
-            raise
-        self._prepared = None
-        for own, given in pairs:
-            given.copy_(own)
-        # An LR scheduler wraps step() to record that it ran in an attribute (torch's and
-        # fusedopt's share the names). Inside a compiled function that write is lost:
-        # dynamo (torch 2.13) drops attribute writes on an optimizer when the frame ends
-        # without a graph break (its OptimizerVariable is not tracked as mutable), and
-        # the scheduler would then warn that step() never ran. The op does run: record it.
-        from .schedulers._base import _CALLED_FLAG, _WRAPPED_FLAG
-        if hasattr(self.step, _WRAPPED_FLAG):
-            setattr(self, _CALLED_FLAG, True)
 
     def _clip_inputs(self, amp, grads: dict[int, Tensor | None] | None = None) -> tuple[dict[int, _flat.Batch], Tensor] | None:
         """Every bucket's batch and the clip coefficient of `max_grad_norm`, on the device.
