@@ -80,13 +80,35 @@ def _numeric_fields(options_class) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(options_class) if "float" in str(f.type))
 
 
-def as_float(x) -> float:
+def as_float(x, name: str) -> float:
     """A hyperparameter as a float: a number or a 1-element tensor (a string, which float()
-    would parse, is refused as torch's arithmetic refuses it)."""
+    would parse, is refused as torch's arithmetic refuses it). `name`: the option's, which
+    the error names with the value (torch's arithmetic raises TypeError on it, naming
+    neither)."""
     if isinstance(x, Tensor):
         if x.numel() != 1:
-            raise TypeError(f"expected a number or a 1-element tensor, got a tensor of shape {tuple(x.shape)}")
+            raise TypeError(f"{name} is a tensor of shape {tuple(x.shape)}; expected a number or a 1-element tensor")
         return float(x.item())
     if isinstance(x, (str, bytes)):
-        raise TypeError(f"expected a number or a 1-element tensor, got {x!r}")
-    return float(x)
+        raise TypeError(f"{name} is {x!r}; expected a number or a 1-element tensor")
+    try:
+        return float(x)
+    except TypeError:
+        raise TypeError(f"{name} is {x!r}; expected a number or a 1-element tensor") from None
+
+
+def float_option(group: dict, key: str) -> float:
+    """A group's numeric option as a float (`as_float`), named by its key."""
+    return as_float(group[key], key)
+
+
+def pair(group: dict, key: str) -> tuple:
+    """A group's option of two numbers (betas, etas, step_sizes), unpacked as torch's step
+    unpacks it, with its exception type (TypeError for what is not a sequence, ValueError
+    for another length), naming the option and the value."""
+    value = group[key]
+    try:
+        first, second = value
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{key} is {value!r}; expected a pair of numbers") from None
+    return first, second

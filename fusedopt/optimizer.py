@@ -330,7 +330,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != vec.dtype and \
                         (value.dtype == torch.float64 or key != "step"):
                     vec = self._retype_scalar(bucket, key, value.dtype)
-                vec[i] = as_float(value)
+                vec[i] = as_float(value, key)
                 dict.__setitem__(state, key, vec[i])
                 flat = True
             elif key in self._flat_state and isinstance(value, Tensor):
@@ -722,7 +722,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         refuse_differentiable(group.get("differentiable"))
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
             check_numbers(self._options(group), gi)
-            as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
+            as_float(group.get("lr", 0.0), "lr")   # (Rprop's options leave it out: it seeds step_size)
         keys = tuple(self._state_keys(group)) if self._flat_state else ()
         if seen is not None and seen[1] == keys:
             keys = seen[1]   # the same object: buckets that checked it need not again
