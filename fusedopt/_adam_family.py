@@ -11,7 +11,9 @@ from torch import Tensor
 from . import _flat, _native
 from .kernels import _launch
 from .kernels import adam as kernels
-from .optimizer import Optimizer, _as_float, _set_view, user_stacklevel, check_lr, check_max_grad_norm, check_nonnegative
+from ._options import as_float, check_lr, check_max_grad_norm, check_nonnegative, float_option, pair
+from ._state import set_view
+from .optimizer import Optimizer, user_stacklevel
 
 #: parameter dtypes that get an fp32 master copy under master_weights=True
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -71,7 +73,7 @@ class AdamFamily(Optimizer):
         it as tensors), RAdam computes rho_inf = 2 / (1 - beta2) - 1. Raised here before
         anything changes; torch's fused kernel (the 'auto' CPU path for Adam and AdamW)
         would instead write NaN into every parameter."""
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = pair(group, "betas")
         if self._variant == "radam":
             if not isinstance(beta2, Tensor) and beta2 == 1:
                 raise ZeroDivisionError(f"float division by zero: betas[1] is {beta2!r}, and torch's "
@@ -130,7 +132,7 @@ class AdamFamily(Optimizer):
             bucket.versions = []   # from this step on, writes to the parameters are watched
         for i in indices:
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
-            _set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
+            set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
     def _adopt(self, p: Tensor, entries: dict, into=None, carried: bool | None = None) -> None:
         loaded = isinstance(entries, dict) and "master_param" in entries
@@ -219,11 +221,12 @@ class AdamFamily(Optimizer):
         betas stays a tensor, so that the scalar table is computed on the device from the
         device-side step counts and no value is read back to the host (a CUDA graph can
         capture the step, and a changed lr tensor is seen by the replays)."""
-        beta1, beta2 = group["betas"]
-        scalar = _as_float if not on_device else (lambda x: x.to(torch.float64) if isinstance(x, Tensor) else x)
+        beta1, beta2 = pair(group, "betas")
+        scalar = as_float if not on_device else (lambda x, name: x.to(torch.float64) if isinstance(x, Tensor) else x)
         return kernels.AdamOptions(
-            lr=scalar(group["lr"]), beta1=scalar(beta1), beta2=scalar(beta2), eps=group["eps"],
-            weight_decay=_as_float(group["weight_decay"]), amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]),
+            lr=scalar(group["lr"], "lr"), beta1=scalar(beta1, "betas[0]"), beta2=scalar(beta2, "betas[1]"),
+            eps=group["eps"], weight_decay=float_option(group, "weight_decay"),
+            amsgrad=bool(group.get("amsgrad", False)), maximize=bool(group["maximize"]),
             decoupled=bool(group.get("decoupled_weight_decay", False)), variant=self._variant,
             momentum_decay=group.get("momentum_decay", 0.0))
 

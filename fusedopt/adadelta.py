@@ -5,7 +5,8 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import adadelta as kernels
-from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative, refuse_differentiable
+from ._options import check_lr, check_nonnegative, float_option, refuse_differentiable
+from .optimizer import Optimizer
 
 
 class Adadelta(Optimizer):
@@ -52,7 +53,7 @@ class Adadelta(Optimizer):
         return ["step", "square_avg", "acc_delta"]
 
     def _options(self, group) -> kernels.AdadeltaOptions:
-        return kernels.AdadeltaOptions(lr=_as_float(group["lr"]), rho=group["rho"], eps=group["eps"],
+        return kernels.AdadeltaOptions(lr=float_option(group, "lr"), rho=group["rho"], eps=group["eps"],
                                        weight_decay=group["weight_decay"], maximize=group["maximize"])
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:

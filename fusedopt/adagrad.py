@@ -6,7 +6,9 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import adagrad as kernels
-from .optimizer import Optimizer, _as_float, mark_sparse, check_lr, check_max_grad_norm, check_nonnegative, refuse_differentiable
+from ._options import check_lr, check_max_grad_norm, check_nonnegative, float_option, refuse_differentiable
+from ._state import mark_sparse
+from .optimizer import Optimizer
 
 
 class Adagrad(Optimizer):
@@ -98,7 +100,7 @@ class Adagrad(Optimizer):
         return float(self.defaults["initial_accumulator_value"]) if key == "sum" else 0.0
 
     def _options(self, group) -> kernels.AdagradOptions:
-        return kernels.AdagradOptions(lr=_as_float(group["lr"]), lr_decay=group["lr_decay"],
+        return kernels.AdagradOptions(lr=float_option(group, "lr"), lr_decay=group["lr_decay"],
                                       weight_decay=group["weight_decay"], eps=group["eps"],
                                       maximize=bool(group["maximize"]))
 

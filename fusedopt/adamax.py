@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._adam_family import AdamFamily, check_arguments
-from .optimizer import refuse_differentiable
+from ._options import refuse_differentiable
 
 
 class Adamax(AdamFamily):

@@ -6,7 +6,8 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import asgd as kernels
-from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative, refuse_differentiable
+from ._options import check_lr, check_nonnegative, float_option, refuse_differentiable
+from .optimizer import Optimizer
 
 
 class ASGD(Optimizer):
@@ -60,10 +61,10 @@ class ASGD(Optimizer):
         return ["step", "eta", "mu", "ax"]
 
     def _initial_scalar(self, group, key):
-        return {"eta": _as_float(group["lr"]), "mu": 1.0}.get(key, 0.0)
+        return {"eta": float_option(group, "lr"), "mu": 1.0}.get(key, 0.0)
 
     def _options(self, group) -> kernels.ASGDOptions:
-        return kernels.ASGDOptions(lr=_as_float(group["lr"]), lambd=group["lambd"], alpha=group["alpha"],
+        return kernels.ASGDOptions(lr=float_option(group, "lr"), lambd=group["lambd"], alpha=group["alpha"],
                                    t0=group["t0"], weight_decay=group["weight_decay"], maximize=group["maximize"])
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:

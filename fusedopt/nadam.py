@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import _flat
 from ._adam_family import AdamFamily, check_arguments
-from .optimizer import refuse_differentiable
+from ._options import refuse_differentiable
 from .kernels import adam as kernels
 
 

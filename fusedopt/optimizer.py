@@ -1,4 +1,4 @@
-"""The base class: parameter groups, flat state, state_dict, and dispatch to a path.
+"""The base class: parameter groups, flat state, the step driver, and dispatch to a path.
 
 `fusedopt.Optimizer` subclasses `torch.optim.Optimizer` and runs its `__init__`, so the
 hook machinery, `zero_grad`, `add_param_group`'s validation and every `isinstance` check
@@ -15,17 +15,18 @@ it replaces is where state lives and how a step runs:
 
 A subclass declares its flat state kinds and supplies `_update`, which receives the
 bucket, the batch of tensors that have gradients, and the path.
+
+Beside this module: the `opt.state` mapping that writes through to the buffers is
+`_state.py`'s, the checks of hyperparameters `_options.py`'s; two mixins of the class
+hold `state_dict`/`load_state_dict` (`_checkpoint.Checkpoint`) and the step as
+`torch.compile` traces it (`_compile.TracedStep`, beside the op it calls).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import operator
 import os
 import sys
-import weakref
-from collections import defaultdict
-from copy import deepcopy
 from itertools import chain
 from typing import Any
 
@@ -33,61 +34,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import _backend, _compile, _flat, _native
+from . import _backend, _checkpoint, _compile, _flat, _native
+from ._options import as_float, check_max_grad_norm, check_numbers, refuse_differentiable
+from ._state import ParamState, State, set_view
+# Pickles of `opt.state` name these here: `_rebuild_param_state` (ParamState.__reduce__), and
+# `_ParamState` itself before it had one. They must keep loading.
+from ._state import ParamState as _ParamState, _rebuild_param_state  # noqa: F401
 from .kernels import _launch
 from .kernels import clip as _clip
-
-def check_lr(lr) -> None:
-    """torch's learning-rate checks: a 1-element tensor, and not negative (NaN fails)."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_nonnegative(**values) -> None:
-    """torch's `Invalid <name> value: <value>` for the first negative (or NaN) keyword, in
-    the order given, which is torch's order for each class."""
-    for name, value in values.items():
-        if not 0.0 <= value:
-            raise ValueError(f"Invalid {'epsilon' if name == 'eps' else name} value: {value}")
-
-
-def refuse_differentiable(differentiable: bool) -> None:
-    """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
-    if differentiable:
-        raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
-                           "differentiable. help: use torch.optim for differentiable optimization")
-
-
-def check_max_grad_norm(max_grad_norm) -> float | None:
-    """fusedopt's `max_grad_norm=`: None (off) or a positive number."""
-    if max_grad_norm is None:
-        return None
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0:
-        raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (expected a positive number, or None for no clipping)")
-    if _built_by_zero():
-        raise ValueError("fusedopt: max_grad_norm inside ZeroRedundancyOptimizer would clip each rank's partition "
-                         "by that partition's own norm, not by the model's. help: leave it out and call "
-                         "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) before step()")
-    return float(max_grad_norm)
-
-
-def _built_by_zero() -> bool:
-    """Whether ZeroRedundancyOptimizer is building this optimizer for its rank's partition
-    (it passes every keyword it was given on): the optimizer sees only that partition and
-    cannot know the whole model's gradients."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    frame = sys._getframe(2)
-    while frame is not None:
-        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def _refuse_duplicates(params, gi: int) -> None:
@@ -103,22 +57,6 @@ def _refuse_duplicates(params, gi: int) -> None:
                              "updates each parameter once. help: list each parameter once")
 
 
-def check_numbers(options, gi: int) -> None:
-    """Refuse a group's numeric option (a field of its kernel options) that is None or a
-    string: torch's arithmetic raises TypeError on it when the step reaches the group,
-    after stepping the groups before it; here before any group steps."""
-    for name in _numeric_fields(type(options)):
-        value = getattr(options, name)
-        if value is None or isinstance(value, (str, bytes)):
-            raise TypeError(f"param group {gi}: {name} is {value!r}; expected a number or a 1-element tensor")
-
-
-@functools.cache
-def _numeric_fields(options_class) -> tuple[str, ...]:
-    # (a scheduler's new lr each step re-validates the group: the fields are looked up once)
-    return tuple(f.name for f in dataclasses.fields(options_class) if "float" in str(f.type))
-
-
 def user_stacklevel() -> int:
     """The `stacklevel` that points a warning raised inside the step at the user's line: the
     number of frames up to the first one outside this package (the step is reached through
@@ -130,182 +68,12 @@ def user_stacklevel() -> int:
     return level
 
 
-def _as_float(x) -> float:
-    """A hyperparameter as a float: a number or a 1-element tensor (a string, which float()
-    would parse, is refused as torch's arithmetic refuses it)."""
-    if isinstance(x, Tensor):
-        if x.numel() != 1:
-            raise TypeError(f"expected a number or a 1-element tensor, got a tensor of shape {tuple(x.shape)}")
-        return float(x.item())
-    if isinstance(x, (str, bytes)):
-        raise TypeError(f"expected a number or a 1-element tensor, got {x!r}")
-    return float(x)
-
-
 # A profiler range from C++ (inductor's generated code opens its ranges with it); torch's
 # Python record_function where a build lacks it.
 _record_range = getattr(torch._C._profiler, "_RecordFunctionFast", torch.autograd.profiler.record_function)
 
 
-class _WritesThroughSetitem:
-    """`update`, `setdefault` and `|=` made of `__setitem__`, which the dict classes of
-    `opt.state` override (dict's own would store the values without it)."""
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = default
-        return dict.__getitem__(self, key)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-
-class _ParamState(_WritesThroughSetitem, dict):
-    """`opt.state[p]` for a parameter that has flat state.
-
-    Assigning a tensor to a key that holds a flat-buffer view copies the tensor into the
-    view instead of replacing it, so the kernel keeps seeing what outside code wrote. Every
-    other change (a new key, a number, None, a removed key: `del`, `pop`, `popitem`,
-    `clear`, `update`, `setdefault`, `|=`) makes the optimizer adopt the dict again
-    (`Optimizer._adopt`), so that the next step sees what torch's would: a number is
-    written into the scalar state, a new tensor into the flat buffer, an emptied dict
-    starts afresh, and a missing key is refused when the parameter is stepped. A dict no
-    longer in `opt.state` (replaced there) is a plain dict.
-
-    `sparse_dim` (an attribute, not a key): the sparse dimensions of the gradient that
-    seeded state torch keeps sparse (`Optimizer._sparse_state`), which `state_dict` then
-    exports in torch's sparse layout; None for a parameter with dense gradients.
-    """
-
-    sparse_dim: int | None = None
-    _owner: weakref.ref | None = None   # the optimizer (weak: no cycle keeps its buffers alive)
-    _param: Tensor | None = None
-
-    def __setitem__(self, key, value):
-        current = self.get(key)
-        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current:
-            if value.shape != current.shape:
-                raise ValueError(
-                    f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
-            if value.layout is torch.sparse_coo:  # torch's sparse momentum buffer (see Optimizer._adopt)
-                self.sparse_dim = value.sparse_dim()
-                value = value.to_dense()
-            # detached: the state is a copy, not a node of the value's graph (`p * 0.5`)
-            _flat.local(current).copy_(_flat.shard_like(value.detach(), current))
-            return
-        if value is current and key in self:
-            return
-        super().__setitem__(key, value)
-        self._changed()
-
-    def _changed(self) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and isinstance(owner.state, _State) and dict.get(owner.state, self._param) is self:
-            owner._adopt(self._param, self, into=self)
-
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        self._changed()
-
-    def pop(self, *args):
-        value = super().pop(*args)
-        self._changed()
-        return value
-
-    def popitem(self):
-        item = super().popitem()
-        self._changed()
-        return item
-
-    def clear(self):
-        super().clear()
-        self._changed()
-
-    def __reduce__(self):   # pickles and copies without the optimizer
-        return (_rebuild_param_state, (dict(self), self.sparse_dim))
-
-
-def _rebuild_param_state(entries: dict, sparse_dim: int | None) -> _ParamState:
-    state = _ParamState(entries)
-    state.sparse_dim = sparse_dim
-    return state
-
-
-def mark_sparse(state, grad: Tensor) -> None:
-    """Note on a parameter's state that it was stepped with a sparse gradient of this many
-    sparse dimensions (`_ParamState.sparse_dim`; a plain dict put in `opt.state` takes none)."""
-    if isinstance(state, _ParamState):
-        state.sparse_dim = grad.sparse_dim()
-
-
-def _set_view(state: dict, key: str, view: Tensor) -> None:
-    """Put a view of flat state in a parameter's entry, keeping the tensor already there
-    when it is the same view (`_compile.prepare` made it when dynamo traced the step). A
-    view made inside the `fusedopt::step` op, which runs below autograd's view tracking,
-    has no `_base`; AOT autograd refuses a graph whose mutated inputs alias one another
-    with and without one, as a graph that reads opt.state after step() has them."""
-    current = dict.get(state, key)
-    if isinstance(current, Tensor) and current is not view:
-        a, b = _flat.local(current), _flat.local(view)
-        if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
-                and a.shape == b.shape and a.stride() == b.stride() and type(current) is type(view)):
-            return
-    dict.__setitem__(state, key, view)
-
-
-class _State(_WritesThroughSetitem, defaultdict):
-    """`opt.state`: adopts whole per-parameter dicts assigned into it (also by `update` and
-    `setdefault`), and forgets a parameter's flat state when its entry is removed (also by
-    `pop`, `popitem` and `clear`): its next step starts afresh, as torch's does."""
-
-    def __init__(self, owner: Optimizer):
-        super().__init__(dict)
-        self._owner = owner
-
-    def __missing__(self, p):
-        entry = _ParamState()
-        entry._owner, entry._param = weakref.ref(self._owner), p
-        dict.__setitem__(self, p, entry)
-        return entry
-
-    def __setitem__(self, p, entries):
-        self._owner._adopt(p, entries)
-
-    def __delitem__(self, p):
-        super().__delitem__(p)
-        self._owner._forget(p)
-
-    def pop(self, p, *default):
-        if p not in self:
-            return super().pop(p, *default)
-        entry = dict.__getitem__(self, p)
-        del self[p]
-        return entry
-
-    def popitem(self):
-        p, entry = super().popitem()
-        self._owner._forget(p)
-        return p, entry
-
-    def clear(self):
-        for p in list(self):
-            del self[p]
-
-    def copy(self):   # torch's state is a defaultdict(dict): its copy is one, sharing the entries
-        return defaultdict(dict, self)
-
-    __copy__ = copy
-
-    def __reduce__(self):  # pickles and deep-copies as the plain dict torch would have
-        return (dict, (dict(self),))
-
-
-class Optimizer(torch.optim.Optimizer):
+class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimizer):
     """Base class of fusedopt's optimizers. See the module docstring.
 
     Every subclass takes torch's keywords for its algorithm, with torch's defaults, and keeps
@@ -360,7 +128,7 @@ class Optimizer(torch.optim.Optimizer):
     _steps_sparse = False
     #: flat state that torch keeps sparse for a parameter whose gradients are sparse (SGD's
     #: momentum buffer: a copy of the first sparse gradient, updated with sparse ops); the
-    #: flat segment holds it dense and `state_dict` exports it sparse (see `_ParamState`)
+    #: flat segment holds it dense and `state_dict` exports it sparse (see `ParamState`)
     _sparse_state: tuple[str, ...] = ()
     #: state torch reads with `.get` and starts afresh when it is None (SGD's momentum
     #: buffer); any other missing state is an error when its parameter is stepped
@@ -428,7 +196,7 @@ class Optimizer(torch.optim.Optimizer):
         self._valid_groups: dict[int, tuple] = {}   # group index -> the values last validated
         self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
         super().__init__(params, defaults)
-        self.state = _State(self)
+        self.state = State(self)
         self._handle = _compile.register(self)  # names this optimizer to the fusedopt::step op
 
     # ------------------------------------------------------------------ layout
@@ -535,10 +303,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
-    def _adopt(self, p: Tensor, entries: dict, into: _ParamState | None = None, carried: bool | None = None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into: ParamState | None = None, carried: bool | None = None) -> None:
         """Make `entries` p's state: flat kinds are copied into p's segments, numbers for
         scalar kinds into their vectors; anything else is kept as given. `into`: the
-        `_ParamState` to refill (`entries` itself, after outside code changed it).
+        `ParamState` to refill (`entries` itself, after outside code changed it).
         `carried`: None for state from outside; else the state is this optimizer's own,
         carried into a rebuilt bucket (a parameter's dtype or device changed), and says
         whether it was loaded and not yet checked (`_check_loaded`)."""
@@ -549,12 +317,12 @@ class Optimizer(torch.optim.Optimizer):
         gi, bucket, i = slot
         items = list(entries.items())
         if into is None:
-            state = _ParamState()
+            state = ParamState()
             state.sparse_dim = getattr(entries, "sparse_dim", None)
         else:
             state = into
             dict.clear(state)
-        state._owner, state._param = weakref.ref(self), p
+        state.bind(self, p)
         flat = False
         for key, value in items:
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
@@ -562,7 +330,7 @@ class Optimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != vec.dtype and \
                         (value.dtype == torch.float64 or key != "step"):
                     vec = self._retype_scalar(bucket, key, value.dtype)
-                vec[i] = _as_float(value)
+                vec[i] = as_float(value, key)
                 dict.__setitem__(state, key, vec[i])
                 flat = True
             elif key in self._flat_state and isinstance(value, Tensor):
@@ -616,17 +384,17 @@ class Optimizer(torch.optim.Optimizer):
 
     def _sync_state(self) -> None:
         """Adopt a state dict that outside code put in place of ours (`opt.state = ...`)."""
-        if isinstance(self.state, _State) and self.state._owner is self:
+        if isinstance(self.state, State) and self.state.owner is self:
             return
-        foreign, self.state = self.state, _State(self)
+        foreign, self.state = self.state, State(self)
         for gi in range(len(self.param_groups)):
             for b in self._group_buckets(gi):
                 b.initialized = [False] * len(b)
         for p, entries in foreign.items():
             if entries:
                 copied = dict(entries)
-                if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (_ParamState)
-                    copied = _ParamState(copied)
+                if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (ParamState)
+                    copied = ParamState(copied)
                     copied.sparse_dim = entries.sparse_dim
                 self._adopt(p, copied)
         # torch steps the tensors of a state dict put in place of its own in place, and code
@@ -662,12 +430,21 @@ class Optimizer(torch.optim.Optimizer):
                 if key in self._scalar_state:
                     vec = bucket.scalar(key)
                     vec[i] = self._initial_scalar(group, key)
-                    _set_view(state, key, vec[i])
+                    set_view(state, key, vec[i])
                 else:
                     bucket.buffer(key, self._buffer_dtype(bucket, key))
                     bucket.segment(key, i).fill_(self._initial_fill(group, key))
-                    _set_view(state, key, bucket.state_view(key, i))
+                    set_view(state, key, bucket.state_view(key, i))
             bucket.initialized[i] = bool(keys)
+
+    def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
+        """Allocate the state the group's options need in a bucket, before any step fills
+        it (when dynamo traces a step: `_compile.TracedStep._prepare_state`)."""
+        for key in self._state_keys(group):
+            if key in self._scalar_state:
+                bucket.scalar(key)
+            else:
+                bucket.buffer(key, self._buffer_dtype(bucket, key))
 
     def _check_sparse(self, group: dict, bucket: _flat.Bucket) -> None:
         """Raise, as torch would, when the group's options cannot step a sparse gradient;
@@ -826,7 +603,7 @@ class Optimizer(torch.optim.Optimizer):
         `.grad`); `amp` is GradScaler's (grad_scale, found_inf) or None.
         """
         state = self.state
-        if state.__class__ is not _State or state._owner is not self:
+        if state.__class__ is not State or state.owner is not self:
             self._sync_state()
         clipped = self._clip_inputs(amp, grads) if self.max_grad_norm is not None else None
         # Every bucket's batch first: a gradient that cannot be stepped (a sparse one an
@@ -926,7 +703,7 @@ class Optimizer(torch.optim.Optimizer):
         for group in groups:
             for p in group["params"]:
                 if id(p) in fresh and p not in state:
-                    state[p]   # (`_State.__missing__` makes the entry; `_init_state` fills it)
+                    state[p]   # (`State.__missing__` makes the entry; `_init_state` fills it)
 
     def _validate_group(self, gi: int, group: dict) -> tuple[str, ...]:
         """Raise what the group's options raise (an lr or another numeric option of None or
@@ -945,7 +722,7 @@ class Optimizer(torch.optim.Optimizer):
         refuse_differentiable(group.get("differentiable"))
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
             check_numbers(self._options(group), gi)
-            _as_float(group.get("lr", 0.0))   # (Rprop's options leave it out: it seeds step_size)
+            as_float(group.get("lr", 0.0), "lr")   # (Rprop's options leave it out: it seeds step_size)
         keys = tuple(self._state_keys(group)) if self._flat_state else ()
         if seen is not None and seen[1] == keys:
             keys = seen[1]   # the same object: buckets that checked it need not again
@@ -1007,169 +784,6 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("none of the optimizer's parameters is a parameter of the averaged model's model "
                              "(was the AveragedModel built from another model, or from the averaged copy?)")
         self._attached = AttachedAverage(averaged_model, model)
-
-
-    # ------------------------------------------------------------------ torch.compile
-
-    def _traced_step(self, closure):
-        """`step()` as dynamo traces it: only cheap Python, then the `fusedopt::step` op.
-
-        The lists below are the op's inputs (see `fusedopt/_compile.py`); reading
-        `param_groups` makes dynamo guard on every option that is a Python number: one that
-        changes recompiles, every time (the op's `list[float]` cannot be symbolic, where
-        torch.optim's float lr becomes a graph input after one recompile); a tensor does not.
-        """
-        loss = self._evaluate(closure)
-        groups = self.param_groups
-        if any(_flat.dtensor_class() is not None and isinstance(p, _flat.dtensor_class())
-               for group in groups for p in group["params"]):
-            # A DTensor would need a sharding rule for the op; run this step eagerly.
-            self._eager_step()
-            return loss
-        _compile.prepare(self)
-        torch.ops.fusedopt.step(*self._op_inputs())
-        return loss
-
-    def _op_inputs(self) -> tuple:
-        """The arguments of `fusedopt::step` for this optimizer's next step (see
-        `fusedopt/_compile.py`): traced by dynamo, and what tests hand to opcheck."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        grads = [p.grad for p in params]
-        options, numbers = _compile.option_leaves(self.param_groups)
-        amp = self._amp_inputs()
-        return self._handle, params, grads, self._op_state(), options, numbers, [] if amp is None else list(amp)
-
-    @torch._disable_dynamo
-    def _eager_step(self) -> None:
-        with torch.no_grad():
-            self._step_body(self.param_groups, None, self._amp_inputs())
-
-    def _op_state(self) -> list[Tensor]:
-        """Every state tensor a step may write, in a fixed order: each bucket's flat
-        buffers and scalar vectors. Traced by dynamo, and listed again inside the op to
-        pair the op's tensors with the optimizer's own."""
-        out = []
-        for gi in range(len(self.param_groups)):
-            cached = self._buckets.get(gi)
-            if cached is not None:
-                for bucket in cached[1]:
-                    out.extend(bucket.buffers.values())
-                    out.extend(bucket.scalars.values())
-        return out
-
-    def _prepare_state(self) -> None:
-        """Build buckets and allocate the state of every bucket that has a gradient now, as
-        a step would, and create the entries in `opt.state` of the parameters it steps for
-        the first time, with their initial values: called when dynamo traces a step.
-
-        torch's optimizers create their state when dynamo traces their first step (it runs
-        `_init_group` for real), so code traced after `step()` in the same graph (a step
-        post-hook, a read of `opt.state[p]`) sees it; so must it here. Those parameters stay
-        uninitialized for the step (`bucket.initialized`), which starts them again, as a
-        first step, when the graph runs the op; if that step raises instead, the op drops
-        the entries (`_step_from_op`), and the optimizer is as it was."""
-        self._sync_state()
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            buckets = [b for b in self._group_buckets(gi) if any(p.grad is not None for p in b.params)]
-            if buckets:
-                # A group the step refuses gets nothing (it raises when the graph runs).
-                work.append((group, self._validate_group(gi, group), buckets))
-        created = []   # (group, bucket, indices of its first-time parameters)
-        for group, keys, buckets in work:
-            for bucket in buckets:
-                self._allocate_state(group, bucket)
-                fresh = [i for i, p in enumerate(bucket.params)
-                         if keys and not bucket.initialized[i] and p.grad is not None and not p.grad.is_sparse
-                         and not dict.get(self.state, p)]
-                if fresh:
-                    created.append((group, bucket, fresh))
-        if not created:
-            return
-        state, ids = self.state, {id(bucket.params[i]) for _, bucket, fresh in created for i in fresh}
-        for group in self.param_groups:   # in the groups' order, as a step creates them
-            for p in group["params"]:
-                if id(p) in ids and p not in state:
-                    state[p]   # (`_State.__missing__` makes the entry; `_init_state` fills it)
-        for group, bucket, fresh in created:
-            self._init_state(group, bucket, fresh)
-            for i in fresh:
-                bucket.initialized[i] = False
-        self._prepared = [(bucket.params[i], dict.get(state, bucket.params[i]))
-                          for _, bucket, fresh in created for i in fresh]
-
-    def _drop_prepared(self) -> None:
-        """Forget the entries `_prepare_state` made for a step that then raised: the
-        parameters were not stepped, and an optimizer whose step raised is as it was."""
-        prepared, self._prepared = self.__dict__.get("_prepared"), None
-        for p, entry in prepared or ():
-            slot = self._slot(p)
-            if slot is not None and not slot[1].initialized[slot[2]] and dict.get(self.state, p) is entry:
-                dict.pop(self.state, p)
-
-    def _allocate_state(self, group: dict, bucket: _flat.Bucket) -> None:
-        for key in self._state_keys(group):
-            if key in self._scalar_state:
-                bucket.scalar(key)
-            else:
-                bucket.buffer(key, self._buffer_dtype(bucket, key))
-
-    def _step_from_op(self, params: list[Tensor], grads: list[Tensor | None], state: list[Tensor],
-                      options: list[Tensor], numbers: list[float], amp: list[Tensor | None]) -> None:
-        """The body of the `fusedopt::step` op: a step on the tensors the op was given.
-
-        Under functionalization (AOT autograd) the mutated inputs may be clones of the
-        optimizer's own parameters and state, which AOT copies back after the op: they
-        must hold the results. Clones are copied into the own tensors, the step runs on
-        those (their addresses are what buckets, views and tables know), and the results
-        are copied out.
-        """
-        own_params = [p for group in self.param_groups for p in group["params"]]
-        own_state = self._op_state()
-        pairs = [(own, given) for own, given in zip(chain(own_params, own_state), chain(params, state))
-                 if given is not own and given.data_ptr() != own.data_ptr()]
-        if (len(own_params) != len(params) or len(own_state) != len(state)
-                or any(own.shape != given.shape or own.dtype != given.dtype for own, given in pairs)):
-            # Dynamo guards on what the traced step lists, so only code that changed the
-            # optimizer inside the compiled function, before step(), gets here.
-            raise RuntimeError(
-                "fusedopt::step: the optimizer's parameters or state changed between the start of the compiled "
-                "function and its step() (parameters, state tensors or their shapes differ from what the graph "
-                "was given). help: change them outside the compiled function")
-        for own, given in pairs:
-            own.copy_(given)
-        if pairs:
-            # These copies, and AOT's copies back after the last step, bump the parameters'
-            # version counters: they are not the user's writes. (So a compiled step does
-            # not see writes made between steps: `Bucket.versions`.)
-            for _, buckets in self._buckets.values():
-                for bucket in buckets:
-                    if bucket.versions is not None:
-                        bucket.record_versions()
-        grads_by_id = {id(p): g for p, g in zip(own_params, grads)}
-        amp_inputs = tuple(amp) if amp else None
-        if amp_inputs is not None:
-            # An eager step leaves the gradients unscaled, as torch's fused kernels do; the
-            # op declares its gradients read-only, so it steps with copies and leaves the
-            # user's scaled (README, "Using fusedopt with GradScaler").
-            grads_by_id = {k: None if g is None else g.clone() for k, g in grads_by_id.items()}
-        try:
-            with torch.no_grad():
-                self._step_body(_compile.groups_with(self.param_groups, options, numbers), grads_by_id, amp_inputs)
-        except BaseException:
-            self._drop_prepared()
-            raise
-        self._prepared = None
-        for own, given in pairs:
-            given.copy_(own)
-        # An LR scheduler wraps step() to record that it ran in an attribute (torch's and
-        # fusedopt's share the names). Inside a compiled function that write is lost:
-        # dynamo (torch 2.13) drops attribute writes on an optimizer when the frame ends
-        # without a graph break (its OptimizerVariable is not tracked as mutable), and
-        # the scheduler would then warn that step() never ran. The op does run: record it.
-        from .schedulers._base import _CALLED_FLAG, _WRAPPED_FLAG
-        if hasattr(self.step, _WRAPPED_FLAG):
-            setattr(self, _CALLED_FLAG, True)
 
     def _clip_inputs(self, amp, grads: dict[int, Tensor | None] | None = None) -> tuple[dict[int, _flat.Batch], Tensor] | None:
         """Every bucket's batch and the clip coefficient of `max_grad_norm`, on the device.
@@ -1257,132 +871,6 @@ class Optimizer(torch.optim.Optimizer):
         else:
             steps[batch.index_tensor()] += 1
 
-    # ------------------------------------------------------------------ state_dict
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's format: state keyed by parameter index, groups with index lists."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        self._sync_state()
-        mapping: dict[int, int] = {}
-        start = 0
-
-        def pack(group: dict[str, Any]) -> dict[str, Any]:
-            nonlocal start
-            packed = {k: v for k, v in group.items() if k != "params"}
-            mapping.update({id(p): i for i, p in enumerate(group["params"], start) if id(p) not in mapping})
-            packed["params"] = [mapping[id(p)] for p in group["params"]]
-            start += len(packed["params"])
-            return packed
-
-        param_groups = [pack(g) for g in self.param_groups]
-        packed_state = {(mapping[id(k)] if isinstance(k, Tensor) else k): self._exported(v) for k, v in self.state.items()}
-        state_dict = {"state": packed_state, "param_groups": param_groups}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
-
-    def _exported(self, entries: dict) -> dict:
-        """A parameter's state as torch's state_dict holds it: the live tensors, except for a
-        parameter stepped with sparse gradients (`_ParamState.sparse_dim`). State torch keeps
-        sparse for it goes as a sparse copy of the flat segment (its nonzero rows: where
-        torch's has entries, up to entries that are exactly zero), which torch's sparse SGD,
-        Nesterov included, steps on. Flat state torch adds sparse gradients into (Adagrad's
-        `sum`, SparseAdam's moments) goes as a copy of its own where those gradients have no
-        dense dimensions (a 1-d parameter's): torch's add of such a sparse tensor into a view
-        at a storage offset writes at twice the offset (`_flat.add_sparse_`), so a segment
-        loaded into torch.optim, or saved and loaded, would be stepped at the wrong place and
-        past the end of the buffer."""
-        sparse_dim = getattr(entries, "sparse_dim", None)
-        if sparse_dim is None:
-            return dict(entries)
-        out = dict(entries)
-        for k, v in out.items():
-            if isinstance(v, Tensor) and not v.is_sparse:
-                if k in self._sparse_state:
-                    out[k] = v.to_sparse(sparse_dim)
-                elif k in self._flat_state and v.dim() == sparse_dim:
-                    out[k] = v.clone()
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load torch's format (from torch.optim or fusedopt), validating it all first.
-
-        Unlike torch, a state dict whose groups, parameter counts, state shapes or state
-        keys do not fit this optimizer is rejected before anything changes.
-        """
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for g, s in zip(groups, saved_groups):
-            if len(g["params"]) != len(s["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in groups)))
-        group_of = {key: s for s in saved_groups for key in s["params"]}
-        state: dict[Any, Any] = {}
-        for key, value in state_dict["state"].items():
-            if key not in id_map:
-                state[key] = value
-                continue
-            p = id_map[key]
-            self._validate_entry(key, p, value, {**self.defaults, **group_of[key]})
-            state[p] = {k: self._cast(p, k, v) for k, v in value.items()}
-        for g, s in zip(groups, saved_groups):
-            s["params"] = g["params"]
-            if "param_names" in g and "param_names" not in s:
-                s["param_names"] = g["param_names"]
-        # Everything fits: from here on nothing can fail half-way.
-        self.__setstate__({"state": state, "param_groups": saved_groups})
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _validate_entry(self, key, p: Tensor, entry, group: dict) -> None:
-        """Refuse a parameter's loaded state that its step could not use: not a dict, flat
-        state of another shape, a scalar kind that is not a number, or (for a parameter that
-        has state) a kind its group's options need missing, which torch refuses at load
-        (`step`, NAdam's `mu_product`, ASGD's `eta`) or at the step."""
-        if not isinstance(entry, dict):
-            raise ValueError(f"loaded state dict has state {entry!r} for parameter {key}; expected a dict")
-        for name, value in entry.items():
-            if name in self._flat_state and value is not None:
-                if not isinstance(value, Tensor):
-                    raise ValueError(f"loaded state dict has a {type(value).__name__} for state '{name}' of parameter {key}; expected a tensor")
-                if value.shape != p.shape:
-                    raise ValueError(
-                        f"loaded state dict has state '{name}' of shape {tuple(value.shape)} for parameter {key}, "
-                        f"whose shape is {tuple(p.shape)}")
-            if name in self._scalar_state:
-                if isinstance(value, Tensor):
-                    if value.numel() != 1:
-                        raise ValueError(f"loaded state dict has a '{name}' of {value.numel()} elements for parameter {key}")
-                elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"loaded state dict has '{name}' = {value!r} for parameter {key}; expected a number "
-                                     "or a 1-element tensor")
-        if entry and self._flat_state:
-            needed = [k for k in self._state_keys(group) if k not in self._optional_state]
-            missing = [k for k in needed if entry.get(k) is None]
-            if missing:
-                raise KeyError(f"loaded state dict has no {missing[0]!r} in the state of parameter {key}, which its "
-                               f"group's options need (it has {sorted(entry)})")
-
-    @staticmethod
-    def _cast(p: Tensor, key, value):
-        """torch's policy: floating state takes the parameter's dtype and device; step stays."""
-        if not isinstance(value, Tensor) or key == "step":
-            return value
-        if p.is_floating_point():
-            return value.to(dtype=p.dtype, device=p.device)
-        return value.to(device=p.device)
-
     # ------------------------------------------------------------------ pickling
 
     def __getstate__(self) -> dict[str, Any]:
@@ -1401,6 +889,6 @@ class Optimizer(torch.optim.Optimizer):
         self._buckets, self._slots, self._valid_groups = {}, {}, {}
         if "_handle" not in self.__dict__:  # unpickled or copied; load_state_dict keeps its handle
             self._handle = _compile.register(self)
-        self.state = foreign if not isinstance(foreign, _State) else dict(foreign)
+        self.state = foreign if not isinstance(foreign, State) else dict(foreign)
         self._sync_state()
 

@@ -5,7 +5,8 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import rmsprop as kernels
-from .optimizer import Optimizer, _as_float, check_lr, check_nonnegative, refuse_differentiable
+from ._options import check_lr, check_nonnegative, float_option, refuse_differentiable
+from .optimizer import Optimizer
 
 
 class RMSprop(Optimizer):
@@ -63,7 +64,7 @@ class RMSprop(Optimizer):
                 + (["grad_avg"] if group["centered"] else []))
 
     def _options(self, group) -> kernels.RMSpropOptions:
-        return kernels.RMSpropOptions(lr=_as_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+        return kernels.RMSpropOptions(lr=float_option(group, "lr"), alpha=group["alpha"], eps=group["eps"],
                                       weight_decay=group["weight_decay"], momentum=group["momentum"],
                                       centered=group["centered"], maximize=group["maximize"])
 

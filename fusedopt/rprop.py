@@ -5,7 +5,8 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import rprop as kernels
-from .optimizer import Optimizer, _as_float, check_lr, refuse_differentiable
+from ._options import as_float, check_lr, float_option, pair, refuse_differentiable
+from .optimizer import Optimizer
 
 
 class Rprop(Optimizer):
@@ -55,14 +56,15 @@ class Rprop(Optimizer):
         return ["step", "prev", "step_size"]
 
     def _initial_fill(self, group, key):
-        return _as_float(group["lr"]) if key == "step_size" else 0.0
+        return float_option(group, "lr") if key == "step_size" else 0.0
 
     def _options(self, group) -> kernels.RpropOptions:
-        etaminus, etaplus = group["etas"]
-        step_size_min, step_size_max = group["step_sizes"]
-        return kernels.RpropOptions(etaminus=_as_float(etaminus), etaplus=_as_float(etaplus),
-                                    step_size_min=_as_float(step_size_min),
-                                    step_size_max=_as_float(step_size_max), maximize=group["maximize"])
+        etaminus, etaplus = pair(group, "etas")
+        step_size_min, step_size_max = pair(group, "step_sizes")
+        return kernels.RpropOptions(etaminus=as_float(etaminus, "etas[0]"),
+                                    etaplus=as_float(etaplus, "etas[1]"),
+                                    step_size_min=as_float(step_size_min, "step_sizes[0]"),
+                                    step_size_max=as_float(step_size_max, "step_sizes[1]"), maximize=group["maximize"])
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)

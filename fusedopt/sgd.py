@@ -6,7 +6,8 @@ from torch import Tensor
 
 from . import _flat
 from .kernels import sgd as kernels
-from .optimizer import Optimizer, _as_float, check_max_grad_norm, refuse_differentiable
+from ._options import check_max_grad_norm, float_option, refuse_differentiable
+from .optimizer import Optimizer
 
 
 class SGD(Optimizer):
@@ -82,13 +83,14 @@ class SGD(Optimizer):
     def _options(self, group) -> kernels.SGDOptions:
         # Numbers: torch's fused CPU kernel, which the native path calls, takes them only as
         # floats, where torch's own default path also multiplies by a 1-element tensor.
-        return kernels.SGDOptions(lr=_as_float(group["lr"]), momentum=_as_float(group["momentum"]),
-                                  dampening=_as_float(group["dampening"]), weight_decay=_as_float(group["weight_decay"]),
+        return kernels.SGDOptions(lr=float_option(group, "lr"), momentum=float_option(group, "momentum"),
+                                  dampening=float_option(group, "dampening"),
+                                  weight_decay=float_option(group, "weight_decay"),
                                   nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _check_sparse(self, group, bucket: _flat.Bucket) -> None:
         super()._check_sparse(group, bucket)
-        if _as_float(group["weight_decay"]) != 0:
+        if float_option(group, "weight_decay") != 0:
             raise RuntimeError(
                 f"fusedopt.SGD: weight_decay={group['weight_decay']} does not apply to sparse gradients (torch.optim.SGD "
                 "fails on them too: add(sparse, dense) is not supported). help: put the parameters with sparse "

@@ -7,7 +7,9 @@ from torch import Tensor
 from . import _flat
 from .kernels import _launch
 from .kernels import sparse_adam as kernels
-from .optimizer import Optimizer, _as_float, mark_sparse, check_numbers
+from ._options import as_float, check_numbers, pair
+from ._state import mark_sparse
+from .optimizer import Optimizer
 
 _DENSE_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
 
@@ -83,11 +85,12 @@ class SparseAdam(Optimizer):
             bucket.initialized[i] = True
 
     def _options(self, group) -> kernels.SparseAdamOptions:
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = pair(group, "betas")
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.squeeze()
-        return kernels.SparseAdamOptions(lr=lr, beta1=_as_float(beta1), beta2=_as_float(beta2),
+        return kernels.SparseAdamOptions(lr=lr, beta1=as_float(beta1, "betas[0]"),
+                                         beta2=as_float(beta2, "betas[1]"),
                                          eps=group["eps"], maximize=group.get("maximize", False))
 
     # Not traced through the fusedopt::step op as Optimizer.step is: dynamo cannot take a

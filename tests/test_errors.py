@@ -318,28 +318,64 @@ def string_option_cases():
     return cases
 
 
+def stepped_then_set(cls, key, value, in_pair=True):
+    """An optimizer of two groups stepped once, then the second group's `key` set to
+    `value` (in the first place of a pair option, betas, etas, step_sizes, or in place of
+    the pair with `in_pair=False`)."""
+    sparse = cls in (torch.optim.SparseAdam, fusedopt.SparseAdam)
+    params = [torch.nn.Parameter(torch.randn(4, 2)) for _ in range(2)]
+    opt = cls([{"params": params[:1]}, {"params": params[1:]}])
+    for p in params:
+        p.grad = torch.ones(4, 2).to_sparse() if sparse else torch.ones_like(p)
+    opt.step()
+    default = opt.param_groups[1][key]
+    opt.param_groups[1][key] = (value, default[1]) if isinstance(default, tuple) and in_pair else value
+    return opt
+
+
 @pytest.mark.parametrize("ours,theirs,key", string_option_cases())
 def test_a_string_option_in_a_later_group_raises_what_torch_raises_before_any_group_steps(ours, theirs, key):
     """torch raises TypeError when its step reaches the group, after stepping the groups
     before it; fusedopt raises it before anything has changed."""
-    sparse = theirs is torch.optim.SparseAdam
-
-    def build(cls):
-        params = [torch.nn.Parameter(torch.randn(4, 2)) for _ in range(2)]
-        opt = cls([{"params": params[:1]}, {"params": params[1:]}])
-        for p in params:
-            p.grad = torch.ones(4, 2).to_sparse() if sparse else torch.ones_like(p)
-        opt.step()
-        default = opt.param_groups[1][key]
-        opt.param_groups[1][key] = ("x", default[1]) if isinstance(default, tuple) else "x"
-        return opt
-
     with pytest.raises(TypeError):
-        build(theirs).step()
-    opt = build(ours)
+        stepped_then_set(theirs, key, "x").step()
+    opt = stepped_then_set(ours, key, "x")
     before = snapshot(opt)
     with pytest.raises(TypeError, match="'x'"):
         opt.step()
+    assert_unchanged(opt, before)
+
+
+# None where torch's step does not fail on it either (beside TORCH_IGNORES)
+NONE_TORCH_STEPS_WITH = {("Rprop", "step_sizes"): "torch clamps by them, and clamp_ takes None for no bound",
+                         ("Rprop", "lr"): "torch reads it at a parameter's first step only, to seed step_size"}
+
+
+def none_option_cases():
+    cases = []
+    for name, ours, theirs in ROWS_WITH_SPARSE_ADAM:
+        for key in ["lr"] + NUMERIC_OPTIONS:
+            if key in accepted(theirs) and (name, key) not in TORCH_IGNORES.keys() | NONE_TORCH_STEPS_WITH.keys():
+                cases.append(pytest.param(ours, theirs, key, True, id=f"{name}-{key}"))
+                if key in ("betas", "etas", "step_sizes"):
+                    cases.append(pytest.param(ours, theirs, key, False, id=f"{name}-{key}-whole"))
+    return cases
+
+
+@pytest.mark.parametrize("ours,theirs,key,in_pair", none_option_cases())
+def test_an_option_set_to_none_later_raises_torch_s_exception_naming_it(ours, theirs, key, in_pair):
+    """torch's arithmetic raises on it without naming the option (`float() argument must
+    be ... not 'NoneType'` was fusedopt's); fusedopt raises the same type, before anything
+    changes, naming the option and the value."""
+    with pytest.raises(Exception) as theirs_raised:
+        stepped_then_set(theirs, key, None, in_pair).step()
+    opt = stepped_then_set(ours, key, None, in_pair)
+    before = snapshot(opt)
+    with pytest.raises(Exception) as ours_raised:
+        opt.step()
+    assert ours_raised.type is theirs_raised.type, f"{ours_raised.value!r}; torch: {theirs_raised.value!r}"
+    message = str(ours_raised.value)
+    assert key in message and "None" in message, message
     assert_unchanged(opt, before)
 
 

@@ -258,6 +258,19 @@ def test_state_dict_pickles():
     assert torch.equal(fresh.state_dict()["state"][2]["momentum_buffer"], opt.state_dict()["state"][2]["momentum_buffer"])
 
 
+@pytest.mark.parametrize("saved", [
+    # an entry of opt.state pickled while its class lived in fusedopt/optimizer.py, by its
+    # __reduce__ and, before it had one, by its class
+    b"\x80\x02cfusedopt.optimizer\n_rebuild_param_state\nq\x00}q\x01X\x04\x00\x00\x00stepq\x02G@\x08\x00\x00\x00"
+    b"\x00\x00\x00sK\x01\x86q\x03Rq\x04.",
+    b"\x80\x02cfusedopt.optimizer\n_ParamState\nq\x00)\x81q\x01X\x04\x00\x00\x00stepq\x02G@\x08\x00\x00\x00\x00\x00"
+    b"\x00s}q\x03X\n\x00\x00\x00sparse_dimq\x04K\x01sb.",
+], ids=["reduce", "class"])
+def test_state_entries_pickled_by_older_versions_load(saved):
+    entry = pickle.loads(saved)
+    assert entry == {"step": 3.0} and entry.sparse_dim == 1
+
+
 # ---------------------------------------------------------------------------- hooks
 
 def test_the_six_hooks_run_as_torch_runs_them():
