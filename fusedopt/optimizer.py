@@ -265,20 +265,34 @@ class _State(_WritesThroughSetitem, defaultdict):
 
     def __init__(self, owner: Optimizer):
         super().__init__(dict)
-        self._owner = owner
+        # Weak, as `_ParamState._owner`: `opt.state` holding the optimizer would make a
+        # cycle, and `del opt` would keep every flat buffer until the cycle collector runs
+        # (torch.optim's are freed at once). Outlived by its optimizer, it is a plain dict.
+        self._owner_ref = weakref.ref(owner)
+
+    @property
+    def _owner(self) -> Optimizer | None:
+        return self._owner_ref()
 
     def __missing__(self, p):
+        if self._owner is None:
+            return super().__missing__(p)
         entry = _ParamState()
-        entry._owner, entry._param = weakref.ref(self._owner), p
+        entry._owner, entry._param = self._owner_ref, p
         dict.__setitem__(self, p, entry)
         return entry
 
     def __setitem__(self, p, entries):
-        self._owner._adopt(p, entries)
+        owner = self._owner
+        if owner is None:
+            return dict.__setitem__(self, p, entries)
+        owner._adopt(p, entries)
 
     def __delitem__(self, p):
         super().__delitem__(p)
-        self._owner._forget(p)
+        owner = self._owner
+        if owner is not None:
+            owner._forget(p)
 
     def pop(self, p, *default):
         if p not in self:
@@ -289,7 +303,9 @@ class _State(_WritesThroughSetitem, defaultdict):
 
     def popitem(self):
         p, entry = super().popitem()
-        self._owner._forget(p)
+        owner = self._owner
+        if owner is not None:
+            owner._forget(p)
         return p, entry
 
     def clear(self):
