@@ -1,7 +1,9 @@
 """Memory and object lifetime, against torch.optim doing the same: dropping an optimizer
 frees everything it allocated at once (reference counting, not the cycle collector), and
 steps allocate nothing that outlives them."""
+import copy
 import gc
+import pickle
 import weakref
 
 import pytest
@@ -84,3 +86,78 @@ def test_state_outliving_its_optimizer_is_a_plain_dict():
     assert state[p]["exp_avg"] is exp_avg
     del state[p]
     assert state[p] == {} and state.popitem()[0] is not None
+
+
+def reachable_bytes(root, exclude=()) -> int:
+    """Bytes of the distinct storages of the tensors reachable from `root` (not through
+    `exclude`: the parameters and gradients, which the user owns)."""
+    skip = {id(x) for x in exclude}
+    seen, stack, storages = set(), [root], {}
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or id(o) in skip or isinstance(o, (type, type(gc), type(reachable_bytes))):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+            continue
+        stack.extend(gc.get_referents(o))
+    return sum(storages.values())
+
+
+def stepped_adam(backend):
+    model, loss = model_and_loss()
+    opt = fusedopt.Adam(model.parameters(), lr=0.01, backend=backend)
+    for _ in range(2):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return model, loss, opt
+
+
+def held_bytes(opt) -> int:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return reachable_bytes(opt, params + [p.grad for p in params])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_load_state_dict_keeps_no_copy_of_what_it_loaded(backend):
+    """torch's state after a load is the loaded tensors; fusedopt copies them into its flat
+    buffers, and kept them too (to write each step back into them), doubling the state's
+    memory for the optimizer's lifetime once the caller had dropped the checkpoint."""
+    model, loss, opt = stepped_adam(backend)
+    own = held_bytes(opt)
+    with no_cycle_collector():
+        checkpoint = copy.deepcopy(opt.state_dict())
+        loaded = [weakref.ref(t) for entry in checkpoint["state"].values() for t in entry.values()]
+        opt.load_state_dict(checkpoint)
+        del checkpoint
+        assert not any(r() is not None for r in loaded)
+    opt.zero_grad()
+    loss().backward()
+    opt.step()
+    assert held_bytes(opt) <= own   # (the Triton path's tables differ by a few bytes)
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        twin.step()
+        assert held_bytes(twin) <= own
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loaded_state_dict_still_held_is_stepped_as_torchs(backend):
+    """torch's loaded state is the checkpoint's own tensors (same dtype and device), which
+    its steps update in place: while the caller holds them, fusedopt writes them back."""
+    got = []
+    for make in (lambda p: torch.optim.Adam(p, lr=0.01), lambda p: fusedopt.Adam(p, lr=0.01, backend=backend)):
+        model, loss = model_and_loss()
+        opt = make(model.parameters())
+        loss().backward()
+        opt.step()
+        checkpoint = copy.deepcopy(opt.state_dict())
+        opt.load_state_dict(checkpoint)
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+        got.append(checkpoint["state"])
+    for key, entry in got[0].items():
+        for k, v in entry.items():
+            torch.testing.assert_close(got[1][key][k], v)
