@@ -89,9 +89,10 @@ def test_state_outliving_its_optimizer_is_a_plain_dict():
 
 
 def reachable_bytes(root, exclude=()) -> int:
-    """Bytes of the distinct storages of the tensors reachable from `root` (not through
-    `exclude`: the parameters and gradients, which the user owns)."""
+    """Bytes of the distinct storages of the tensors reachable from `root`, but those of
+    the tensors in `exclude` (the parameters and gradients, which the user owns)."""
     skip = {id(x) for x in exclude}
+    theirs = {x.untyped_storage().data_ptr() for x in exclude if isinstance(x, torch.Tensor)}
     seen, stack, storages = set(), [root], {}
     while stack:
         o = stack.pop()
@@ -102,7 +103,7 @@ def reachable_bytes(root, exclude=()) -> int:
             storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
             continue
         stack.extend(gc.get_referents(o))
-    return sum(storages.values())
+    return sum(n for ptr, n in storages.items() if ptr not in theirs)
 
 
 def stepped_adam(backend):
@@ -161,3 +162,40 @@ def test_a_loaded_state_dict_still_held_is_stepped_as_torchs(backend):
     for key, entry in got[0].items():
         for k, v in entry.items():
             torch.testing.assert_close(got[1][key][k], v)
+
+
+def averaged_and_model(lib, backend, staged=False):
+    model, _ = model_and_loss()
+    swa = fusedopt.swa if lib is fusedopt else torch.optim.swa_utils
+    averaged = swa.AveragedModel(model, **({} if lib is torch.optim else dict(backend=backend)))
+    if staged:  # a model tensor the average reads through a staged copy (other strides)
+        weight = model[0].weight
+        weight.data = weight.data.t().contiguous().t()
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        averaged.update_parameters(model)
+    return averaged, model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_average_kept_after_its_model_is_dropped_frees_the_model(backend):
+    """torch's AveragedModel keeps nothing of the model it averages; fusedopt's cached the
+    model's tensors between updates, so an average kept for evaluation kept the trained
+    model's memory too."""
+    for lib in (torch.optim, fusedopt):
+        averaged, model = averaged_and_model(lib, backend)
+        refs = [weakref.ref(p) for p in model.parameters()]
+        del model
+        gc.collect()
+        assert not any(r() is not None for r in refs), lib
+        averaged.update_parameters(averaged_and_model(lib, backend)[1])   # still averages another
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_average_keeps_no_staged_copy_between_updates(backend):
+    averaged, model = averaged_and_model(fusedopt, backend, staged=True)
+    plain, plain_model = averaged_and_model(fusedopt, backend)
+    held = [reachable_bytes(a, list(m.parameters())) for a, m in ((averaged, model), (plain, plain_model))]
+    assert held[0] <= held[1]   # (the cached batch of the plain one keeps a mask or two)
