@@ -145,20 +145,35 @@ class State(_WritesThroughSetitem, defaultdict):
 
     def __init__(self, owner: Optimizer):
         super().__init__(dict)
-        self.owner = owner
+        # Weak, as `ParamState._owner`: `opt.state` holding the optimizer would make a
+        # cycle, and `del opt` would keep every flat buffer until the cycle collector runs
+        # (torch.optim's are freed at once). Outlived by its optimizer, it is a plain dict.
+        self._owner_ref = weakref.ref(owner)
+
+    @property
+    def owner(self) -> Optimizer | None:
+        return self._owner_ref()
 
     def __missing__(self, p):
+        owner = self.owner
+        if owner is None:
+            return super().__missing__(p)
         entry = ParamState()
-        entry.bind(self.owner, p)
+        entry.bind(owner, p)
         dict.__setitem__(self, p, entry)
         return entry
 
     def __setitem__(self, p, entries):
-        self.owner._adopt(p, entries)
+        owner = self.owner
+        if owner is None:
+            return dict.__setitem__(self, p, entries)
+        owner._adopt(p, entries)
 
     def __delitem__(self, p):
         super().__delitem__(p)
-        self.owner._forget(p)
+        owner = self.owner
+        if owner is not None:
+            owner._forget(p)
 
     def pop(self, p, *default):
         if p not in self:
@@ -169,7 +184,9 @@ class State(_WritesThroughSetitem, defaultdict):
 
     def popitem(self):
         p, entry = super().popitem()
-        self.owner._forget(p)
+        owner = self.owner
+        if owner is not None:
+            owner._forget(p)
         return p, entry
 
     def clear(self):

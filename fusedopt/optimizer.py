@@ -27,6 +27,7 @@ import functools
 import operator
 import os
 import sys
+import weakref
 from itertools import chain
 from typing import Any
 
@@ -400,8 +401,12 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         # torch steps the tensors of a state dict put in place of its own in place, and code
         # relies on that (`torch.optim.swap_in_optimizer_params_and_state`: "in-place tensor
         # edits propagate back"). Their values now live in flat buffers: each step writes
-        # them back (`_write_back`) while this adoption is `opt.state`.
-        back = [(p, key, t) for p, entries in foreign.items() if entries
+        # them back (`_write_back`) while this adoption is `opt.state`, and while someone
+        # still holds them: held weakly, the tensors of a dict nobody keeps (what
+        # `load_state_dict` loaded from a checkpoint the caller dropped, a copy's or an
+        # unpickled optimizer's state) are freed at once instead of doubling the state's
+        # memory for as long as the optimizer lives, and are not copied into every step.
+        back = [(p, key, weakref.ref(t)) for p, entries in foreign.items() if entries
                 for key, t in entries.items() if isinstance(t, Tensor) and t.layout is torch.strided]
         self._written_back = (self.state, back) if back else None
 
@@ -414,10 +419,17 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         if adopted is not self.state:
             self._written_back = None
             return
-        for p, key, t in back:
+        held = False
+        for p, key, ref in back:
+            t = ref()
+            if t is None:
+                continue
+            held = True
             own = dict.get(dict.get(adopted, p) or {}, key)
             if isinstance(own, Tensor) and own is not t and own.shape == t.shape:
                 t.copy_(own)
+        if not held:
+            self._written_back = None
 
     def _init_state(self, group: dict, bucket: _flat.Bucket, fresh: list[int]) -> None:
         """Create torch's initial state for parameters stepped for the first time."""

@@ -116,6 +116,28 @@ class _Layout:
         self.slots = [owners[id(t)] for t in tensors]
         self.ptrs = [t.data_ptr() for t in tensors]
         self.source_key = None  # the model tensors the buckets' cached batches were built from
+        self._watched: weakref.ref | None = None   # the model they belong to (see `watch`)
+
+    def forget_sources(self) -> None:
+        """Drop the buckets' batches of model tensors (and staged copies of them)."""
+        for bucket in self.buckets:
+            bucket.source_batch, bucket.source_mixed = None, []
+        self.source_key = None
+
+    def watch(self, model: Module) -> None:
+        """Keep the cached batches only while `model` lives: they hold its tensors, and
+        torch's AveragedModel keeps nothing of a model it averaged (an average kept after
+        the model is dropped, for evaluation, would otherwise keep the model's memory)."""
+        watched = self._watched
+        if watched is not None and watched() is model:
+            return
+        layout = weakref.ref(self)
+
+        def gone(_, layout=layout):
+            alive = layout()
+            if alive is not None:
+                alive.forget_sources()
+        self._watched = weakref.ref(model, gone)
 
     def current(self, use_buffers: bool) -> bool:
         """False once a tensor was replaced (``load_state_dict(assign=True)``) or re-pointed
@@ -277,6 +299,10 @@ class AveragedModel(Module):
         for bucket, batch, first_copy in integer:
             # torch averages integer tensors in floating point and truncates; its functions do it
             self._with_functions(bucket, list(zip(batch.index, batch.params)), first_copy)
+        if layout.source_key is None:
+            layout.forget_sources()   # staged copies: scratch, not kept between updates
+        else:
+            layout.watch(model)
         self.n_averaged += 1
 
     def _with_functions(self, bucket: _flat.Bucket, sources: list[tuple[int, Tensor]], first_copy: int) -> None:
