@@ -178,7 +178,7 @@ def _rprop(params, grads, state, scalars, reps, o, ctx):
 
 def _asgd(params, grads, state, scalars, reps, o, ctx):
     asgd.asgd(params, grads, state["ax"], scalars["mu"], scalars["eta"], scalars["step"], foreach=ctx.foreach,
-              maximize=o.maximize, lambd=o.lambd, lr=o.lr, t0=o.t0, alpha=o.alpha,
+              maximize=o.maximize, lambd=o.lambd, lr=o.lr if o.lr_tensor is None else o.lr_tensor, t0=o.t0, alpha=o.alpha,
               weight_decay=o.weight_decay)
 
 

@@ -64,8 +64,10 @@ class ASGD(Optimizer):
         return {"eta": float_option(group, "lr"), "mu": 1.0}.get(key, 0.0)
 
     def _options(self, group) -> kernels.ASGDOptions:
+        lr = group["lr"]
         return kernels.ASGDOptions(lr=float_option(group, "lr"), lambd=group["lambd"], alpha=group["alpha"],
-                                   t0=group["t0"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+                                   t0=group["t0"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                   lr_tensor=lr if isinstance(lr, Tensor) else None)
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)
@@ -84,13 +86,15 @@ class ASGD(Optimizer):
         # torch stores `torch.as_tensor(new_eta)`: the Python float rounded to the default
         # dtype first, then to the state's. They differ after a load, which casts eta and mu
         # to the parameter's dtype: an fp64 parameter's then hold fp32-rounded values.
+        # (A tensor lr makes new_eta a tensor of the lr's dtype.)
         default = torch.get_default_dtype()
+        made = default if o.lr_tensor is None else o.lr_tensor.dtype
         if batch.everyone and steps.count(steps[0]) == len(steps):
             (new_eta,), (new_mu,) = kernels.next_eta_mu(steps[:1], o)
-            for vec, value in ((eta, new_eta), (mu, new_mu)):
-                vec.fill_(value if vec.dtype == default else torch.tensor(value, dtype=default).item())
+            for vec, value, dtype in ((eta, new_eta, made), (mu, new_mu, default)):
+                vec.fill_(value if vec.dtype == dtype else torch.tensor(value, dtype=dtype).item())
             return
         index = batch.index_tensor()
         new_eta, new_mu = kernels.next_eta_mu([steps[i] for i in batch.index], o)
-        eta[index.to(eta.device)] = torch.tensor(new_eta, dtype=default).to(eta.dtype).to(eta.device)
+        eta[index.to(eta.device)] = torch.tensor(new_eta, dtype=made).to(eta.dtype).to(eta.device)
         mu[index.to(mu.device)] = torch.tensor(new_mu, dtype=default).to(mu.dtype).to(mu.device)

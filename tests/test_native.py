@@ -143,6 +143,28 @@ def test_nadam_with_a_tensor_momentum_decay_steps_as_torchs(dtype):
 
 
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-element"])
+def test_asgd_with_a_tensor_lr_steps_as_torchs(shape):
+    """torch.optim.ASGD given a tensor lr computes each new eta in tensor ops on it
+    (`lr / ((1 + lambd * lr * step) ** alpha)` in fp32), 1 ulp off the float formula at
+    some steps; the native path passed torch's code, and computed itself, the lr as a
+    float, so eta and then the parameters drifted from torch's (from the fourth step)."""
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(n, generator=gen).requires_grad_() for n in (3, 17, 64)]
+    new = [p.detach().clone().requires_grad_() for p in ref]
+    opts = [cls(ps, lr=torch.full(shape, 0.01), lambd=1e-3, t0=5)
+            for cls, ps in ((torch.optim.ASGD, ref), (fusedopt.ASGD, new))]
+    for step in range(40):
+        for opt, ps in zip(opts, (ref, new)):
+            for i, p in enumerate(ps):
+                p.grad = torch.sin(p.detach() * (i + 1) + step)
+            opt.step()
+    for a, b in zip(ref, new):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        for key in ("eta", "mu", "ax"):
+            torch.testing.assert_close(opts[1].state[b][key], opts[0].state[a][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-dim", "1-element"])
 def test_sgd_with_a_tensor_momentum_steps_as_torchs(shape):
     """torch.optim.SGD's CPU path multiplies by a tensor momentum of one element (its
     `buf.mul_(momentum)`); torch's fused CPU kernel, which the native path calls, takes

@@ -37,6 +37,9 @@ class ASGDOptions:
     t0: float
     weight_decay: float
     maximize: bool
+    # The group's lr where it is a tensor: torch then computes each new eta from it in
+    # tensor ops, in its dtype, 1 ulp off the float formula at times (`next_eta_mu`).
+    lr_tensor: torch.Tensor | None = None
 
 
 COLUMNS = ("decay", "neg_eta", "weight_decay", "mu")
@@ -51,8 +54,13 @@ def scalars(eta: torch.Tensor | float, mu: torch.Tensor | float, o: ASGDOptions)
 
 
 def next_eta_mu(steps: list[float], o: ASGDOptions) -> tuple[list[float], list[float]]:
-    """Each tensor's eta and mu for its new step count, with torch's Python float formulas."""
-    etas = [o.lr / ((1 + o.lambd * o.lr * t) ** o.alpha) for t in steps]
+    """Each tensor's eta and mu for its new step count, with torch's formulas: in Python
+    floats, or in tensor ops on a tensor lr (its dtype's values, as Python floats)."""
+    if o.lr_tensor is not None:
+        lr = o.lr_tensor.detach().reshape(()).cpu()
+        etas = [(lr / ((1 + o.lambd * lr * t) ** o.alpha)).item() for t in steps]
+    else:
+        etas = [o.lr / ((1 + o.lambd * o.lr * t) ** o.alpha) for t in steps]
     mus = [1 / max(1, t - o.t0) for t in steps]
     return etas, mus
 
