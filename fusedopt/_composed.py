@@ -79,7 +79,7 @@ def _stochastic(opt, bucket) -> bool:
 def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list[int], setup) -> bool:
     """Step one bucket with torch's fused kernel and the conversions around it."""
     impl = setup.impl
-    o, all_keys, keys = setup.config(opt, group)
+    o, all_keys, keys, _ = setup.config(opt, group)   # (torch's fused kernel reads tensor options as floats)
     if keys and all_keys != getattr(bucket, "state_keys", None):
         opt._buffers(group, bucket, batch)  # checks that every stepped tensor has them
     master, stochastic = _master(opt, bucket), _stochastic(opt, bucket)

@@ -30,6 +30,7 @@ as torch's fused kernel with conversions around it, on this module's plans.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ class Native:
     # changed some tensors, fusedopt reads a copy in the parameter's dtype instead, as its
     # kernels do.
     takes_other_grad_dtypes: Callable[..., bool] = lambda o: True
+    # Whether a group's tensor options (an lr tensor, tensor betas, ...) go to torch's
+    # for-loop as they are, as torch.optim's CPU default computes with them: not for SGD,
+    # whose bf16/fp16 step is torch's multi-tensor ops (issued by fusedopt), reading them
+    # as numbers, as it reads Python floats.
+    tensor_options: bool = True
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -194,7 +200,7 @@ IMPLEMENTATIONS = {
     "RAdam": Native(("step",), None, _radam, takes_other_grad_dtypes=_never),
     "Adamax": Native(("step",), None, _adamax, takes_other_grad_dtypes=_never),
     "Adagrad": Native(("step",), _adagrad_fused, _adagrad_foreach),
-    "SGD": Native((), _sgd_fused, _sgd_foreach, runs=False),
+    "SGD": Native((), _sgd_fused, _sgd_foreach, runs=False, tensor_options=False),
     "Adadelta": Native(("step",), None, _adadelta),
     "RMSprop": Native(("step",), None, _rmsprop, takes_other_grad_dtypes=lambda o: not o.centered),
     "Rprop": Native(("step",), None, _rprop),
@@ -248,7 +254,7 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
         return impl.fused is not None and _composed.step(opt, group, bucket, batch, fresh, setup)
     if batch.grad_ops is not None and not setup.fused:
         return False
-    o, all_keys, state_keys = setup.config(opt, group)
+    o, all_keys, state_keys, tensor_o = setup.config(opt, group)
     if state_keys and all_keys != getattr(bucket, "state_keys", None):
         opt._buffers(group, bucket, batch)  # checks that every stepped tensor has them
     fresh_set = frozenset(fresh)
@@ -267,6 +273,13 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
             fused, every_tensor_in_loop = False, True
         else:
             grads_in_own_dtype = True
+    if tensor_o is not None and not fused:
+        # A tensor option: torch.optim's CPU default, its for-loop (its multi-tensor code
+        # refuses a tensor lr), computes with the tensor, in the tensor's dtype (a float32
+        # lr makes lr / bias_correction a float32 tensor on float64 parameters), where its
+        # float would be a double. Runs only where they give its numbers (see `_Setup`).
+        o, every_tensor_in_loop = tensor_o, True
+        run_below = run_below if setup.exact_runs else 0
     plan = _plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(), run_below)
     # (the guards spare a stateless step calls and comprehension frames, which cost most
     # with the cold cache a step that follows another model's work starts with)
@@ -328,11 +341,18 @@ class _Setup:
             # gains nothing there (measured), ASGD's fewer passes still do.
             window = None
         self.loop_window = None if window is None else tuple(None if w is None else w // itemsize for w in window)
+        # Whether a run gives torch's for-loop numbers to the bit: not in bf16/fp16, where
+        # torch's CPU `add_(x, alpha=a)` rounds an element by where it falls in its tensor
+        # (the vectorized body fuses the multiply-add, the scalar tail does not), which a
+        # gathered run moves.
+        self.exact_runs = itemsize >= 4
         self._config: tuple | None = None
 
     def config(self, opt, group: dict) -> tuple:
-        """The group's options, its state keys (torch's order) and the flat ones among them,
-        rebuilt only when one of the group's values is replaced (a scheduler's lr, an option
+        """The group's options, its state keys (torch's order), the flat ones among them, and,
+        where the group holds a tensor option, the options with the group's tensors in place
+        of their floats for torch's for-loop (`_tensor_options`; None otherwise); rebuilt
+        only when one of the group's values is replaced (a scheduler's lr, an option
         edited): building them is a few microseconds of Python every step otherwise.
 
         Values are compared by identity (no tensor's __eq__ runs), so the cache is kept only
@@ -345,11 +365,43 @@ class _Setup:
         if cached is not None and len(cached[0]) == len(key) and all(map(operator.is_, cached[0], key)):
             return cached[1]
         all_keys = tuple(opt._state_keys(group))
-        made = opt._options(group), all_keys, [k for k in all_keys if k not in opt._scalar_state]
+        o = opt._options(group)
         immutable = all(type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
                         for k, v in group.items() if k not in _NOT_OPTIONS)
+        tensor_o = None if immutable or not self.impl.tensor_options else _tensor_options(o, group)
+        made = o, all_keys, [k for k in all_keys if k not in opt._scalar_state], tensor_o
         self._config = (key, made) if immutable else None
         return made
+
+
+# The options an algorithm's `_options` reads as floats (the kernels' scalars are computed
+# from floats), by field, and where the group keeps each: (key, index in a pair or None).
+# Its other options are the group's values as they are.
+_FLOATED = {"lr": ("lr", None), "beta1": ("betas", 0), "beta2": ("betas", 1), "etaminus": ("etas", 0),
+            "etaplus": ("etas", 1), "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
+
+
+def _tensor_options(o, group: dict):
+    """`o` with the group's own tensors in place of the floats read from them, where the
+    group holds a tensor option (any, the ones `o` keeps as they are included); None
+    otherwise. torch's for-loop computes with a tensor option as a tensor: in its dtype,
+    and reading it at the step, so a value written in place (`lr.fill_`, a scheduler's) is
+    the value used."""
+    if not any(isinstance(v, Tensor) or (type(v) in (tuple, list) and any(isinstance(x, Tensor) for x in v))
+               for k, v in group.items() if k not in _NOT_OPTIONS):
+        return None
+    changes = {}
+    for field in dataclasses.fields(o):
+        where = _FLOATED.get(field.name)
+        if where is not None and where[0] in group:
+            key, index = where
+            value = group[key] if index is None else group[key][index]
+            # (a pair's tensor of one element but not 0-dim, which torch squeezes only for
+            # Adam, at construction, makes its for-loop raise halfway through a step on
+            # some parameters and not others: that one stays a float, as before)
+            if isinstance(value, Tensor) and (index is None or value.dim() == 0):
+                changes[field.name] = value
+    return dataclasses.replace(o, **changes)
 
 
 # Group entries that are not options, and the types whose values cannot change in place.

@@ -246,3 +246,76 @@ def test_fp16_with_fused_true_is_torchs_fused_kernel(name):
         torch.testing.assert_close(new, ref, equal_nan=True, **exact)
         for key, value in opts[0].state[ref].items():
             torch.testing.assert_close(opts[1].state[new][key], value, equal_nan=True, **exact)
+
+
+def _tensor(value, dtype=torch.float32):
+    return lambda: torch.tensor(value, dtype=dtype)
+
+
+# Two groups an algorithm's tensor options differ in (a float64 lr tensor in the second),
+# as factories: each optimizer gets tensors of its own.
+TENSOR_OPTION_GROUPS = {
+    "NAdam": [dict(lr=_tensor(0.01), betas=(_tensor(0.9), _tensor(0.999)), weight_decay=0.1),
+              dict(lr=_tensor(0.02, torch.float64), momentum_decay=_tensor(5e-3), weight_decay=0.1,
+                   decoupled_weight_decay=True)],
+    "RAdam": [dict(lr=_tensor(0.01), betas=(_tensor(0.9), _tensor(0.99)), weight_decay=0.1),
+              dict(lr=_tensor(0.02, torch.float64), weight_decay=0.1, decoupled_weight_decay=True)],
+    "Adamax": [dict(lr=_tensor(0.01), betas=(_tensor(0.9), _tensor(0.999))),
+               dict(lr=_tensor(0.02, torch.float64), weight_decay=0.1)],
+    "Adadelta": [dict(lr=_tensor(0.5), rho=_tensor(0.8)), dict(lr=_tensor(1.0, torch.float64), weight_decay=0.1)],
+    "RMSprop": [dict(lr=_tensor(0.01), alpha=_tensor(0.9)),
+                dict(lr=_tensor(0.02, torch.float64), momentum=0.9, centered=True, weight_decay=0.1)],
+    "Rprop": [dict(lr=_tensor(0.01), etas=(_tensor(0.4), _tensor(1.3))),
+              dict(lr=_tensor(0.02, torch.float64), step_sizes=(_tensor(1e-5), _tensor(1.0)))],
+    "ASGD": [dict(lr=_tensor(0.01), weight_decay=0.1, t0=2), dict(lr=_tensor(0.02, torch.float64), lambd=1e-3)],
+    # In fp16 these run torch's for-loop too. In fp32, fp64 and bf16 the native path runs
+    # torch's fused kernel, which reads a tensor option as a double: torch.optim's numbers
+    # with fused=True are the ones given there.
+    "Adam": [dict(lr=_tensor(0.01), betas=(_tensor(0.9), _tensor(0.999)), weight_decay=0.1),
+             dict(lr=_tensor(0.02, torch.float64), amsgrad=True)],
+    "AdamW": [dict(lr=_tensor(0.01), betas=(_tensor(0.9), _tensor(0.999))), dict(lr=_tensor(0.02, torch.float64))],
+    "Adagrad": [dict(lr=_tensor(0.01), lr_decay=0.01), dict(lr=_tensor(0.02, torch.float64), weight_decay=0.1)],
+}
+
+
+def _tensor_option_cases():
+    for name in TENSOR_OPTION_GROUPS:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            yield pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("name,dtype", list(_tensor_option_cases()))
+def test_tensor_options_step_as_torchs_for_loop_bit_for_bit(name, dtype):
+    """torch.optim's CPU default for an algorithm without a fused kernel (and for fp16) is
+    its for-loop, which computes with a tensor lr, betas, ... as tensors, in their dtype: a
+    float32 lr makes `lr / bias_correction` a float32 tensor on float64 parameters, a bf16
+    one is read in bf16. The native path read them as Python floats (torch's numbers for a
+    float lr: NAdam differed on every element in fp64). Here: torch's, to the bit, with
+    small tensors that would form runs, per-group tensors of two dtypes, and the tensors
+    written in place between steps, as schedulers write them."""
+    gen = torch.Generator().manual_seed(0)
+    made = [[torch.randn(n, generator=gen).to(dtype) for n in [40] + [9] * 10 + [3000]] for _ in range(2)]
+
+    def groups(params):
+        return [dict(params=ps, **{k: tuple(f() for f in v) if type(v) is tuple else v() if callable(v) else v
+                                   for k, v in options.items()})
+                for ps, options in zip(params, TENSOR_OPTION_GROUPS[name])]
+    ref = [[torch.nn.Parameter(t.clone()) for t in ts] for ts in made]
+    new = [[torch.nn.Parameter(t.clone()) for t in ts] for ts in made]
+    fused = _native.IMPLEMENTATIONS[name].fused is not None and dtype != torch.float16
+    opts = [getattr(torch.optim, name)(groups(ref), **(dict(fused=True) if fused else {})),
+            getattr(fusedopt, name)(groups(new))]
+    for step in range(5):
+        for a, b in zip(sum(ref, []), sum(new, [])):
+            g = torch.randn(a.shape, generator=gen).to(dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 2:
+            for opt in opts:
+                for group in opt.param_groups:
+                    group["lr"].mul_(0.5)
+        for opt in opts:
+            opt.step()
+        for a, b in zip(sum(ref, []), sum(new, [])):
+            # (fp16: torch's for-loop overflows to inf and NaN, which must be the same too)
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"step {step}: {m}")
+    assert_same_run(sum(ref, []), opts[0], sum(new, []), opts[1], rtol=0, atol=0)
