@@ -123,21 +123,29 @@ def test_low_precision_sgd_is_torchs_multi_tensor_sgd_bit_for_bit(config, dtype)
     assert_same_run(p_ref, opt_ref, p_new, opt_new, rtol=0, atol=0)
 
 
+def step_beside_torch(name: str, options: dict, steps: int, dtype=torch.float32):
+    """torch.optim's and fusedopt's `name` (each given its own copy of any tensor option)
+    stepped side by side on three small tensors: their parameters and the optimizers."""
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(n, generator=gen, dtype=dtype).requires_grad_() for n in (3, 17, 64)]
+    new = [p.detach().clone().requires_grad_() for p in ref]
+    opts = [getattr(module, name)(ps, **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()})
+            for module, ps in ((torch.optim, ref), (fusedopt, new))]
+    for step in range(steps):
+        for opt, ps in zip(opts, (ref, new)):
+            for i, p in enumerate(ps):
+                p.grad = torch.sin(p.detach() * (i + 1) + step)
+            opt.step()
+    return ref, new, opts
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nadam_with_a_tensor_momentum_decay_steps_as_torchs(dtype):
     """torch.optim.NAdam takes a tensor momentum_decay (its CPU for-loop computes mu with
     it); its multi-tensor implementation, which the native path runs on small tensors,
     raised TypeError from inside `_foreach_addcdiv_`."""
-    gen = torch.Generator().manual_seed(0)
-    ref = [torch.randn(n, generator=gen, dtype=torch.float64).requires_grad_() for n in (3, 17, 64)]
-    new = [p.detach().clone().requires_grad_() for p in ref]
-    opts = [cls(ps, lr=0.01, momentum_decay=torch.tensor(4e-3, dtype=dtype))
-            for cls, ps in ((torch.optim.NAdam, ref), (fusedopt.NAdam, new))]
-    for step in range(4):
-        for opt, ps in zip(opts, (ref, new)):
-            for i, p in enumerate(ps):
-                p.grad = torch.sin(p.detach() * (i + 1) + step)
-            opt.step()
+    ref, new, _ = step_beside_torch("NAdam", dict(lr=0.01, momentum_decay=torch.tensor(4e-3, dtype=dtype)), 4,
+                                    torch.float64)
     for a, b in zip(ref, new):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
@@ -148,16 +156,7 @@ def test_asgd_with_a_tensor_lr_steps_as_torchs(shape):
     (`lr / ((1 + lambd * lr * step) ** alpha)` in fp32), 1 ulp off the float formula at
     some steps; the native path passed torch's code, and computed itself, the lr as a
     float, so eta and then the parameters drifted from torch's (from the fourth step)."""
-    gen = torch.Generator().manual_seed(0)
-    ref = [torch.randn(n, generator=gen).requires_grad_() for n in (3, 17, 64)]
-    new = [p.detach().clone().requires_grad_() for p in ref]
-    opts = [cls(ps, lr=torch.full(shape, 0.01), lambd=1e-3, t0=5)
-            for cls, ps in ((torch.optim.ASGD, ref), (fusedopt.ASGD, new))]
-    for step in range(40):
-        for opt, ps in zip(opts, (ref, new)):
-            for i, p in enumerate(ps):
-                p.grad = torch.sin(p.detach() * (i + 1) + step)
-            opt.step()
+    ref, new, opts = step_beside_torch("ASGD", dict(lr=torch.full(shape, 0.01), lambd=1e-3, t0=5), 40)
     for a, b in zip(ref, new):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         for key in ("eta", "mu", "ax"):
