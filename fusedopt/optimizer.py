@@ -124,6 +124,10 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
     #: a check of the coming step's counts, for what torch raises at a given step (before
     #: anything changes): called with (group, bucket, batch, sparse) for every bucket stepped
     _check_steps = None
+    #: whether lr only seeds a parameter's first state (Rprop's step sizes): torch's step
+    #: then reads it for parameters stepped for the first time only, and `_check_steps`
+    #: checks it for those instead of every step checking it
+    _lr_seeds_state = False
     #: whether sparse gradients are stepped (torch's SGD and Adagrad take them):
     #: `_sparse_update` then steps those parameters, `_check_sparse` refuses options first
     _steps_sparse = False
@@ -734,7 +738,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         refuse_differentiable(group.get("differentiable"))
         if not group.get("capturable"):   # (a capturable group's tensors are read on the device)
             check_numbers(self._options(group), gi)
-            as_float(group.get("lr", 0.0), "lr")   # (Rprop's options leave it out: it seeds step_size)
+            if not self._lr_seeds_state:
+                as_float(group.get("lr", 0.0), "lr")
         keys = tuple(self._state_keys(group)) if self._flat_state else ()
         if seen is not None and seen[1] == keys:
             keys = seen[1]   # the same object: buckets that checked it need not again

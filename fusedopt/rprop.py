@@ -1,6 +1,8 @@
 """Rprop: torch.optim.Rprop's signature, defaults, validation and numbers, fused."""
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from . import _flat
@@ -27,7 +29,8 @@ class Rprop(Optimizer):
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
         lr (float or Tensor, default 1e-2), etas (default (0.5, 1.2)), step_sizes (default
-        (1e-6, 50)), maximize (default False): as in torch.optim.Rprop.
+        (1e-6, 50); None on one side for no bound), maximize (default False): as in
+        torch.optim.Rprop.
         foreach, capturable, differentiable, backend: torch's flags and fusedopt's path, as for every
             optimizer here; see :class:`fusedopt.Optimizer`.
     """
@@ -61,10 +64,34 @@ class Rprop(Optimizer):
     def _options(self, group) -> kernels.RpropOptions:
         etaminus, etaplus = pair(group, "etas")
         step_size_min, step_size_max = pair(group, "step_sizes")
-        return kernels.RpropOptions(etaminus=as_float(etaminus, "etas[0]"),
-                                    etaplus=as_float(etaplus, "etas[1]"),
-                                    step_size_min=as_float(step_size_min, "step_sizes[0]"),
-                                    step_size_max=as_float(step_size_max, "step_sizes[1]"), maximize=group["maximize"])
+        # torch clamps the step sizes with `clamp_(min, max)`, where None leaves that side
+        # unbounded and two Nones raise
+        if step_size_min is None and step_size_max is None:
+            raise RuntimeError("step_sizes is (None, None): torch's Rprop clamps the step sizes with "
+                               "torch.clamp, which needs at least one of its min and max")
+        return kernels.RpropOptions(
+            etaminus=as_float(etaminus, "etas[0]"), etaplus=as_float(etaplus, "etas[1]"),
+            step_size_min=-math.inf if step_size_min is None else as_float(step_size_min, "step_sizes[0]"),
+            step_size_max=math.inf if step_size_max is None else as_float(step_size_max, "step_sizes[1]"),
+            maximize=group["maximize"])
+
+    _lr_seeds_state = True
+
+    def _check_steps(self, group, bucket: _flat.Bucket, batch, sparse) -> None:
+        """torch's Rprop reads lr only to fill a parameter's first step sizes, with
+        `full_like(grad, lr)`: an lr that is not a number there (None, a string, a tensor
+        that requires grad, which full_like refuses) raises TypeError when some parameter
+        steps for the first time, and not at the steps after. Raised here for those
+        parameters, before anything changes."""
+        lr = group["lr"]
+        if type(lr) in (float, int) or (isinstance(lr, Tensor) and not lr.requires_grad and lr.numel() == 1):
+            return
+        if batch is None or all(bucket.initialized[i] for i in batch.index):
+            return
+        if isinstance(lr, Tensor) and lr.requires_grad:
+            raise TypeError(f"lr is a tensor that requires grad ({lr!r}); torch's Rprop fills a parameter's "
+                            "first step sizes with full_like(grad, lr), which takes a number")
+        as_float(lr, "lr")
 
     def _update(self, group, bucket: _flat.Bucket, batch: _flat.Batch, fresh) -> None:
         o = self._options(group)

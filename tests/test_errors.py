@@ -379,6 +379,73 @@ def test_an_option_set_to_none_later_raises_torch_s_exception_naming_it(ours, th
     assert_unchanged(opt, before)
 
 
+def rprop_side_by_side(backend, edit, steps=3, **options):
+    """torch's Rprop and fusedopt's on the same two groups, `edit(opt)` applied to each
+    after the first step, stepped `steps` times; returns (torch's, fusedopt's) parameters."""
+    out = []
+    for cls, kw in ((torch.optim.Rprop, {}), (fusedopt.Rprop, dict(backend=backend))):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
+        opt = cls([{"params": params[:1]}, {"params": params[1:], "lr": 0.3}], **options, **kw)
+        for step in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            if step == 0:
+                edit(opt)
+        out.append(params)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("step_sizes", [(None, 0.05), (0.2, None)], ids=["no-min", "no-max"])
+@pytest.mark.parametrize("when", ["constructor", "later"])
+def test_rprop_step_sizes_of_none_leave_that_side_unbounded_as_torch(backend, step_sizes, when):
+    """torch's Rprop clamps the step sizes with clamp_(min, max), which takes None for no
+    bound; fusedopt refused None as not a number."""
+    def edit(opt):
+        if when == "later":
+            opt.param_groups[1]["step_sizes"] = step_sizes
+    theirs, ours = rprop_side_by_side(backend, edit, steps=6,
+                                      **(dict(step_sizes=step_sizes) if when == "constructor" else {}))
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(f"param {i}", a, b)
+
+
+def test_rprop_step_sizes_of_two_nones_raise_what_torch_raises_before_anything_changes():
+    for cls in (torch.optim.Rprop, fusedopt.Rprop):
+        opt = stepped_then_set(cls, "step_sizes", (None, None), in_pair=False)
+        before = snapshot(opt) if cls is fusedopt.Rprop else None
+        with pytest.raises(RuntimeError, match="torch.clamp"):
+            opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("lr", [None, "x", torch.tensor(0.5, requires_grad=True)], ids=["None", "str", "grad-tensor"])
+def test_rprop_lr_is_read_only_at_a_parameter_s_first_step_as_torch(backend, lr):
+    """torch's Rprop reads lr only to fill a parameter's first step sizes
+    (`full_like(grad, lr)`): set to what full_like refuses after that, its steps go on,
+    and a parameter stepped for the first time then raises TypeError. fusedopt refused
+    the first; it raises the second before anything changes."""
+    def edit(opt):
+        opt.param_groups[1]["lr"] = lr
+    theirs, ours = rprop_side_by_side(backend, edit)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(f"param {i}", a, b)
+    for cls in (torch.optim.Rprop, fusedopt.Rprop):
+        opt = stepped_then_set(cls, "lr", lr)
+        late = torch.nn.Parameter(torch.randn(3))
+        late.grad = torch.ones(3)
+        opt.param_groups[1]["params"].append(late)
+        if cls is fusedopt.Rprop:
+            opt = cls(opt.param_groups, backend=backend)   # (a parameter is added to a group by a new optimizer)
+            before = snapshot(opt)
+        with pytest.raises(TypeError, match="fill_value" if cls is torch.optim.Rprop else "lr"):
+            opt.step()
+    assert_unchanged(opt, before)
+
+
 BETA_DIVIDES_BY_ZERO = [("Adam", (1.0, 0.999)), ("AdamW", (1.0, 0.999)), ("Adamax", (1.0, 0.999)),
                         ("RAdam", (0.9, 1.0))]
 
