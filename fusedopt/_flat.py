@@ -528,7 +528,8 @@ EXACT_SPAN = 1 << 24
 
 def shared_memory(tensors: list[Tensor], ptrs: list[int] | None = None,
                   contiguous: list[bool] | None = None) -> list[tuple[int, int]]:
-    """The pairs (i, j), i < j, of tensors (of one device and dtype) that share memory.
+    """The pairs (i, j), i < j, of tensors (of one device and dtype) that share memory,
+    and (i, i) for a tensor whose own elements do (an expanded one, stride 0).
 
     A fused step updates a bucket's tensors at once: two that share an element would race
     on a GPU, and the reference path keeps one of the two updates, where torch.optim's
@@ -538,17 +539,24 @@ def shared_memory(tensors: list[Tensor], ptrs: list[int] | None = None,
     `.data`); views whose extents interleave without sharing an element (the columns of
     one matrix) are told apart by marking each one's elements.
     """
-    if len(tensors) < 2 or tensors[0].device.type == "meta":
+    if not tensors or tensors[0].device.type == "meta":
         return []
     starts = list(map(Tensor.data_ptr, tensors)) if ptrs is None else ptrs
     extents = list(map(Tensor.numel, tensors))
+    pairs: list[tuple[int, int]] = []
     for i, c in enumerate(map(Tensor.is_contiguous, tensors) if contiguous is None else contiguous):
         if not c and extents[i]:
             t = tensors[i]
             extents[i] = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            # torch's in-place ops refuse to write such a tensor, and the staging copy's
+            # write-back would too, after the update has moved the state; a GPU kernel
+            # writing it directly would race. (Only a tensor that is not contiguous can be one.)
+            if torch._debug_has_internal_overlap(t) == 1:
+                pairs.append((i, i))
+    if len(tensors) < 2:
+        return pairs
     size = tensors[0].element_size()
     spans = sorted((starts[i], starts[i] + n * size, i) for i, n in enumerate(extents) if n)
-    pairs: list[tuple[int, int]] = []
     cluster, reach = spans[:1], spans[0][1] if spans else 0
     for span in spans[1:] + [None]:
         if span is not None and span[0] < reach:

@@ -506,11 +506,21 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         parameters at once: on a GPU the two writes would race, and the reference path would
         keep one update of the two. Refused here, before anything changes, rather than give
         numbers that depend on the path; a parameter that shares memory but has no gradient
-        this step is stepped by no one, and not refused."""
+        this step is stepped by no one, and not refused. A parameter whose own elements share
+        memory (an expanded tensor) is refused too, with the RuntimeError torch.optim raises
+        only after updating the parameters before it (`_flat.shared_memory` lists it as (i, i))."""
         stepped = set(batch.index if batch is not None else ()).union(i for i, _ in sparse or ())
         for i, j in bucket.shared:
             if i in stepped and j in stepped:
                 first, second = self._global_index(bucket.params[i]), self._global_index(bucket.params[j])
+                if i == j:
+                    # torch.optim raises this (its in-place update's RuntimeError) only when it
+                    # reaches the parameter, having updated the ones before it.
+                    p = _flat.local(bucket.params[i])
+                    raise RuntimeError(
+                        f"fusedopt: parameter {first} has elements that share memory (shape {tuple(p.shape)}, "
+                        f"stride {p.stride()}, an expanded tensor): an in-place update cannot write it, and "
+                        "torch.optim raises for it too. help: make the parameter from a clone() of the tensor")
                 raise ValueError(
                     f"fusedopt: parameters {first} and {second} share memory (views of one tensor) and both have "
                     "a gradient; a fused step updates them at once, where torch.optim updates one after the other "

@@ -112,6 +112,13 @@ class SparseAdam(Optimizer):
                 raise RuntimeError(_DENSE_ERROR)
             o = self._options(group)
             check_numbers(o, gi)
+            # Parameters sharing memory: the kernel updates a bucket's rows at once, where
+            # torch.optim updates one parameter after the other (refused as every optimizer's
+            # step refuses them, before anything changes).
+            for bucket in self._group_buckets(gi):
+                if bucket.shared:
+                    self._refuse_shared_memory(bucket, None, [(i, p.grad) for i, p in enumerate(bucket.params)
+                                                              if p.grad is not None])
             checked.append((gi, group, o))
         # torch creates a parameter's state in its group's order, the buckets below go by
         # dtype and device: the entries are made first, in that order

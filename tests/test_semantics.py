@@ -630,6 +630,35 @@ def test_disjoint_views_of_one_tensor_step_as_torch_steps_them(views, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,sparse", [(fusedopt.SGD, False), (fusedopt.SGD, True), (fusedopt.Adam, False)],
+                         ids=["SGD", "SGD-sparse", "Adam"])
+def test_an_expanded_parameter_is_refused_before_anything_changes(cls, sparse, backend):
+    # A parameter whose own elements share memory (stride 0): torch.optim's in-place update
+    # raises RuntimeError for it, after updating the parameters before it. fusedopt staged
+    # a copy, stepped it with the others and raised only at the copy back: the other
+    # parameters and the state (Adam's step counts and moments) had moved.
+    theirs = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(1).expand(4))]
+    ours = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(1).expand(4))]
+    ref = getattr(torch.optim, cls.__name__)(theirs, lr=0.1)
+    opt = cls(ours, lr=0.1, backend=backend)
+    for p in theirs + ours:
+        p.grad = torch.ones(p.shape).to_sparse() if sparse else torch.ones(p.shape)
+    if not sparse:   # (torch's sparse add writes such a parameter, each entry into one element)
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            ref.step()
+    with pytest.raises(RuntimeError, match=r"parameter 1 has elements that share memory \(shape \(4,\), stride \(0,\)"):
+        opt.step()
+    assert torch.equal(ours[0], torch.ones(3)) and torch.equal(ours[1], torch.zeros(4))
+    assert all(not opt.state[p] for p in ours)
+    # Without a gradient it is stepped by no one, and the other parameter steps as torch's.
+    theirs = [torch.nn.Parameter(torch.ones(3))]
+    ref = getattr(torch.optim, cls.__name__)(theirs, lr=0.1)
+    ours[1].grad = None
+    step_both([(theirs[0], ours[0])], [ref, opt], [ours[0].grad])
+    assert_close("param", ours[0], theirs[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_parameter_given_anothers_memory_through_data_is_refused(backend):
     # Same shape, so the bucket is not rebuilt: the new address is looked at again.
     params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3)]

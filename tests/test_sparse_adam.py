@@ -326,3 +326,28 @@ def test_state_is_a_view_of_the_flat_buffers():
     for a, b in zip(ref_params, params):
         if a in ref.state:
             assert torch.equal(opt.state[b]["exp_avg"], ref.state[a]["exp_avg"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("views", ["overlapping rows", "expanded"])
+def test_parameters_sharing_memory_are_refused_before_anything_changes(views, backend):
+    """Every other optimizer refuses a step that would update two parameters sharing memory
+    (or a parameter whose own elements do) before anything changes; SparseAdam stepped them.
+    Its kernel updates a bucket's rows at once, where torch.optim updates one parameter
+    after the other: the shared rows took one update (the same program order on the CPU, a
+    race on a GPU), and an expanded parameter took each row's update into one row."""
+    w = torch.randn(8, 5)
+    if views == "overlapping rows":
+        params = [torch.nn.Parameter(w[:6]), torch.nn.Parameter(w[3:])]
+        match = "parameters 0 and 1 share memory"
+    else:
+        params = [torch.nn.Parameter(w[:1].expand(6, 5)), torch.nn.Parameter(w[1:])]
+        match = r"parameter 0 has elements that share memory \(shape \(6, 5\), stride \(0, 1\)"
+    opt = fusedopt.SparseAdam(params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.ones(p.shape).to_sparse(1)
+    before = w.clone()
+    with pytest.raises(ValueError if views == "overlapping rows" else RuntimeError, match=match):
+        opt.step()
+    assert torch.equal(w, before)
+    assert all(not opt.state[p] for p in params)
