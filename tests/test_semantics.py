@@ -135,6 +135,41 @@ def test_a_transposed_gradient_of_a_contiguous_parameter(fused_cls, torch_cls, o
     assert_same_run(theirs, ref, ours, opt)
 
 
+def misaligned(values: list[float]) -> torch.Tensor:
+    """A float32 tensor one byte past an element boundary (torch's allocators never make
+    one; `torch.frombuffer` can), in a buffer with a guard byte on either side."""
+    raw = bytearray(4 * len(values) + 2)
+    t = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=len(values))
+    t.copy_(torch.tensor(values))
+    return t
+
+
+@pytest.mark.parametrize("which", ["parameter", "gradient"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_tensor_not_aligned_to_its_element_size_is_refused_by_the_kernels(name, which):
+    """The kernels address tensors in elements from an anchor: such a tensor was read and
+    written a fraction of an element off, partly outside its memory, with no error in
+    Triton's interpreter. The other paths (torch ops) step it as torch does."""
+    values, ones = [1.0, 2.0, 3.0, 4.0, 5.0], torch.ones(5)
+    raw = misaligned(values)
+    for backend in ("reference", "auto"):
+        p = torch.nn.Parameter(misaligned(values) if which == "parameter" else torch.tensor(values))
+        p.grad = misaligned([1.0] * 5) if which == "gradient" else ones.clone()
+        q = torch.nn.Parameter(torch.tensor(values))
+        q.grad = ones.clone()
+        getattr(fusedopt, name)([p], lr=0.5, backend=backend).step()
+        getattr(torch.optim, name)([q], lr=0.5).step()
+        assert torch.equal(p.detach(), q.detach()), backend
+    p = torch.nn.Parameter(raw if which == "parameter" else torch.tensor(values))
+    p.grad = misaligned([1.0] * 5) if which == "gradient" else ones.clone()
+    before = bytes(raw.untyped_storage()) if which == "parameter" else None
+    with pytest.raises(RuntimeError, match=f"a {which} of shape \\(5,\\).*not a multiple of its element size"):
+        getattr(fusedopt, name)([p], lr=0.5, backend="triton").step()
+    if which == "parameter":
+        assert bytes(raw.untyped_storage()) == before
+    assert p.detach().tolist() == values
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fused_cls,torch_cls,options", PAIRS)
 def test_params_that_do_not_require_grad(fused_cls, torch_cls, options, backend):

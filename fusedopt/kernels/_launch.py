@@ -121,8 +121,10 @@ def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tenso
     cached = bucket.__dict__.get("_pointer_table")
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    aligned = (functools.reduce(operator.or_, params, 0) | functools.reduce(operator.or_, grads, 0)) & 15 == 0
-    # Every tensor of one dtype is aligned to its element size, so the division is exact.
+    bits = functools.reduce(operator.or_, params, 0) | functools.reduce(operator.or_, grads, 0)
+    if bits % size:
+        _refuse_misaligned(batch, params, grads, size)
+    aligned = bits & 15 == 0
     offsets = (torch.tensor([params, grads], dtype=torch.int64).t() - base).div_(size, rounding_mode="floor")
     offsets = offsets.contiguous()
     if not batch.everyone:
@@ -133,6 +135,21 @@ def pointer_table(bucket: _flat.Bucket, batch: _flat.Batch) -> tuple[torch.Tenso
     offsets = on_device(offsets, bucket.device)
     bucket._pointer_table = (key, offsets, align)
     return offsets, align
+
+
+def _refuse_misaligned(batch: _flat.Batch, params: list[int], grads: list[int], size: int) -> None:
+    """The kernels address a tensor in elements from the anchor: one whose address is not
+    a multiple of its element size (made with `torch.frombuffer(..., offset=1)`, say;
+    torch's allocators never make one) would be read and written a fraction of an element
+    off, outside its own memory. Triton's interpreter runs such an access without a fault,
+    and a GPU might too: refused instead."""
+    for what, addresses, tensors in (("parameter", params, batch.params), ("gradient", grads, batch.grads)):
+        for address, t in zip(addresses, tensors):
+            if address % size:
+                raise RuntimeError(
+                    f"fusedopt: a {what} of shape {tuple(t.shape)} and dtype {t.dtype} lies at address {address:#x}, "
+                    f"not a multiple of its element size ({size} bytes), which the Triton kernels cannot "
+                    "address. help: clone() it, or use backend='reference'")
 
 
 def grid_tables(bucket: _flat.Bucket, batch: _flat.Batch, block: int):
