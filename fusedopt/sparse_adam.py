@@ -144,6 +144,9 @@ class SparseAdam(Optimizer):
                                              _launch.compute_dtype(bucket.real_dtype), bucket.device)
                 run = kernels.sparse_adam_triton if bucket.path == "triton" else kernels.sparse_adam_reference
                 run(bucket, grads, buffers, table, o)
+                # The kernel writes through pointers: bump autograd's version counters as
+                # torch's in-place update does (see `Optimizer._step_body`).
+                torch._C._increment_version([p for _, p in stepped])
         if averaging is not None:
             averaging.finish()
         return loss

@@ -676,6 +676,47 @@ def test_data_replaced_with_other_dtype_keeps_updating(backend):
     assert_close("param after dtype change", p.detach(), expected)
 
 
+# ---------------------------------------------------------------------------- autograd's view of a step
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_a_step_is_an_in_place_write_to_autograd(info, backend):
+    # torch.optim updates parameters in place, which bumps their version counters, so a
+    # graph that saved a parameter before the step refuses a backward after it (a second
+    # backward through a retained graph, a GAN's generator stepped between the losses).
+    # The kernels write through pointers and torch's fused CPU ops bump nothing: that
+    # backward ran, silently, with the new values. A parameter without a gradient is not
+    # written, and its graph stays usable, in torch and here.
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+        opt = cls([w, b], **info.configs[0], **extra)
+        x = torch.randn(2, 3, requires_grad=True)
+        saves_w, saves_b = (x @ w).sum(), (x * b).sum()   # each saves its parameter for x's gradient
+        w.grad = torch.randn(3, 4)
+        opt.step()
+        saves_b.backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saves_w.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_in_two_optimizers_with_master_weights_keeps_both_updates(backend):
+    # The second optimizer's master copy must take up the first one's step, as it takes up
+    # any write to the parameter (its version counter); the kernel's write bumped none, so
+    # at lr 0 the second put its stale copy back and undid the first one's update.
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    alone = p.detach().clone().requires_grad_()
+    first = fusedopt.AdamW([p], lr=0.1, master_weights=True, backend=backend)
+    second = fusedopt.AdamW([p], lr=0.0, weight_decay=0.0, master_weights=True, backend=backend)
+    reference = fusedopt.AdamW([alone], lr=0.1, master_weights=True, backend=backend)
+    for step in range(3):
+        p.grad = alone.grad = torch.randn(64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(step))
+        first.step()
+        second.step()
+        reference.step()
+        assert torch.equal(p.detach(), alone.detach()), f"step {step}"
+
+
 # ---------------------------------------------------------------------------- closures, zero_grad
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -264,6 +264,22 @@ def test_dense_gradient_raises_as_torch(backend):
     assert attempt(fusedopt.SparseAdam, backend=backend) == expected
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_is_an_in_place_write_to_autograd(backend):
+    # torch's update is in place: a graph that saved the parameter before the step refuses
+    # a backward after it. The kernel writes through pointers and bumped no version counter,
+    # so that backward ran silently with the new values.
+    for cls, extra in ((torch.optim.SparseAdam, {}), (fusedopt.SparseAdam, dict(backend=backend))):
+        emb = torch.nn.Embedding(6, 3, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, **extra)
+        x = torch.randn(3, requires_grad=True)
+        saves_weight = (emb.weight[0] * x).sum()
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saves_weight.backward()
+
+
 @pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_state_dict_round_trip(direction, backend):
