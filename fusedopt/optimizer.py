@@ -497,6 +497,20 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     "unscaled gradient back into it, an in-place write torch refuses for such a tensor. "
                     "help: assign a clone() of it to .grad")
 
+    def _refuse_overlapping_params(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
+        """A parameter whose elements share memory (an expanded tensor put in through
+        `.data`) cannot take torch's in-place update, which refuses it with RuntimeError. Such
+        a parameter is stepped on a staging copy (it is not dense) whose write back raised
+        only after the step had changed its state and the bucket's other parameters. Refused
+        here, before anything changes; only a staged parameter can be one."""
+        for staged, p in batch.writeback:
+            if torch._debug_has_internal_overlap(p) == 1:
+                index = next(self._global_index(q) for q in bucket.params if _flat.local(q) is p or q is p)
+                raise RuntimeError(
+                    f"unsupported operation: parameter {index} has elements that share memory (shape "
+                    f"{tuple(p.shape)}, stride {p.stride()}), which torch.optim's in-place update refuses. "
+                    "help: give it memory of its own (p.data = p.data.clone())")
+
     def _refuse_shared_memory(self, bucket: _flat.Bucket, batch: _flat.Batch | None,
                               sparse: list[tuple[int, Tensor]] | None) -> None:
         """Two parameters that share memory (views of one tensor, `nn.Parameter(w[:6])` beside
@@ -638,6 +652,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
                 if amp is not None and amp[0] is not None and batch is not None and batch.user_grads is not None:
                     self._refuse_overlapping_grads(bucket, batch)
+                if batch is not None and batch.writeback:
+                    self._refuse_overlapping_params(bucket, batch)
                 if bucket.shared:
                     self._refuse_shared_memory(bucket, batch, sparse)
                 if sparse:

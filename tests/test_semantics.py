@@ -646,6 +646,39 @@ def test_a_parameter_given_anothers_memory_through_data_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_an_expanded_tensor_put_in_through_data_is_refused_before_anything_changes(info, backend):
+    # torch's in-place update refuses a parameter whose elements share memory (RuntimeError).
+    # fusedopt stepped it on a staging copy whose write back raised that error, after the
+    # step had changed its state and the other parameters.
+    ours, theirs = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)], None
+    opt = info.fused(ours, **info.configs[0], backend=backend)
+    for step in range(2):
+        for p in ours:
+            p.grad = torch.randn(4)
+        if step == 1:
+            ours[1].data = torch.full((1,), 0.5).expand(4)
+            theirs = clone_params(ours)
+            ref = info.torch(theirs, **info.configs[0])
+            for a, b in zip(theirs, ours):
+                a.grad = b.grad.clone()
+            theirs[1].data = torch.full((1,), 0.5).expand(4)
+            with pytest.raises(RuntimeError, match="more than one element"):
+                ref.step()
+            before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ours]
+            with pytest.raises(RuntimeError, match="memory") as raised:   # (torch: "... single memory location")
+                opt.step()
+            assert [torch.equal(p, b) for p, b in zip(ours, before[1])] == [True] * 3
+            after = opt.state_dict()["state"]
+            for i, entry in before[0]["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(torch.as_tensor(after[i][key]), torch.as_tensor(value)), f"{i} {key}"
+            assert "parameter 1 has elements that share memory" in str(raised.value)
+        else:
+            opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_master_copy_takes_up_a_transposed_view_put_in_through_data(backend):
     # The master copy is in the state's layout; after `p.data = p.data.t()` it must take
     # the parameter's values where they now are, as after any `.data` replacement: a step
