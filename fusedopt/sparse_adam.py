@@ -110,6 +110,14 @@ class SparseAdam(Optimizer):
         for gi, group in enumerate(self.param_groups):
             if any(p.grad is not None and not p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(_DENSE_ERROR)
+            # A gradient left from before its parameter changed shape (`p.data = t`): torch's
+            # sparse_mask refuses it; the kernel would write its rows past the parameter's end.
+            for p in group["params"]:
+                if p.grad is not None and p.grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"SparseAdam: a parameter of shape {tuple(p.shape)} has a gradient of shape "
+                        f"{tuple(p.grad.shape)}, left from before the parameter changed shape (torch's sparse_mask "
+                        "refuses it). help: set the gradient to None (opt.zero_grad()) after changing its shape")
             o = self._options(group)
             check_numbers(o, gi)
             checked.append((gi, group, o))

@@ -516,6 +516,35 @@ def test_data_replaced_with_other_shape_raises_clearly(backend):
         opt.step()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_a_gradient_left_from_before_a_change_of_shape_is_refused(info, backend):
+    # torch checks a gradient's shape when it is assigned, not when `.data` changes the
+    # parameter's shape under it; its update then raises RuntimeError. A parameter without
+    # state is rebuilt in its new shape, and the kernels read the 10-element gradient as 20
+    # elements (past its end), the reference path raised after creating state.
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        p, q = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(3))
+        opt = cls([p, q], **info.configs[0], **extra)
+        q.grad = torch.ones(3)
+        opt.step()   # p has no gradient: no state for it (but Adagrad's, made at construction)
+        p.grad, q.grad = torch.ones(10), torch.ones(3)
+        p.data = torch.zeros(20)
+        q_before, state = q.detach().clone(), copy.deepcopy(opt.state_dict())
+        for _ in range(2):   # a refused step changes nothing, so the next is refused too
+            with pytest.raises(RuntimeError, match=r"\b20\b") as raised:   # (naming both shapes)
+                opt.step()
+            if cls is info.torch:
+                break
+            assert "(10,)" in str(raised.value)
+            assert torch.equal(p.detach(), torch.zeros(20)) and torch.equal(q.detach(), q_before), str(raised.value)
+            now = opt.state_dict()["state"]
+            assert now.keys() == state["state"].keys()
+            for i, entry in state["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(torch.as_tensor(now[i][key]), torch.as_tensor(value)), f"{i} {key}"
+
+
 VIEWS_OF_THE_SAME_MEMORY = {
     "reshaped": lambda t: t.view(4, 3),
     "flattened": lambda t: t.view(12),
