@@ -280,6 +280,11 @@ class Bucket:
         # Pairs of parameters that share memory (views of one tensor): the optimizer refuses
         # a step that would update both (`Optimizer._refuse_shared_memory`).
         self.shared = shared_memory(shards, self._ptrs, self.contiguous)
+        # Gradients are compared with their parameters' shapes at the first collect of a new
+        # bucket (until one passes): torch checks a gradient's shape when it is assigned,
+        # but a parameter's shape may change after (`p.data = t`, `p.set_(t)`: the bucket
+        # is rebuilt), and a gradient left from before would be read past its end.
+        self.verify_grads = True
 
     def __len__(self) -> int:
         return len(self.params)
@@ -390,7 +395,7 @@ class Bucket:
         `error_on_sparse`, unless a `sparse` list is given: then (position, gradient) goes
         there and the parameter stays out of the batch."""
         given = grads
-        if not (self.sharded or self.is_complex) and all(self.contiguous):
+        if not (self.sharded or self.is_complex or self.verify_grads) and all(self.contiguous):
             # The common case in one pass of cheap checks (thousands of tiny tensors make
             # the per-tensor cost count): every parameter has a dense gradient like itself,
             # of its dtype. (map over C callables: no Python frame per tensor. No check of
@@ -421,6 +426,12 @@ class Bucket:
                         f"a DTensor parameter with placements {tuple(spec[1])} has a gradient with placements "
                         f"{tuple(getattr(g, 'placements', ()))}; redistribute the gradient to the parameter's placements")
                 p, g = local(p), local(g)
+            if self.verify_grads and g.shape != p.shape:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} (position {self.positions[i]} in its param group) has a "
+                    f"gradient of shape {tuple(g.shape)}, left from before the parameter changed shape; torch's "
+                    "update refuses it. help: set the gradient to None (opt.zero_grad()) after changing a "
+                    "parameter's shape")
             own = g
             if not (self.contiguous[i] and g.is_contiguous()):
                 p, g = self._conform(i, p, g, writeback)
@@ -431,6 +442,7 @@ class Bucket:
             params.append(p)
             grads.append(g)
             owns.append(own)
+        self.verify_grads = False
         if not index:
             return None
         staged = any(map(operator.is_not, owns, grads))

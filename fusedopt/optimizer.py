@@ -705,6 +705,15 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                         self._skipped_first_step(group, bucket, fresh, amp[1])
                 if batch.writeback:
                     batch.finish()
+                # torch.optim's default paths update parameters with in-place ops, which bump
+                # autograd's version counters: a graph that saved a parameter before the step
+                # then refuses a backward after it ("modified by an inplace operation"). The
+                # kernels write through pointers and torch's fused CPU ops bump nothing, so
+                # that backward silently used the new values; and another optimizer holding
+                # the parameter with master weights did not see the write and put its own
+                # copy back (`Bucket.note_writes`). (A no-op for inference tensors.)
+                torch._C._increment_version(bucket.params if batch.everyone else
+                                            [bucket.params[i] for i in batch.index])
                 if bucket.versions is not None:
                     bucket.record_versions()
         if averaging is not None:

@@ -110,6 +110,14 @@ class SparseAdam(Optimizer):
         for gi, group in enumerate(self.param_groups):
             if any(p.grad is not None and not p.grad.is_sparse for p in group["params"]):
                 raise RuntimeError(_DENSE_ERROR)
+            # A gradient left from before its parameter changed shape (`p.data = t`): torch's
+            # sparse_mask refuses it; the kernel would write its rows past the parameter's end.
+            for p in group["params"]:
+                if p.grad is not None and p.grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"SparseAdam: a parameter of shape {tuple(p.shape)} has a gradient of shape "
+                        f"{tuple(p.grad.shape)}, left from before the parameter changed shape (torch's sparse_mask "
+                        "refuses it). help: set the gradient to None (opt.zero_grad()) after changing its shape")
             o = self._options(group)
             check_numbers(o, gi)
             # Parameters sharing memory: the kernel updates a bucket's rows at once, where
@@ -151,6 +159,9 @@ class SparseAdam(Optimizer):
                                              _launch.compute_dtype(bucket.real_dtype), bucket.device)
                 run = kernels.sparse_adam_triton if bucket.path == "triton" else kernels.sparse_adam_reference
                 run(bucket, grads, buffers, table, o)
+                # The kernel writes through pointers: bump autograd's version counters as
+                # torch's in-place update does (see `Optimizer._step_body`).
+                torch._C._increment_version([p for _, p in stepped])
         if averaging is not None:
             averaging.finish()
         return loss

@@ -551,6 +551,35 @@ def test_data_replaced_with_other_shape_raises_clearly(backend):
         opt.step()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_a_gradient_left_from_before_a_change_of_shape_is_refused(info, backend):
+    # torch checks a gradient's shape when it is assigned, not when `.data` changes the
+    # parameter's shape under it; its update then raises RuntimeError. A parameter without
+    # state is rebuilt in its new shape, and the kernels read the 10-element gradient as 20
+    # elements (past its end), the reference path raised after creating state.
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        p, q = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(3))
+        opt = cls([p, q], **info.configs[0], **extra)
+        q.grad = torch.ones(3)
+        opt.step()   # p has no gradient: no state for it (but Adagrad's, made at construction)
+        p.grad, q.grad = torch.ones(10), torch.ones(3)
+        p.data = torch.zeros(20)
+        q_before, state = q.detach().clone(), copy.deepcopy(opt.state_dict())
+        for _ in range(2):   # a refused step changes nothing, so the next is refused too
+            with pytest.raises(RuntimeError, match=r"\b20\b") as raised:   # (naming both shapes)
+                opt.step()
+            if cls is info.torch:
+                break
+            assert "(10,)" in str(raised.value)
+            assert torch.equal(p.detach(), torch.zeros(20)) and torch.equal(q.detach(), q_before), str(raised.value)
+            now = opt.state_dict()["state"]
+            assert now.keys() == state["state"].keys()
+            for i, entry in state["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(torch.as_tensor(now[i][key]), torch.as_tensor(value)), f"{i} {key}"
+
+
 VIEWS_OF_THE_SAME_MEMORY = {
     "reshaped": lambda t: t.view(4, 3),
     "flattened": lambda t: t.view(12),
@@ -710,6 +739,39 @@ def test_a_parameter_given_anothers_memory_through_data_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_an_expanded_tensor_put_in_through_data_is_refused_before_anything_changes(info, backend):
+    # torch's in-place update refuses a parameter whose elements share memory (RuntimeError).
+    # fusedopt stepped it on a staging copy whose write back raised that error, after the
+    # step had changed its state and the other parameters.
+    ours, theirs = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)], None
+    opt = info.fused(ours, **info.configs[0], backend=backend)
+    for step in range(2):
+        for p in ours:
+            p.grad = torch.randn(4)
+        if step == 1:
+            ours[1].data = torch.full((1,), 0.5).expand(4)
+            theirs = clone_params(ours)
+            ref = info.torch(theirs, **info.configs[0])
+            for a, b in zip(theirs, ours):
+                a.grad = b.grad.clone()
+            theirs[1].data = torch.full((1,), 0.5).expand(4)
+            with pytest.raises(RuntimeError, match="more than one element"):
+                ref.step()
+            before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ours]
+            with pytest.raises(RuntimeError, match="memory") as raised:   # (torch: "... single memory location")
+                opt.step()
+            assert [torch.equal(p, b) for p, b in zip(ours, before[1])] == [True] * 3
+            after = opt.state_dict()["state"]
+            for i, entry in before[0]["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(torch.as_tensor(after[i][key]), torch.as_tensor(value)), f"{i} {key}"
+            assert "parameter 1 has elements that share memory" in str(raised.value)
+        else:
+            opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_master_copy_takes_up_a_transposed_view_put_in_through_data(backend):
     # The master copy is in the state's layout; after `p.data = p.data.t()` it must take
     # the parameter's values where they now are, as after any `.data` replacement: a step
@@ -738,6 +800,47 @@ def test_data_replaced_with_other_dtype_keeps_updating(backend):
     opt.step()
     expected = before - 0.1 * (0.9 * 1.0 + 1.0)  # momentum carried over
     assert_close("param after dtype change", p.detach(), expected)
+
+
+# ---------------------------------------------------------------------------- autograd's view of a step
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_a_step_is_an_in_place_write_to_autograd(info, backend):
+    # torch.optim updates parameters in place, which bumps their version counters, so a
+    # graph that saved a parameter before the step refuses a backward after it (a second
+    # backward through a retained graph, a GAN's generator stepped between the losses).
+    # The kernels write through pointers and torch's fused CPU ops bump nothing: that
+    # backward ran, silently, with the new values. A parameter without a gradient is not
+    # written, and its graph stays usable, in torch and here.
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+        opt = cls([w, b], **info.configs[0], **extra)
+        x = torch.randn(2, 3, requires_grad=True)
+        saves_w, saves_b = (x @ w).sum(), (x * b).sum()   # each saves its parameter for x's gradient
+        w.grad = torch.randn(3, 4)
+        opt.step()
+        saves_b.backward()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saves_w.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_in_two_optimizers_with_master_weights_keeps_both_updates(backend):
+    # The second optimizer's master copy must take up the first one's step, as it takes up
+    # any write to the parameter (its version counter); the kernel's write bumped none, so
+    # at lr 0 the second put its stale copy back and undid the first one's update.
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    alone = p.detach().clone().requires_grad_()
+    first = fusedopt.AdamW([p], lr=0.1, master_weights=True, backend=backend)
+    second = fusedopt.AdamW([p], lr=0.0, weight_decay=0.0, master_weights=True, backend=backend)
+    reference = fusedopt.AdamW([alone], lr=0.1, master_weights=True, backend=backend)
+    for step in range(3):
+        p.grad = alone.grad = torch.randn(64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(step))
+        first.step()
+        second.step()
+        reference.step()
+        assert torch.equal(p.detach(), alone.detach()), f"step {step}"
 
 
 # ---------------------------------------------------------------------------- closures, zero_grad

@@ -264,6 +264,41 @@ def test_dense_gradient_raises_as_torch(backend):
     assert attempt(fusedopt.SparseAdam, backend=backend) == expected
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_left_from_before_a_change_of_shape_is_refused(backend):
+    # `p.data = t` of fewer rows under a gradient of the old shape: torch's sparse_mask
+    # raises RuntimeError. The kernel wrote rows 8 and 9 of a 5-row parameter (past its
+    # end); the reference path raised IndexError after creating state and counting a step.
+    for cls, extra in ((torch.optim.SparseAdam, {}), (fusedopt.SparseAdam, dict(backend=backend))):
+        emb, other = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(4, 3, sparse=True)
+        opt = cls([emb.weight, other.weight], lr=0.1, **extra)
+        emb(torch.tensor([8, 9])).sum().backward()
+        other(torch.tensor([1])).sum().backward()
+        emb.weight.data = torch.zeros(5, 3)
+        before = other.weight.detach().clone()
+        with pytest.raises(RuntimeError, match=r"\[5, 3\]|\(5, 3\)"):
+            opt.step()
+        if cls is fusedopt.SparseAdam:
+            assert torch.equal(emb.weight.detach(), torch.zeros(5, 3))
+            assert torch.equal(other.weight.detach(), before) and not opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_is_an_in_place_write_to_autograd(backend):
+    # torch's update is in place: a graph that saved the parameter before the step refuses
+    # a backward after it. The kernel writes through pointers and bumped no version counter,
+    # so that backward ran silently with the new values.
+    for cls, extra in ((torch.optim.SparseAdam, {}), (fusedopt.SparseAdam, dict(backend=backend))):
+        emb = torch.nn.Embedding(6, 3, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, **extra)
+        x = torch.randn(3, requires_grad=True)
+        saves_weight = (emb.weight[0] * x).sum()
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saves_weight.backward()
+
+
 @pytest.mark.parametrize("direction", ["fused_to_torch", "torch_to_fused"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_state_dict_round_trip(direction, backend):
