@@ -675,3 +675,38 @@ def test_recipe_with_ema_of_buffers(backend):
     got, _, _ = recipe(torch.optim.SGD, lambda m, **kw: swa.AveragedModel(m, backend=backend, **kw), swa.SWALR,
                        no_update_bn, multi_avg_fn=swa.get_ema_multi_avg_fn(0.9), use_buffers=True)
     assert torch.equal(got, expected) if EXACT else torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("average", ["swa", "ema"])
+@pytest.mark.parametrize("how", ["update_parameters", "attached"])
+def test_an_update_is_an_in_place_write_to_autograd(backend, average, how):
+    """torch's update_parameters writes the averaged tensors in place, bumping their
+    autograd version counters: a graph that saved one before the update refuses a backward
+    after it. The kernels write through pointers: that backward used the new values
+    without a word."""
+    outcomes = []
+    for swa_module, optim in ((ref, torch.optim), (swa, fusedopt)):
+        model = bn_model()
+        kw = {} if average == "swa" else dict(multi_avg_fn=swa_module.get_ema_multi_avg_fn(0.9))
+        if swa_module is swa:
+            kw["backend"] = backend
+        averaged = swa_module.AveragedModel(model, **kw)
+        opt = optim.SGD(model.parameters(), lr=0.1)
+        attached = how == "attached" and swa_module is swa
+        if attached:
+            opt.attach_averaged_model(averaged)
+        x = torch.randn(3, 3, 6, 6, device=DEVICE)
+        for step in range(3):
+            model(x).square().mean().backward()
+            saved = averaged.module[6](torch.randn(2, 5, device=DEVICE, requires_grad=True)).sum()
+            opt.step()
+            if not attached:
+                averaged.update_parameters(model)
+            try:
+                saved.backward()
+                outcomes.append("stale graph stepped")
+            except RuntimeError as error:
+                assert "modified by an inplace operation" in str(error)
+                outcomes.append("refused")
+    assert outcomes == ["refused"] * 6, outcomes

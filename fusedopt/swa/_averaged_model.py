@@ -273,6 +273,11 @@ class AveragedModel(Module):
         # copy every buffer.
         matched = min(len(sources), n_avg) if n >= 0 else 0
         pool = sources[:matched] + [None] * (n_avg - matched) + synced
+        # torch's update writes each of them in place, bumping its autograd version counter:
+        # a graph that saved one before the update then refuses a backward after it. The
+        # kernels write through pointers, which bumps nothing: bumped here, also for those
+        # an optimizer's kernel averaged (`done`).
+        written = [t for t, x in zip(layout.tensors, pool) if x is not None]
         for pos in done:
             pool[pos] = None
         self._collect(layout, pool)
@@ -299,6 +304,7 @@ class AveragedModel(Module):
         for bucket, batch, first_copy in integer:
             # torch averages integer tensors in floating point and truncates; its functions do it
             self._with_functions(bucket, list(zip(batch.index, batch.params)), first_copy)
+        torch._C._increment_version(written)
         if layout.source_key is None:
             layout.forget_sources()   # staged copies: scratch, not kept between updates
         else:
