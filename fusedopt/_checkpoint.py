@@ -8,6 +8,7 @@ from itertools import chain
 from typing import Any
 
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 
 class Checkpoint:
@@ -111,7 +112,9 @@ class Checkpoint:
             if name in self._flat_state and value is not None:
                 if not isinstance(value, Tensor):
                     raise ValueError(f"loaded state dict has a {type(value).__name__} for state '{name}' of parameter {key}; expected a tensor")
-                if value.shape != p.shape:
+                # (a lazy module's parameter not yet materialized has no shape: its state is
+                # checked when it gets one, `Optimizer._group_buckets`)
+                if not is_lazy(p) and value.shape != p.shape:
                     raise ValueError(
                         f"loaded state dict has state '{name}' of shape {tuple(value.shape)} for parameter {key}, "
                         f"whose shape is {tuple(p.shape)}")

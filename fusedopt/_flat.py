@@ -27,6 +27,7 @@ from itertools import repeat
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 # 16 elements is 16 bytes or more for every dtype we run, so segment starts keep the
 # 16-byte alignment the compiler needs for vectorised (128-bit) loads and stores.
@@ -612,9 +613,15 @@ class StaleLayout(Exception):
 
 
 def split_group(params: list[Tensor]) -> list[tuple[list[Tensor], list[int]]]:
-    """Split a group's parameters into (device, dtype) buckets, in order of appearance."""
+    """Split a group's parameters into (device, dtype) buckets, in order of appearance.
+
+    A lazy module's parameter not yet materialized (`UninitializedParameter`: no shape, no
+    gradient) joins no bucket; torch's optimizers skip it as a parameter without a
+    gradient, and the group is split again once it has its shape (`Optimizer._group_buckets`)."""
     buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for pos, p in enumerate(params):
+        if is_lazy(p):
+            continue
         members, positions = buckets.setdefault((local(p).device, p.dtype), ([], []))
         members.append(p)
         positions.append(pos)

@@ -75,6 +75,10 @@ class Adagrad(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]
+                # A lazy module's parameter not yet materialized has no shape to hold the
+                # sum: torch's constructor raises the ValueError that a torch function on
+                # an uninitialized parameter raises, and this torch function raises it.
+                torch.is_complex(p)
         for gi, group in enumerate(self.param_groups):
             for bucket in self._group_buckets(gi):
                 self._init_state(group, bucket, list(range(len(bucket))))

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 
 from .optimizer import Optimizer
 
@@ -393,6 +394,8 @@ class LBFGS(Optimizer):
         # the flat vector's length. torch loads a checkpoint of other parameters and its
         # step fails on it, after evaluating the closure and counting the evaluation.
         super()._validate_entry(key, p, entry, group)
+        if any(map(is_lazy, self._params)):
+            return   # no length yet: checked at the step, once the closure gave them shapes
         numel = _flat_numel(self._params)
         misfit = _misfit(entry, numel)
         if misfit is not None:
@@ -411,6 +414,19 @@ class LBFGS(Optimizer):
         if isinstance(value, (list, tuple)):
             return type(value)(LBFGS._cast(p, key, v) for v in value)
         return value
+
+    def _fitting_flat(self, first: Tensor, max_iter: int) -> _FlatLayout:
+        """The parameters' flat layout, checked against the history's vectors."""
+        flat = self._flat()
+        misfit = _misfit(self.state.get(first) or {}, flat.numel) if 0 < max_iter else None
+        if misfit is not None:
+            # parameters of another size than the history's (`p.data = ...` of another
+            # shape): torch's step fails on the first vector op, after the closure and its count
+            raise RuntimeError(
+                f"LBFGS state '{misfit[0]}' has shape {misfit[1]}, but the parameters' flat vector now has "
+                f"{flat.numel} elements (complex ones counted twice): the state belongs to other parameters. "
+                "help: opt.state.clear() starts afresh")
+        return flat
 
     @torch.no_grad()
     def step(self, closure):  # type: ignore[override]
@@ -441,15 +457,9 @@ class LBFGS(Optimizer):
         first = self._params[0]   # (an empty group raises IndexError, as in torch)
         # (read without creating the entry: a refused step leaves no empty state behind)
         _check_options(group, self.state.get(first) or {})
-        flat = self._flat()
-        misfit = _misfit(self.state.get(first) or {}, flat.numel) if 0 < max_iter else None
-        if misfit is not None:
-            # parameters of another size than the history's (`p.data = ...` of another
-            # shape): torch's step fails on the first vector op, after the closure and its count
-            raise RuntimeError(
-                f"LBFGS state '{misfit[0]}' has shape {misfit[1]}, but the parameters' flat vector now has "
-                f"{flat.numel} elements (complex ones counted twice): the state belongs to other parameters. "
-                "help: opt.state.clear() starts afresh")
+        # A lazy module's parameters get their shapes in the closure's first forward: their
+        # flat layout can only be made after it.
+        flat = None if any(map(is_lazy, self._params)) else self._fitting_flat(first, max_iter)
 
         # Global state, registered under the first parameter as torch does (so that
         # load_state_dict casts it). Plain dict writes: these tensors are replaced, not
@@ -466,6 +476,8 @@ class LBFGS(Optimizer):
         loss = float(orig_loss)
         evals = 1
         put("func_evals", state["func_evals"] + 1)
+        if flat is None:
+            flat = self._fitting_flat(first, max_iter)
         flat_grad = flat.gather_grad(self._params)
         if flat_grad.abs().max() <= tolerance_grad:
             return orig_loss

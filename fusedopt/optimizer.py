@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import _backend, _checkpoint, _compile, _flat, _native
@@ -200,6 +201,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         self._buckets: dict[int, tuple[tuple[int, ...], list[_flat.Bucket]]] = {}
         self._valid_groups: dict[int, tuple] = {}   # group index -> the values last validated
         self._slots: dict[int, tuple[int, int, int]] = {}  # id(p) -> (group, bucket, index)
+        self._lazy: dict[int, list[Tensor]] = {}   # group index -> its parameters not yet materialized
         super().__init__(params, defaults)
         self.state = State(self)
         self._handle = _compile.register(self)  # names this optimizer to the fusedopt::step op
@@ -221,7 +223,11 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         group = self.param_groups[gi]
         ids = tuple(map(id, group["params"]))
         cached = self._buckets.get(gi)
-        if cached is not None and cached[0] == ids:
+        if self._lazy and gi in self._lazy and not all(map(is_lazy, self._lazy[gi])):
+            # A lazy module's parameter got its shape, in place (the same object): it joins
+            # a bucket now, and state loaded for it before must fit that shape.
+            self._check_shapes(gi, materialized=True)
+        elif cached is not None and cached[0] == ids:
             buckets = cached[1]
             try:
                 for b in buckets:
@@ -231,12 +237,21 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 self._check_shapes(gi)
         return self._build_group(gi, ids)
 
-    def _check_shapes(self, gi: int) -> None:
+    def _check_shapes(self, gi: int, materialized: bool = False) -> None:
+        """Refuse state that no longer fits its parameter's shape, before anything changes.
+        `materialized`: the shapes are new because lazy parameters got theirs."""
         for p in self.param_groups[gi]["params"]:
+            if is_lazy(p):
+                continue
             state = dict.get(self.state, p)
             for key, value in (state or {}).items():
                 if key in self._flat_state and isinstance(value, Tensor) and value.shape != p.shape:
                     index = self._global_index(p)
+                    if materialized:
+                        raise RuntimeError(
+                            f"parameter {index} was materialized (a lazy module's first forward) with shape "
+                            f"{tuple(p.shape)}; its optimizer state '{key}', loaded before, has shape "
+                            f"{tuple(value.shape)} and does not fit. help: load a state dict saved for this model")
                     raise RuntimeError(
                         f"parameter {index} changed shape from {tuple(value.shape)} to {tuple(p.shape)} "
                         "after its optimizer state was created; its state no longer fits. "
@@ -270,6 +285,11 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 self._slots[id(p)] = (gi, bi, i)
             buckets.append(bucket)
         self._buckets[gi] = (ids, buckets)
+        lazy = [p for p in group["params"] if is_lazy(p)]
+        if lazy:
+            self._lazy[gi] = lazy
+        else:
+            self._lazy.pop(gi, None)
         for p, entries in carried.items():
             self._adopt(p, entries, carried=pending.get(id(p), False))
         return buckets
@@ -922,7 +942,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
-        self._buckets, self._slots, self._valid_groups = {}, {}, {}
+        self._buckets, self._slots, self._valid_groups, self._lazy = {}, {}, {}, {}
         if "_handle" not in self.__dict__:  # unpickled or copied; load_state_dict keeps its handle
             self._handle = _compile.register(self)
         self.state = foreign if not isinstance(foreign, State) else dict(foreign)

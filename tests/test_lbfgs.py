@@ -417,6 +417,41 @@ def test_replaced_parameter_data_is_followed():
     assert_same_state(opt_new, opt_ref)
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("line_search_fn", LINE_SEARCHES)
+def test_a_lazy_module_materialized_by_the_first_closure(line_search_fn, resume):
+    # A LazyLinear's parameters get their shapes in the closure's first forward. fusedopt
+    # laid out the flat vector before calling the closure, and raised on the shapeless
+    # parameter; a checkpoint loaded before that forward was refused for the same reason.
+    x = _X.float()
+
+    def make():
+        torch.manual_seed(3)
+        model = torch.nn.LazyLinear(2)
+        return model, model.parameters()
+
+    checkpoint = None
+    if resume:
+        model, params = make()
+        source = torch.optim.LBFGS(params, max_iter=3)
+        source.step(closure_for(source, model, lambda m: m(x).pow(2).mean()))
+        checkpoint = source.state_dict()
+    runs = []
+    for cls in (torch.optim.LBFGS, fusedopt.LBFGS):
+        model, params = make()
+        opt = cls(params, max_iter=3, history_size=2, line_search_fn=line_search_fn)
+        if checkpoint is not None:
+            opt.load_state_dict(copy.deepcopy(checkpoint))
+        for _ in range(2):
+            torch.manual_seed(4)   # the first forward materializes the weight from the global RNG
+            opt.step(closure_for(opt, model, lambda m: m(x).pow(2).mean()))
+        runs.append((model, opt))
+    (m_ref, opt_ref), (m_new, opt_new) = runs
+    for a, b in zip(m_ref.parameters(), m_new.parameters()):
+        assert torch.equal(a, b)
+    assert_same_state(opt_new, opt_ref)
+
+
 def test_a_checkpoint_of_other_parameters_is_refused_at_load():
     """README: load_state_dict refuses state of the wrong shape before anything changes.
     LBFGS's state is one flat vector over all parameters: torch loads a checkpoint of a

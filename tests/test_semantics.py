@@ -580,6 +580,84 @@ def test_a_gradient_left_from_before_a_change_of_shape_is_refused(info, backend)
                     assert torch.equal(torch.as_tensor(now[i][key]), torch.as_tensor(value)), f"{i} {key}"
 
 
+def _lazy_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def _lazy_run(model, opt, steps: int) -> None:
+    x = torch.linspace(-1, 1, 10).view(2, 5)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.manual_seed(1)   # the first forward materializes LazyLinear from the global RNG
+        model(x).pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name != "Adagrad"], ids=lambda i: i.name)
+def test_a_lazy_modules_parameters_are_stepped_once_materialized(info, backend):
+    # A LazyLinear's weight is an UninitializedParameter until the first forward: no shape,
+    # no gradient. torch's optimizers take it, skip it, and step it once the forward gave
+    # it a shape, in place (the same object). fusedopt built its buckets from the
+    # parameters' shapes and raised at step() or load_state_dict() before that forward.
+    options = info.configs[-1]
+    runs = []
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        model = _lazy_model(0)
+        opt = cls(model.parameters(), **options, **extra)
+        opt.step()   # before the first forward: nothing has a gradient
+        opt.load_state_dict(opt.state_dict())
+        _lazy_run(model, opt, 3)
+        runs.append((list(model.parameters()), opt))
+    (theirs, torch_opt), (ours, fused_opt) = runs
+    assert_same_run(theirs, torch_opt, ours, fused_opt, rtol=info.rtol32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name in ("Adam", "SGD", "RMSprop")], ids=lambda i: i.name)
+def test_a_checkpoint_resumes_into_a_lazy_model_loaded_after_the_optimizer(info, backend):
+    # Resuming: a fresh lazy model, its optimizer given the checkpoint's state first (the
+    # parameters still without shape), then the model's own state dict, which materializes
+    # them. The loaded state must be there at the next step.
+    options = info.configs[-1]
+    model = _lazy_model(0)
+    opt = info.torch(model.parameters(), **options)
+    _lazy_run(model, opt, 2)
+    checkpoint = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    runs = []
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        model = _lazy_model(5)
+        opt = cls(model.parameters(), **options, **extra)
+        opt.load_state_dict(copy.deepcopy(checkpoint[1]))
+        model.load_state_dict(checkpoint[0])
+        _lazy_run(model, opt, 2)
+        runs.append((list(model.parameters()), opt))
+    (theirs, torch_opt), (ours, fused_opt) = runs
+    assert_same_run(theirs, torch_opt, ours, fused_opt, rtol=info.rtol32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_loaded_for_a_lazy_parameter_that_materializes_in_another_shape_is_refused(backend):
+    # The state dict's shapes cannot be checked at load while the parameter has none; torch
+    # fails at the step, after advancing `step`. fusedopt refuses at the step, naming both
+    # shapes, before anything changes, and again at every step after.
+    model = torch.nn.LazyLinear(3)
+    source = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 5)).sum().backward()
+    source.step()
+    model = torch.nn.LazyLinear(3)
+    opt = fusedopt.Adam(model.parameters(), backend=backend)
+    opt.load_state_dict(source.state_dict())
+    model(torch.ones(2, 4)).sum().backward()
+    before = model.weight.detach().clone()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"materialized .* shape \(3, 4\).* shape \(3, 5\)"):
+            opt.step()
+    assert torch.equal(model.weight.detach(), before)
+    assert opt.state_dict()["state"][0]["step"].item() == 1
+
+
 VIEWS_OF_THE_SAME_MEMORY = {
     "reshaped": lambda t: t.view(4, 3),
     "flattened": lambda t: t.view(12),
