@@ -128,8 +128,6 @@ class AdamFamily(Optimizer):
         Detached: at load_state_dict, outside the step's no_grad, copying the parameter
         itself would make the flat buffer a node of the parameter's autograd graph."""
         bucket.buffer("master_param", torch.float32)
-        if bucket.versions is None:
-            bucket.versions = []   # from this step on, writes to the parameters are watched
         for i in indices:
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
             set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
@@ -148,46 +146,36 @@ class AdamFamily(Optimizer):
         _, bucket, i = slot
         if not (self._has_master(bucket) and bucket.initialized[i]):
             return
-        if bucket.versions is None:
-            bucket.versions = []
         if not loaded:
             # State from an optimizer without master weights (torch's, or fusedopt's
             # without the option): the master copy starts from the parameter, as on a
-            # first step; at that step again, in case the model is loaded after this.
+            # first step. (A model loaded after this is a write the step takes up.)
             self._init_master(bucket, [i])
-        # The parameter is the value the user sees, and the master copy must round to
-        # it. A loaded one may not: its checkpoint may have been stepped since by an
-        # optimizer that only carried it along (torch.optim keeps the key), and the first
-        # step would put the parameter back where that optimizer found it, silently.
-        # The optimizer's own copy, carried into a rebuilt bucket, is checked as after a
-        # write: the parameter's new dtype holds the user's values, not news to the user.
-        bucket.unchecked[i] = loaded if carried is None else carried
+        elif carried is not False:
+            # The parameter is the value the user sees, and the master copy must round to
+            # it. A loaded one may not: its checkpoint may have been stepped since by an
+            # optimizer that only carried it along (torch.optim keeps the key). Taken up
+            # element by element, as the step takes up a write, it would mix that
+            # optimizer's trajectory with the copy's: checked whole at the first step.
+            # (The optimizer's own copy, carried into a rebuilt bucket, is not news.)
+            bucket.unchecked[i] = True
 
     def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
-        """A master copy that does not round to its parameter restarts from it.
-
-        A loaded copy that does not restarts whole, with a warning: its checkpoint is not
-        the model's (stepped since by an optimizer that only carried the copy along).
-        Otherwise the parameter was written after the copy was made or stepped: by the
-        model's load after the optimizer's, or in place since the last step
-        (`Bucket.note_writes`: `Module.load_state_dict`, `torch.nn.init`, a clamp under
-        no_grad). The parameter is then the user's value, element by element: where it is
-        not the copy's rounding the copy takes it, elsewhere the copy keeps the precision
-        the parameter lacks (a clamp must not round the unclamped elements' copies). No
-        host sync on that path: a clamp every step costs a few ops, not a wait."""
+        """A loaded master copy that does not round to its parameter restarts whole from it,
+        with a warning: its checkpoint is not the model's (stepped since by an optimizer
+        that only carried the copy along). Whatever else wrote the parameter since the copy
+        was made or stepped (the model's load after the optimizer's, a clamp, `p.data`) the
+        update itself takes up, element by element (`kernels/adam.py`, MASTER)."""
         if self._has_master(bucket):
             stale = []
             for i in batch.index:
-                loaded = bucket.unchecked.pop(i, None)
-                if loaded is None:
+                if bucket.unchecked.pop(i, None) is None:
                     continue
                 p = _flat.local(bucket.params[i])
                 master = bucket.view("master_param", i)
                 rounded = master.to(p.dtype)
                 kept = (rounded == p) | (p != p) & (rounded != rounded)   # NaN where NaN was
-                if not loaded:
-                    master.copy_(torch.where(kept, master, p))
-                elif not torch.equal(rounded, p) and not bool(kept.all()):
+                if not bool(kept.all()):
                     master.copy_(p)
                     stale.append(self._global_index(bucket.params[i]))
             if stale:

@@ -311,14 +311,6 @@ class TracedStep:
                 "was given). help: change them outside the compiled function")
         for own, given in pairs:
             own.copy_(given)
-        if pairs:
-            # These copies, and AOT's copies back after the last step, bump the parameters'
-            # version counters: they are not the user's writes. (So a compiled step does
-            # not see writes made between steps: `Bucket.versions`.)
-            for _, buckets in self._buckets.values():
-                for bucket in buckets:
-                    if bucket.versions is not None:
-                        bucket.record_versions()
         grads_by_id = {id(p): g for p, g in zip(own_params, grads)}
         amp_inputs = tuple(amp) if amp else None
         if amp_inputs is not None:

@@ -9,7 +9,9 @@ fp64 buckets) on scratch copies of whatever is not in it:
   after the kernel, rounded to nearest even by `copy_` as the kernel and the reference
   store them, and the update has used the unrounded values, as theirs do;
 * master weights: the kernel updates the fp32 master copy itself, and the parameter is
-  written as the copy rounded to nearest even;
+  written as the copy rounded to nearest even; first the copy takes the value of any
+  parameter element that is no longer its rounding (written since the last step), as the
+  Triton kernel does (`_sync_master`);
 * stochastic rounding: the kernel updates an fp32 copy of the parameter, which is then
   rounded with the kernel's counter-based bits, its seeds and its element positions
   (`_launch.round_sr_int32`); the bits are the reference's, so the two paths differ only
@@ -112,8 +114,7 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
     fresh_set = frozenset(fresh)
     plan = _native._plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(),
                          setup.composed_run_below)
-    # With a master copy the parameters are only written: the runs need no gather.
-    params, grads = plan.gather(batch, params=not master)
+    params, grads = plan.gather(batch)
     if batch.mixed_dtypes:
         grads = _flat.in_dtype(grads, bucket.real_dtype)   # (see `_native.step`)
     # A coefficient of 1 (the norm under max_grad_norm) and no GradScaler scale: the kernel
@@ -171,6 +172,7 @@ class _Group:
         "n",
         "region",
         "reps",
+        "seen",
         "single",
         "state",
         "steps",
@@ -224,6 +226,11 @@ class _Layout:
             ints = _scratch(bucket, "int", torch.int32, 2 * width)
             self.ints = (ints[:width], ints[width:])
             rounded = _scratch(bucket, "bf16", torch.bfloat16, width)
+        if param == "master":
+            # The master copies rounded as the parameters were written, the parameters as
+            # they are now, and where the two differ (`_sync_master`).
+            seen = _scratch(bucket, "seen", bucket.real_dtype, 2 * width)
+            differs = _scratch(bucket, "differs", torch.bool, width)
         views = {k: plan.state_views(bucket, k) for k in self.buffers}
         self.groups = []
         for a, b in packed:
@@ -256,6 +263,11 @@ class _Layout:
             if stochastic:
                 g.region["rounded"] = rounded[:g.n]
                 self._positions(g, part, plan, bucket)
+            g.seen = None
+            if param == "master":
+                g.region.update(copy_rounded=seen[:g.n], now=seen[width:width + g.n], differs=differs[:g.n])
+                g.seen = tuple(self._cut(g.region[name], part, plan, bucket)
+                               for name in ("copy_rounded", "now", "differs"))
             g.steps = None
             self.groups.append(g)
         self._steps_from: dict = {}
@@ -335,6 +347,8 @@ class _Layout:
                     g.region["grad"].div_(scale)
                 if mult is not None:
                     g.region["grad"].mul_(mult)
+            if g.seen is not None:
+                _sync_master(g, p)
             impl.fused(p if g.work is None else g.work, d if g.grad is None else g.grad, g.state, g.steps,
                        g.reps, o, ctx)
             into, source, written = g.down_into, g.down_from, g.written
@@ -355,6 +369,20 @@ class _Layout:
                 into, source = into + p, source + written
             if into:
                 torch._foreach_copy_(into, source)
+
+
+def _sync_master(g: _Group, params: list[Tensor]) -> None:
+    """The kernel's first move with a master copy (`kernels/adam.py`): where a parameter is
+    no longer its copy's rounding (written since the last step, by whatever means), the copy
+    takes the written value; elsewhere it keeps its precision. Compared in scratch: the
+    copies rounded to the parameters' dtype, the parameters copied beside them, one compare
+    over the group; the rare group with a difference then takes the values piece by piece."""
+    copy_rounded, now, differs = g.seen
+    torch._foreach_copy_(copy_rounded, g.work)
+    torch._foreach_copy_(now, params)
+    if torch.ne(g.region["copy_rounded"], g.region["now"], out=g.region["differs"]).any():
+        for work, p, where in zip(g.work, params, differs):
+            torch.where(where, p, work, out=work)
 
 
 def _shaped(flat: Tensor, bucket: _flat.Bucket, i: int) -> Tensor:

@@ -34,7 +34,6 @@ from torch.nn.parameter import is_lazy
 SEGMENT_ALIGN = 16
 
 _grad = operator.attrgetter("grad")
-_version = operator.attrgetter("_version")
 _dtype = operator.attrgetter("dtype")
 
 
@@ -268,13 +267,6 @@ class Bucket:
         # checked against the parameter at the next step (`Optimizer._check_loaded`):
         # index -> whether a mismatch is news to the user
         self.unchecked: dict[int, bool] = {}
-        # Where the state holds a copy of the parameters (AdamFamily's master weights), the
-        # parameters' autograd version counters as the last step left them (None: not
-        # watched; empty: nothing recorded yet). torch bumps a tensor's counter at every
-        # in-place write that autograd could see (under no_grad too: `copy_` in
-        # `Module.load_state_dict`, `torch.nn.init`, `p.clamp_()`), and not at the kernel's
-        # writes through pointers, so a changed counter is a write by someone else.
-        self.versions: list[int] | None = None
         self._device_tables: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._ptrs = [p.data_ptr() for p in shards]
         self._anchor: Tensor | None = None
@@ -289,20 +281,6 @@ class Bucket:
 
     def __len__(self) -> int:
         return len(self.params)
-
-    def note_writes(self) -> None:
-        """Mark each parameter written in place since the last step for checking against
-        its state at this step (`unchecked`; not loaded, so no news to the user)."""
-        if self.versions:
-            now = list(map(_version, self.params))
-            if now != self.versions:
-                for i, (v, last) in enumerate(zip(now, self.versions)):
-                    if v != last:
-                        self.unchecked.setdefault(i, False)
-
-    def record_versions(self) -> None:
-        """Take the parameters' version counters as the step leaves them (see `versions`)."""
-        self.versions = list(map(_version, self.params))
 
     # ---------------------------------------------------------------- state buffers
 
@@ -356,8 +334,8 @@ class Bucket:
 
         A replacement with the same shape, dtype and device is harmless (the kernel reads
         the new address every step, a non-contiguous one through a staging copy; a master
-        copy is checked against it, as after a write in place); anything else would
-        silently desynchronise the flat state, so it raises.
+        copy takes up its values, as after any write); anything else would silently
+        desynchronise the flat state, so it raises.
         The optimizer rebuilds its buckets instead where it can.
         """
         shards = [local(p) for p in self.params] if self.sharded else self.params
@@ -372,17 +350,9 @@ class Bucket:
         contiguous = list(map(Tensor.is_contiguous, shards))
         if ptrs == self._ptrs and contiguous == self.contiguous and list(map(Tensor.numel, shards)) == self._sizes:
             return
-        for i, (p, old, new) in enumerate(zip(shards, self._ptrs, ptrs)):
+        for i, p in enumerate(shards):
             if p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise StaleLayout(i)
-            if old == new and contiguous[i] == self.contiguous[i]:
-                continue
-            if self.versions is not None:
-                # A new tensor put in through `.data` (`p.data = t`, torch's
-                # `vector_to_parameters`; a transposed view) holds the user's values, and
-                # no version counter shows it: a copy of the parameter in the state must
-                # take it up too.
-                self.unchecked.setdefault(i, False)
         self._ptrs = ptrs
         self.contiguous = contiguous
         self.shared = shared_memory(shards, ptrs, contiguous)

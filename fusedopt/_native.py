@@ -518,12 +518,11 @@ class _Plan:
             self._splits[window] = parts
         return parts
 
-    def gather(self, batch: _flat.Batch, params: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-        """The entries' parameters and gradients, runs gathered. Without `params` the
-        runs' parameter buffers are left as they are, for a step that only writes them."""
+    def gather(self, batch: _flat.Batch) -> tuple[list[Tensor], list[Tensor]]:
+        """The entries' parameters and gradients, runs gathered."""
         if not self.runs:
             return batch.params, batch.grads
-        ps, gs, read = batch.params, batch.grads, params
+        ps, gs = batch.params, batch.grads
         params, grads, scattered = [], [], []
         for e, (j0, j1) in enumerate(self.entries):
             if j1 - j0 == 1:
@@ -533,7 +532,7 @@ class _Plan:
             p_buf, g_buf = self.buffers[e]
             template, places = self.templates[e]
             members = [_one_d(p) for p in ps[j0:j1]]
-            for src, dst in (((members, p_buf), (gs[j0:j1], g_buf)) if read else ((gs[j0:j1], g_buf),)):
+            for src, dst in ((members, p_buf), (gs[j0:j1], g_buf)):
                 inputs = template.copy()
                 for place, t in zip(places, src):
                     inputs[place] = _one_d(t)

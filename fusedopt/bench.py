@@ -129,8 +129,8 @@ def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
     if cls == "AveragedModel":
         return 3 * p
     total = 3 * p + 2 * state_streams(cls, options) * s
-    if master:  # the fp32 copy is read and written; the parameter is only written
-        total += 2 * 4 - p
+    if master:  # the fp32 copy is read and written too (the parameter is read to see writes)
+        total += 2 * 4
     if fused_options.get("max_grad_norm") is not None:  # the norm reads the gradient once more
         total += p
     if ema:

@@ -688,8 +688,6 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     self._init_state(group, bucket, fresh)
                 self._sparse_update(group, bucket, sparse, fresh)
             if batch is not None:
-                if bucket.versions is not None:
-                    bucket.note_writes()
                 if bucket.unchecked:
                     self._check_loaded(bucket, batch)
                 # Without state (SGD without momentum) nothing is fresh: no per-tensor lists
@@ -729,13 +727,9 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 # autograd's version counters: a graph that saved a parameter before the step
                 # then refuses a backward after it ("modified by an inplace operation"). The
                 # kernels write through pointers and torch's fused CPU ops bump nothing, so
-                # that backward silently used the new values; and another optimizer holding
-                # the parameter with master weights did not see the write and put its own
-                # copy back (`Bucket.note_writes`). (A no-op for inference tensors.)
+                # that backward silently used the new values. (A no-op for inference tensors.)
                 torch._C._increment_version(bucket.params if batch.everyone else
                                             [bucket.params[i] for i in batch.index])
-                if bucket.versions is not None:
-                    bucket.record_versions()
         if averaging is not None:
             averaging.finish()
         if self.__dict__.get("_written_back") is not None:

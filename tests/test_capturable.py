@@ -158,6 +158,43 @@ def test_cuda_graph_replays_equal_eager_steps(name):
             assert torch.equal(value, eager.state[q][key]), key
 
 
+@cuda
+def test_a_parameter_written_between_graph_replays_is_taken_up_by_its_master_copy():
+    """Between replays no Python of the optimizer's runs: the kernel sees a write to a
+    bf16 parameter (through `.data`, which bumps no version counter) by reading the
+    parameter beside its master copy, as an eager step does."""
+    params = [torch.nn.Parameter(p.detach().bfloat16()) for p in params_on("cuda")]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    make = lambda ps: fusedopt.AdamW(  # noqa: E731
+        ps, lr=torch.tensor(0.01, device="cuda"), capturable=True, master_weights=True, backend="triton")
+    opt, eager = make(params), make(twins)
+    for ps in (params, twins):
+        set_grads(ps, 0)
+        for p in ps:
+            p.grad = p.grad.bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+        eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for k in range(1, 4):
+        if k == 2:
+            for p, q in zip(params, twins):
+                p.data.view(-1)[:1].fill_(0.5)
+                q.data.view(-1)[:1].fill_(0.5)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twins):
+        assert (p.detach().view(-1)[:1].float() - 0.5).abs().max() < 0.05   # stepped on from the written value
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
 def test_parameters_on_a_second_device_while_the_first_is_current(name):

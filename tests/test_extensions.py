@@ -254,35 +254,43 @@ def test_optimizer_loaded_before_the_model_with_master_weights(backend, source):
         _assert_same_continuation(opt, params, resumed, twins)
 
 
+# Two tensors of their own; and ten tiny ones, which the CPU's path steps as one gathered run
+WRITTEN_SHAPES = {"two": [(5, 7), (BLOCK_PLUS,)], "tiny": [(3,)] * 5 + [(2, 2)] * 5 + [(5, 7)]}
+
+
 @pytest.mark.parametrize("backend", ALL_PATHS)
-@pytest.mark.parametrize("edit", ["load_state_dict", "clamp", "data=", "vector_to_parameters"])
-def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backend, edit):
+@pytest.mark.parametrize("edit", ["load_state_dict", "clamp", "data=", "vector_to_parameters", "data.copy_",
+                                  "data.clamp_"])
+@pytest.mark.parametrize("shapes", list(WRITTEN_SHAPES))
+def test_a_parameter_written_between_steps_is_taken_up_by_its_master_copy(backend, edit, shapes):
     """torch's optimizers step the parameter the user sees, so a write to it between steps
     holds: a model's load_state_dict, a clamp under no_grad (as WGAN clips its critic's
-    weights), or a new tensor put in through `.data` (`p.data = t`, torch's
-    `vector_to_parameters`; no version counter shows it, its new address does). With master
-    weights the copy must take it up, or the next step puts the old
-    values back, silently. Element by element: where the parameter is no longer its copy's
-    rounding the copy takes the written value, elsewhere it keeps its precision. The twin
-    makes the same writes by hand, to its copies and through `.data` to its parameters
-    (which torch's version counters, and so fusedopt, do not see)."""
-    params = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)])
+    weights), a new tensor put in through `.data` (`p.data = t`, torch's
+    `vector_to_parameters`), or a write through `.data` (`p.data.copy_(t)`,
+    `p.data.clamp_()`: old code's idiom, which bumps no version counter). With master
+    weights the copy must take it up, or the next step puts the old values back, silently.
+    Element by element: where the parameter is no longer its copy's rounding the copy takes
+    the written value, elsewhere it keeps its precision. The twin makes the same writes by
+    hand, to its copies and to its parameters."""
+    params = make_params(torch.bfloat16, shapes=WRITTEN_SHAPES[shapes])
     twins = [p.detach().clone().requires_grad_() for p in params]
     opt = fusedopt.AdamW(params, lr=1e-2, backend=backend, master_weights=True)
     other = fusedopt.AdamW(twins, lr=1e-2, backend=backend, master_weights=True)
     _run(opt, params, 3)
     _run(other, twins, 3)
-    loaded = make_params(torch.bfloat16, shapes=[(5, 7), (BLOCK_PLUS,)], seed=1)
+    loaded = make_params(torch.bfloat16, shapes=WRITTEN_SHAPES[shapes], seed=1)
     with torch.no_grad():
         for p, t, new in zip(params, twins, loaded):
-            if edit == "clamp":
-                p.clamp_(-0.05, 0.05)
+            if edit in ("clamp", "data.clamp_"):
+                (p if edit == "clamp" else p.data).clamp_(-0.05, 0.05)
                 t.data.clamp_(-0.05, 0.05)
             else:
                 if edit == "load_state_dict":
                     p.copy_(new)
                 elif edit == "data=":
                     p.data = new.detach().clone()
+                elif edit == "data.copy_":
+                    p.data.copy_(new)
                 t.data.copy_(new)
             master = other.state[t]["master_param"]
             master.copy_(torch.where(master.to(t.dtype) == t, master, t.float()))

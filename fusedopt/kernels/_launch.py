@@ -381,6 +381,16 @@ def bf16_bits(value):
 
 
 @triton.jit
+def rounded_as(ptr, value):
+    """`value` rounded to the pointer's dtype as `store_as` would store it, in value's dtype
+    (what a load of ptr would read after that store), without storing it."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        return bf16_bits(value).to(tl.float32, bitcast=True).to(value.dtype)
+    else:
+        return value.to(ptr.dtype.element_ty).to(value.dtype)
+
+
+@triton.jit
 def store_as(ptr, offs, value, mask):
     """Store an fp32/fp64 value in the pointer's dtype, bf16 rounded to nearest even.
 

@@ -32,8 +32,9 @@ with ``step_size = lr / (1 - beta1**t)``, ``bc2_sqrt = sqrt(1 - beta2**t)``; NAd
 Each line keeps torch's order of operations and its rounding points: each of torch's
 in-place ops rounds to the state dtype, and so do the stores here.
 
-fusedopt-only flags: ``MASTER`` reads ``p`` from the fp32 master copy and stores it there
-and, rounded, into the parameter; ``SR`` stores the bf16 parameter stochastically rounded
+fusedopt-only flags: ``MASTER`` reads ``p`` from the fp32 master copy (where the parameter
+is still the copy's rounding: elsewhere it was written since, and the written value is
+taken) and stores it there and, rounded, into the parameter; ``SR`` stores the bf16 parameter stochastically rounded
 (``_launch.store_sr``). State buffers may be of another dtype than the parameter
 (``state_dtype``): loads widen to the compute dtype, stores round to nearest even.
 """
@@ -46,8 +47,8 @@ import torch
 
 from .. import _flat
 from . import _launch
-from ._launch import (APPLY_GRAD_OPS, STORE_UNSCALED, ieee_div, ieee_sqrt, load_grad, locate, skipped, store_as,
-                      store_sr)
+from ._launch import (APPLY_GRAD_OPS, STORE_UNSCALED, ieee_div, ieee_sqrt, load_grad, locate, rounded_as, skipped,
+                      store_as, store_sr)
 from .averaging import average_into, average_stored
 from ._triton import tl, triton
 
@@ -167,8 +168,16 @@ def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, w_ptr, offs, mask, s_ptr,
     cdt = step_size.dtype
 
     if MASTER:
-        # The low-precision parameter is only written: the fp32 copy is the truth.
-        p = tl.load(w_ptr + offs, mask=mask).to(cdt)
+        # The fp32 copy is the truth, except where the parameter is no longer its rounding:
+        # written since the last step (a model's load_state_dict, `p.data.copy_`, a clamp, a
+        # new tensor put in through `.data`, another optimizer's step). No version counter
+        # shows every such write (`p.data.mul_` bumps none, nor does anything between the
+        # replays of a CUDA graph), so the parameter is read and compared: the copy takes
+        # the written value there and keeps its precision elsewhere (NaN compares unequal:
+        # a NaN parameter stays NaN). One more read of the parameter's width.
+        w = tl.load(w_ptr + offs, mask=mask).to(cdt)
+        seen = tl.load(p_ptr + offs, mask=mask).to(cdt)
+        p = tl.where(rounded_as(p_ptr, w) == seen, w, seen)
     else:
         p = tl.load(p_ptr + offs, mask=mask).to(cdt)
     g = load_grad(g_ptr, offs, mask, grad_ops_ptr, cdt, MAXIMIZE, GRAD_OPS)
@@ -286,7 +295,9 @@ def adam_reference(bucket: _flat.Bucket, batch: _flat.Batch, state: dict[str, to
     cdt = table.dtype
     s, stepped, p, g = _flat.reference_inputs(bucket, batch, table, columns(o.variant))
     if o.master:
-        p = state["master_param"].to(cdt)
+        # the kernel's: the copy, except where the parameter is no longer its rounding
+        w = state["master_param"].to(cdt)
+        p = torch.where(w.to(bucket.dtype).to(cdt) == p, w, p)
     exp_avg = state["exp_avg"].to(cdt)
 
     if o.maximize:
@@ -463,12 +474,12 @@ def _variants():
     # Variant.loads/stores count streams of the parameter's width, so an fp32 stream
     # beside bf16 parameters counts 2 and a bf16 one beside fp32 parameters 1/2.
     mixed = {
-        # bf16 parameters, fp32 master and state: reads g, master, m, v; writes master, p, m, v
-        "master-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True), 1 + 2 * 3, 2 * 3 + 1),
+        # bf16 parameters, fp32 master and state: reads p, g, master, m, v; writes master, p, m, v
+        "master-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True), 2 + 2 * 3, 2 * 3 + 1),
         "master-amsgrad-amp-bf16": (torch.bfloat16, torch.float32,
-                                    dict(MASTER=True, AMSGRAD=True, GRAD_OPS=STORE_UNSCALED), 1 + 2 * 4, 2 * 4 + 1 + 1),
+                                    dict(MASTER=True, AMSGRAD=True, GRAD_OPS=STORE_UNSCALED), 2 + 2 * 4, 2 * 4 + 1 + 1),
         # bf16 parameters, fp32 master, bf16 state
-        "master-bf16state-bf16": (torch.bfloat16, torch.bfloat16, dict(MASTER=True), 1 + 2 + 2, 2 + 1 + 2),
+        "master-bf16state-bf16": (torch.bfloat16, torch.bfloat16, dict(MASTER=True), 2 + 2 + 2, 2 + 1 + 2),
         # fp32 parameters, bf16 state: p, g whole; m, v half
         "bf16state-float32": (torch.float32, torch.bfloat16, {}, 3, 2),
         # bf16 parameters and state, stochastic rounding of the parameter
@@ -476,7 +487,7 @@ def _variants():
         "sr-amsgrad-amp-bf16": (torch.bfloat16, torch.bfloat16, dict(SR=True, AMSGRAD=True, GRAD_OPS=STORE_UNSCALED),
                                 5, 5),
         # master weights with an attached EMA of the bf16 parameters
-        "master-ema-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True, AVERAGE=1 + LERP), 1 + 2 * 3 + 1,
+        "master-ema-bf16": (torch.bfloat16, torch.float32, dict(MASTER=True, AVERAGE=1 + LERP), 2 + 2 * 3 + 1,
                             2 * 3 + 1 + 1),
     }
     for label, (dtype, state_dtype, flags, loads, stores) in mixed.items():
