@@ -228,9 +228,9 @@ class _Layout:
             rounded = _scratch(bucket, "bf16", torch.bfloat16, width)
         if param == "master":
             # The master copies rounded as the parameters were written, the parameters as
-            # they are now, and where the two differ (`_sync_master`).
+            # they are now, and their bits' difference (`_sync_master`).
             seen = _scratch(bucket, "seen", bucket.real_dtype, 2 * width)
-            differs = _scratch(bucket, "differs", torch.bool, width)
+            differs = _scratch(bucket, "differs", torch.int16, width)
         views = {k: plan.state_views(bucket, k) for k in self.buffers}
         self.groups = []
         for a, b in packed:
@@ -266,8 +266,9 @@ class _Layout:
             g.seen = None
             if param == "master":
                 g.region.update(copy_rounded=seen[:g.n], now=seen[width:width + g.n], differs=differs[:g.n])
+                # (one piece: its bits are compared where they lie, no copy beside them)
                 g.seen = tuple(self._cut(g.region[name], part, plan, bucket)
-                               for name in ("copy_rounded", "now", "differs"))
+                               for name in ("copy_rounded", "differs" if g.single else "now"))
             g.steps = None
             self.groups.append(g)
         self._steps_from: dict = {}
@@ -374,15 +375,26 @@ class _Layout:
 def _sync_master(g: _Group, params: list[Tensor]) -> None:
     """The kernel's first move with a master copy (`kernels/adam.py`): where a parameter is
     no longer its copy's rounding (written since the last step, by whatever means), the copy
-    takes the written value; elsewhere it keeps its precision. Compared in scratch: the
-    copies rounded to the parameters' dtype, the parameters copied beside them, one compare
-    over the group; the rare group with a difference then takes the values piece by piece."""
-    copy_rounded, now, differs = g.seen
+    takes the written value; elsewhere it keeps its precision.
+
+    Found in scratch: the copies rounded to the parameters' 16-bit dtype beside the
+    parameters, their bits XORed and the extremes taken (torch's CPU compare and `any` ran
+    at a tenth of the speed of these integer ops: 350 and 120 us for 256K bf16 elements,
+    against 35 for both). Equal bits are equal values; a group where some differ (a write,
+    or a zero of the other sign) takes the values piece by piece, compared as the kernel
+    compares them."""
+    copy_rounded, other = g.seen
     torch._foreach_copy_(copy_rounded, g.work)
-    torch._foreach_copy_(now, params)
-    if torch.ne(g.region["copy_rounded"], g.region["now"], out=g.region["differs"]).any():
-        for work, p, where in zip(g.work, params, differs):
-            torch.where(where, p, work, out=work)
+    if g.single:
+        bits = torch.bitwise_xor(copy_rounded[0].view(torch.int16), params[0].view(torch.int16), out=other[0])
+    else:
+        torch._foreach_copy_(other, params)
+        bits = torch.bitwise_xor(g.region["copy_rounded"].view(torch.int16), g.region["now"].view(torch.int16),
+                                 out=g.region["differs"])
+    low, high = torch.aminmax(bits)
+    if low or high:
+        for work, p in zip(g.work, params):
+            torch.where(work.to(p.dtype) == p, work, p, out=work)
 
 
 def _shaped(flat: Tensor, bucket: _flat.Bucket, i: int) -> Tensor:
