@@ -120,16 +120,9 @@ def test_tables_are_reused_while_addresses_stay(name):
 
 # ----------------------------------------------------------------------------- GPU
 
-@cuda
-@pytest.mark.parametrize("name", ADAM_FAMILY)
-def test_cuda_graph_replays_equal_eager_steps(name):
-    params, twins = params_on("cuda"), params_on("cuda")
-    make = lambda ps: getattr(fusedopt, name)(  # noqa: E731
-        ps, lr=torch.tensor(0.01, device="cuda"), capturable=True, backend="triton")
-    opt, eager = make(params), make(twins)
-    set_grads(params, 0)
-    set_grads(twins, 0)
-    # torch's recipe: warm up on a side stream (state and tables are created there), then capture
+def captured_step(opt, eager):
+    """torch's recipe: one step of each optimizer on a side stream (state and tables are
+    created there), then `opt`'s step captured in a CUDA graph, which is returned."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -139,6 +132,19 @@ def test_cuda_graph_replays_equal_eager_steps(name):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    return graph
+
+
+@cuda
+@pytest.mark.parametrize("name", ADAM_FAMILY)
+def test_cuda_graph_replays_equal_eager_steps(name):
+    params, twins = params_on("cuda"), params_on("cuda")
+    make = lambda ps: getattr(fusedopt, name)(  # noqa: E731
+        ps, lr=torch.tensor(0.01, device="cuda"), capturable=True, backend="triton")
+    opt, eager = make(params), make(twins)
+    set_grads(params, 0)
+    set_grads(twins, 0)
+    graph = captured_step(opt, eager)
     torch.cuda.set_sync_debug_mode("error")  # an eager capturable step makes no host sync
     try:
         for k in range(1, 4):
@@ -172,15 +178,7 @@ def test_a_parameter_written_between_graph_replays_is_taken_up_by_its_master_cop
         set_grads(ps, 0)
         for p in ps:
             p.grad = p.grad.bfloat16()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-        eager.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = captured_step(opt, eager)
     for k in range(1, 4):
         if k == 2:
             for p, q in zip(params, twins):
