@@ -1,0 +1,271 @@
+"""Property-based differential test of an optimizer's life, not only of its steps.
+
+Training code does more between steps than set gradients: it saves and loads checkpoints
+(and moves them between torch.optim and fusedopt), adds parameter groups or appends to
+one's `params`, freezes and unfreezes parameters, writes them through `.data`, gives a
+parameter new storage of another shape before it has state, drops or edits a parameter's
+state, registers step hooks and steps with a closure. Each of these touches fusedopt's flat
+buffers and bucket layout, which torch.optim does not have. Hypothesis draws a program of
+such operations; torch.optim and fusedopt run it side by side, and after every operation
+the parameters and both state dicts must agree (`assert_same_run`). Where torch raises,
+fusedopt must raise the same type, and the program ends there (torch may have changed
+some tensors before raising; fusedopt changes none, which tests/test_errors.py checks).
+
+The parameters are fp32. There torch's per-parameter scalar state (`step`, NAdam's
+`mu_product`, ASGD's `eta` and `mu`) has the parameter's dtype whether it was created or
+loaded. In fp64 and bf16 torch's load casts that state to the parameter's dtype while state
+created after the load is fp32, a mix a bucket's one vector per kind does not hold: the
+README's table of differences says what that changes. Other dtypes are
+tests/test_property.py's and tests/test_native.py's.
+
+CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 200, the same every run; about 5 s);
+`make test-long` draws new ones.
+"""
+import copy
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _compare import assert_same_run
+from optim_db import OPTIMIZERS
+
+EXAMPLES = int(os.environ.get("FUSEDOPT_LIFECYCLE_EXAMPLES", "200"))
+DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
+
+OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "reload", "cross_load", "add_param_group",
+              "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless", "toggle_frozen",
+              "drop_state", "edit_state", "pre_hook", "closure"]
+
+
+def flag_sets(info, config):
+    """torch's path flags the row's config can take. torch's fused SGD with momentum raises
+    TypeError when a parameter first gets a gradient after the optimizer's first step (its
+    list of momentum buffers holds a None); fusedopt steps it, so there is nothing to match."""
+    flags = [{}, {"foreach": True}, {"foreach": False}]
+    if info.name in ("Adam", "AdamW", "Adagrad") or (info.name == "SGD" and not config.get("momentum")):
+        flags.append({"fused": True})
+    return flags
+
+
+@st.composite
+def programs(draw):
+    info = draw(st.sampled_from(OPTIMIZERS))
+    config = dict(draw(st.sampled_from(info.configs)))
+    config.update(draw(st.sampled_from(flag_sets(info, config))))
+    shapes = draw(st.lists(st.lists(st.sampled_from([0, 1, 3, 7, 33]), max_size=2).map(tuple), min_size=1, max_size=5))
+    split = draw(st.integers(0, len(shapes)))
+    backend = draw(st.sampled_from(["auto", "reference", "triton"]))
+    ops = draw(st.lists(st.tuples(st.sampled_from(OPERATIONS), st.integers(0, 2 ** 16)), min_size=3, max_size=12))
+    return info, config, shapes, split, backend, ops
+
+
+class Twins:
+    """torch.optim and fusedopt, each on its own copy of the same parameters."""
+
+    def __init__(self, info, config, shapes, split, backend):
+        self.info, self.config, self.backend = info, config, backend
+        gen = torch.Generator().manual_seed(len(shapes))
+        made = [torch.randn(s, generator=gen) for s in shapes]
+        self.theirs = [t.clone().requires_grad_() for t in made]
+        self.ours = [t.clone().requires_grad_() for t in made]
+
+        def groups(params):
+            first, second = params[:split], params[split:]
+            return [g for g in ({"params": first}, {"params": second, **info.second_group}) if g["params"]]
+
+        self.ref = info.torch(groups(self.theirs), **config)
+        self.opt = info.fused(groups(self.ours), **config, backend=backend)
+
+    def pairs(self):
+        return zip(self.theirs, self.ours)
+
+    def new_pair(self, shape, k):
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+        a, b = t.clone().requires_grad_(), t.clone().requires_grad_()
+        self.theirs.append(a)
+        self.ours.append(b)
+        return a, b
+
+    def set_gradients(self, k):
+        gen = torch.Generator().manual_seed(k)
+        for a, b in self.pairs():
+            draw = torch.rand((), generator=gen).item()
+            g = torch.randn(a.shape, generator=gen)
+            if not a.requires_grad or draw < 0.15:
+                a.grad = b.grad = None
+            elif draw < 0.3:
+                pass   # keeps last step's gradient (or none)
+            else:
+                a.grad, b.grad = g.clone(), g.clone()
+
+    def both(self, call) -> bool:
+        """Run `call` on (torch's optimizer, its params) and on ours; False when both
+        raised (the same exception type), which ends the program."""
+        outcomes = []
+        for opt, params in ((self.ref, self.theirs), (self.opt, self.ours)):
+            try:
+                call(opt, params)
+                outcomes.append(None)
+            except Exception as e:  # noqa: BLE001 - compared below
+                outcomes.append(e)
+        theirs, ours = outcomes
+        if theirs is None and ours is None:
+            return True
+        assert type(theirs) is type(ours), f"torch: {theirs!r}; fusedopt: {ours!r}"
+        return False
+
+    def rebuilt(self, opt, params_of, cls, **extra):
+        return cls([{"params": list(g["params"])} for g in opt.param_groups], **self.config, **extra)
+
+    # ------------------------------------------------------------------ the operations
+    # Each takes the drawn integer k (an index, a value, a seed) and returns False to end
+    # the program.
+
+    def step(self, k):
+        self.set_gradients(k)
+        return self.both(lambda opt, _: opt.step())
+
+    def zero_grad(self, k):
+        for opt in (self.ref, self.opt):
+            opt.zero_grad(set_to_none=bool(k % 2))
+
+    def set_option(self, k):
+        gi = k % len(self.ref.param_groups)
+        lr = (0.001, 0.02, 0.1)[k % 3]
+        for opt in (self.ref, self.opt):
+            opt.param_groups[gi][self.info.lr_key] = lr
+            if "weight_decay" in opt.param_groups[gi] and k % 4 == 0:
+                opt.param_groups[gi]["weight_decay"] = 0.07
+
+    def _load(self, torch_from, ours_from):
+        ref = self.rebuilt(self.ref, self.theirs, self.info.torch)
+        opt = self.rebuilt(self.opt, self.ours, self.info.fused, backend=self.backend)
+        ref.load_state_dict(copy.deepcopy(torch_from.state_dict()))
+        opt.load_state_dict(copy.deepcopy(ours_from.state_dict()))
+        self.ref, self.opt = ref, opt
+
+    def reload(self, k):
+        self._load(self.ref, self.opt)
+
+    def cross_load(self, k):
+        """torch's optimizer loads fusedopt's checkpoint, and fusedopt loads torch's."""
+        self._load(self.opt, self.ref)
+
+    def add_param_group(self, k):
+        a, b = self.new_pair((1 + k % 5,), k)
+        self.ref.add_param_group({"params": [a], self.info.lr_key: 0.005})
+        self.opt.add_param_group({"params": [b], self.info.lr_key: 0.005})
+
+    def append_param(self, k):
+        gi = k % len(self.ref.param_groups)
+        a, b = self.new_pair((1 + k % 40,), k)
+        self.ref.param_groups[gi]["params"].append(a)
+        self.opt.param_groups[gi]["params"].append(b)
+
+    def _stateless(self, k):
+        """(group index, position) of a parameter torch keeps no state for, or None."""
+        for gi, group in enumerate(self.ref.param_groups):
+            for j, p in enumerate(group["params"]):
+                if (gi + j + k) % 3 == 0 and not self.ref.state.get(p):
+                    return gi, j
+        return None
+
+    def replace_param(self, k):
+        """Put a new tensor in a group in place of one that has no state yet."""
+        slot = self._stateless(k)
+        if slot is None:
+            return
+        gi, j = slot
+        old = self.ref.param_groups[gi]["params"][j]
+        at = next(i for i, p in enumerate(self.theirs) if p is old)
+        a, b = self.new_pair((2, 1 + k % 4), k)
+        self.theirs[at], self.ours[at] = self.theirs.pop(), self.ours.pop()
+        self.ref.param_groups[gi]["params"][j] = a
+        self.opt.param_groups[gi]["params"][j] = b
+
+    def write_data(self, k):
+        i = k % len(self.theirs)
+        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k))
+        for p in (self.theirs[i], self.ours[i]):
+            p.data.mul_(0.5) if k % 2 else p.data.copy_(value)
+
+    def replace_data(self, k):
+        i = k % len(self.theirs)
+        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k))
+        self.theirs[i].data, self.ours[i].data = value.clone(), value.clone()
+
+    def reshape_stateless(self, k):
+        """New storage of another shape for a parameter without state (torch steps it as it
+        now is; fusedopt must rebuild its bucket)."""
+        slot = self._stateless(k)
+        if slot is None:
+            return
+        old = self.ref.param_groups[slot[0]]["params"][slot[1]]
+        i = next(i for i, p in enumerate(self.theirs) if p is old)
+        value = torch.randn(3, 1 + k % 3, generator=torch.Generator().manual_seed(k))
+        for p in (self.theirs[i], self.ours[i]):
+            p.data = value.clone()
+            p.grad = None
+
+    def toggle_frozen(self, k):
+        i = k % len(self.theirs)
+        frozen = self.theirs[i].requires_grad
+        for p in (self.theirs[i], self.ours[i]):
+            p.requires_grad_(not frozen)
+            if frozen:
+                p.grad = None
+
+    def drop_state(self, k):
+        i = k % len(self.theirs)
+        if self.theirs[i] in self.ref.state:
+            del self.ref.state[self.theirs[i]]
+            del self.opt.state[self.ours[i]]
+
+    def edit_state(self, k):
+        i = k % len(self.theirs)
+        entry = self.ref.state.get(self.theirs[i], {})
+        key = next((key for key, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if key is not None:
+            self.ref.state[self.theirs[i]][key].mul_(0.5)
+            self.opt.state[self.ours[i]][key].mul_(0.5)
+
+    def pre_hook(self, k):
+        def halve_gradients(opt, args, kwargs):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+
+        for opt in (self.ref, self.opt):
+            opt.register_step_pre_hook(halve_gradients)
+
+    def closure(self, k):
+        gen = torch.Generator().manual_seed(k)
+        grads = [torch.randn(a.shape, generator=gen) if a.requires_grad else None for a in self.theirs]
+
+        def step(opt, params):
+            def closure():
+                for p, g in zip(params, grads):
+                    p.grad = None if g is None else g.clone()
+                return torch.tensor(1.0)
+
+            opt.step(closure)
+
+        return self.both(step)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+@given(programs())
+def test_random_lifecycles_match_torch(program):
+    info, config, shapes, split, backend, ops = program
+    twins = Twins(info, config, shapes, split, backend)
+    for done, (op, k) in enumerate(ops):
+        if getattr(twins, op)(k) is False:
+            break
+        try:
+            assert_same_run(twins.theirs, twins.ref, twins.ours, twins.opt, rtol=info.rtol32)
+        except AssertionError as e:
+            raise AssertionError(f"after {[o for o, _ in ops[:done + 1]]}: {e}") from None
+
