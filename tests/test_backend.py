@@ -106,6 +106,38 @@ def test_the_torch_fact_behind_the_native_dtype_rule():
     assert torch.equal(p.detach(), torch.ones(64, dtype=torch.bfloat16))
 
 
+def late_gradient_run(cls, **options):
+    """Two parameters; the second first gets a gradient at the second step (a layer unfrozen
+    after the first step). Returns the parameters after three steps, or the exception."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, generator=gen)) for _ in range(2)]
+    opt = cls(params, lr=0.1, momentum=0.9, **options)
+    try:
+        for step in range(3):
+            for p in params[:1 + (step > 0)]:
+                p.grad = torch.randn(40, generator=gen)
+            opt.step()
+    except TypeError as e:
+        return e
+    return [p.detach() for p in params]
+
+
+def test_the_torch_fact_behind_stepping_a_late_momentum_buffer():
+    """If this starts failing, torch's fused SGD steps a parameter whose momentum buffer
+    starts after the first step, and the README's note on it can go."""
+    assert isinstance(late_gradient_run(torch.optim.SGD, fused=True), TypeError)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_fused_sgd_steps_a_parameter_whose_momentum_starts_late(backend):
+    """fusedopt.SGD(fused=True) starts the late buffer as the gradient, as torch's for-loop
+    (what torch.optim.SGD runs on the CPU by default) does."""
+    expected = late_gradient_run(torch.optim.SGD, foreach=False)
+    got = late_gradient_run(fusedopt.SGD, fused=True, backend=backend)
+    for j, (a, b) in enumerate(zip(got, expected)):
+        assert_close(f"param {j}", a, b)
+
+
 def test_native_path_matches_torch_for_loop_in_fp32_and_fp64():
     for dtype in (torch.float32, torch.float64):
         for cls, kw in ((torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.AdamW, dict(lr=0.1))):
