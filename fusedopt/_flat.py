@@ -248,6 +248,7 @@ class Bucket:
         # Element counts of the real view: what the kernel iterates over.
         self.numels = [p.numel() * (2 if self.is_complex else 1) for p in shards]
         self._sizes = [p.numel() for p in shards]   # (`check_params` compares them every step)
+        self.empty = [i for i, n in enumerate(self._sizes) if n == 0]
         offsets, total = [], 0
         for n in self.numels:
             offsets.append(total)
@@ -348,11 +349,19 @@ class Bucket:
         # as well (torch.Size objects made every step) cost 7% of a plain SGD step over
         # 2000 tiny tensors, for a change that steps the same numbers.
         contiguous = list(map(Tensor.is_contiguous, shards))
-        if ptrs == self._ptrs and contiguous == self.contiguous and list(map(Tensor.numel, shards)) == self._sizes:
+        same = ptrs == self._ptrs and contiguous == self.contiguous and list(map(Tensor.numel, shards)) == self._sizes
+        if same and not self.empty:
             return
-        for i, p in enumerate(shards):
+        # A tensor without elements has no address (data_ptr 0): storage of another dtype,
+        # device or shape put into a zero-size parameter shows in none of the above, and
+        # its state would stay in the old dtype (torch's fused kernels then refuse the
+        # step). Such parameters are compared directly; they are few.
+        for i in self.empty if same else range(len(shards)):
+            p = shards[i]
             if p.shape != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise StaleLayout(i)
+        if same:
+            return
         self._ptrs = ptrs
         self.contiguous = contiguous
         self.shared = shared_memory(shards, ptrs, contiguous)

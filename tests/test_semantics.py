@@ -880,6 +880,26 @@ def test_data_replaced_with_other_dtype_keeps_updating(backend):
     assert_close("param after dtype change", p.detach(), expected)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(lr=0.01), dict(lr=0.01, fused=True)], ids=["default", "fused"])
+def test_a_zero_size_parameter_given_storage_of_another_dtype_steps_as_torchs(options, backend):
+    """A tensor without elements has address 0 whatever its dtype, so the address check
+    alone missed `p.data = p.data.float()` on one: its state was made in the old dtype
+    (state_dict off torch's) and torch's fused kernel refused the step."""
+    params = [torch.randn(5, dtype=torch.float64), torch.randn(0, 3, dtype=torch.float64)]
+    theirs, ref, ours, opt = twin(params, fusedopt.AdamW, torch.optim.AdamW, options, backend)
+    for p in theirs[:1] + ours[:1]:
+        p.grad = torch.ones(5, dtype=torch.float64)
+    ref.step()
+    opt.step()
+    for p in theirs[1:] + ours[1:]:
+        p.data = p.data.float()
+    for step in range(2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_same_run(theirs, ref, ours, opt)
+    assert opt.state_dict()["state"][1]["exp_avg"].dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------- autograd's view of a step
 
 @pytest.mark.parametrize("backend", BACKENDS)
