@@ -18,7 +18,7 @@ created after the load is fp32, a mix a bucket's one vector per kind does not ho
 README's table of differences says what that changes. Other dtypes are
 tests/test_property.py's and tests/test_native.py's.
 
-CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 200, the same every run; about 5 s);
+CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 400, the same every run; about 15 s);
 `make test-long` draws new ones.
 """
 import copy
@@ -31,12 +31,17 @@ from hypothesis import strategies as st
 from _compare import assert_same_run
 from optim_db import OPTIMIZERS
 
-EXAMPLES = int(os.environ.get("FUSEDOPT_LIFECYCLE_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("FUSEDOPT_LIFECYCLE_EXAMPLES", "400"))
 DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
 
-OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "reload", "cross_load", "add_param_group",
-              "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless", "toggle_frozen",
-              "drop_state", "edit_state", "pre_hook", "closure"]
+OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "reload", "cross_load",
+              "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
+              "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook", "closure"]
+
+# Options whose change adds a state kind (torch raises KeyError at the next step, fusedopt
+# already at a load in between: README, "Where fusedopt does better than torch"), and the
+# path flags, which the program draws once.
+NOT_SET_BETWEEN_STEPS = {"amsgrad", "centered", "foreach", "fused"}
 
 
 def flag_sets(info, config):
@@ -92,7 +97,7 @@ class Twins:
         gen = torch.Generator().manual_seed(k)
         for a, b in self.pairs():
             draw = torch.rand((), generator=gen).item()
-            g = torch.randn(a.shape, generator=gen)
+            g = torch.randn(a.shape, generator=gen, dtype=a.dtype)
             if not a.requires_grad or draw < 0.15:
                 a.grad = b.grad = None
             elif draw < 0.3:
@@ -132,12 +137,16 @@ class Twins:
             opt.zero_grad(set_to_none=bool(k % 2))
 
     def set_option(self, k):
+        """Give a group an option value another of the row's configs uses (SGD's momentum
+        turned on or off included), or a new lr."""
         gi = k % len(self.ref.param_groups)
-        lr = (0.001, 0.02, 0.1)[k % 3]
+        choices = [(key, value) for config in self.info.configs + [self.info.second_group]
+                   for key, value in config.items() if key not in NOT_SET_BETWEEN_STEPS
+                   and not (self.info.name == "RMSprop" and key == "momentum")]
+        choices += [(self.info.lr_key, lr) for lr in (0.001, 0.02, 0.1)]
+        key, value = choices[k % len(choices)]
         for opt in (self.ref, self.opt):
-            opt.param_groups[gi][self.info.lr_key] = lr
-            if "weight_decay" in opt.param_groups[gi] and k % 4 == 0:
-                opt.param_groups[gi]["weight_decay"] = 0.07
+            opt.param_groups[gi][key] = value
 
     def _load(self, torch_from, ours_from):
         ref = self.rebuilt(self.ref, self.theirs, self.info.torch)
@@ -187,13 +196,15 @@ class Twins:
 
     def write_data(self, k):
         i = k % len(self.theirs)
-        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k))
+        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k), dtype=self.theirs[i].dtype)
         for p in (self.theirs[i], self.ours[i]):
             p.data.mul_(0.5) if k % 2 else p.data.copy_(value)
 
     def replace_data(self, k):
+        """New storage of the same shape and dtype (another dtype, with state, is where
+        torch raises and fusedopt converts: README, "Where fusedopt does better")."""
         i = k % len(self.theirs)
-        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k))
+        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k), dtype=self.theirs[i].dtype)
         self.theirs[i].data, self.ours[i].data = value.clone(), value.clone()
 
     def reshape_stateless(self, k):
@@ -207,6 +218,19 @@ class Twins:
         value = torch.randn(3, 1 + k % 3, generator=torch.Generator().manual_seed(k))
         for p in (self.theirs[i], self.ours[i]):
             p.data = value.clone()
+            p.grad = None
+
+    def retype_stateless(self, k):
+        """fp32 storage to fp64 or back for a parameter without state: it moves to another
+        bucket. (Of a zero-size one too, whose address is 0 in every dtype.)"""
+        slot = self._stateless(k)
+        if slot is None:
+            return
+        old = self.ref.param_groups[slot[0]]["params"][slot[1]]
+        i = next(i for i, p in enumerate(self.theirs) if p is old)
+        dtype = torch.float32 if old.dtype == torch.float64 else torch.float64
+        for p in (self.theirs[i], self.ours[i]):
+            p.data = p.data.to(dtype)
             p.grad = None
 
     def toggle_frozen(self, k):
@@ -243,7 +267,7 @@ class Twins:
 
     def closure(self, k):
         gen = torch.Generator().manual_seed(k)
-        grads = [torch.randn(a.shape, generator=gen) if a.requires_grad else None for a in self.theirs]
+        grads = [torch.randn(a.shape, generator=gen, dtype=a.dtype) if a.requires_grad else None for a in self.theirs]
 
         def step(opt, params):
             def closure():
