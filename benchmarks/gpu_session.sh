@@ -8,16 +8,18 @@
 #
 # Stages, in the order they pay off (default: all of them):
 #   env        the GPU, driver, Python, torch and triton versions           -> OUT/env.txt
-#   gpu-tests  what only a GPU shows: CUDA-graph capture and replay, a second device,
-#              the compiled kernels' own tests                                -> OUT/gpu-tests.log
-#   tests      the whole suite on compiled kernels                            -> OUT/tests.log
+#   gpu-tests  what only a GPU shows, the tests marked `gpu` on compiled kernels: every
+#              row against torch.optim on the GPU, random optimizer lifecycles,
+#              CUDA-graph capture and replay, a second device                 -> OUT/gpu-tests.log
 #   sweep      the block policy sweep (benchmarks/block_sweep.py)             -> OUT/sweep/
 #   bench      the runner at full size, CUDA events                           -> OUT/results.*
+#   tests      the rest of the suite as CI runs it (Triton's interpreter, CPU tensors),
+#              on the machine's own torch and triton                          -> OUT/tests.log
 # Copy OUT to benchmarks/results/<gpu>/ and commit it with this command line.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT [STAGE ...]}
 shift
-stages=${*:-env gpu-tests tests sweep bench}
+stages=${*:-env gpu-tests sweep bench tests}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -30,8 +32,7 @@ for stage in $stages; do
 "triton", triton.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
             } 2>&1 | tee "$out/env.txt" ;;
         gpu-tests)
-            $py -m pytest -q -p no:cacheprovider tests/test_capturable.py tests/test_kernels_compile.py tests/test_semantics.py \
-                2>&1 | tee "$out/gpu-tests.log" ;;
+            FUSEDOPT_TEST_COMPILED=1 $py -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests 2>&1 | tee "$out/gpu-tests.log" ;;
         tests)
             $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" ;;
         sweep)

@@ -68,13 +68,13 @@ def groups(params, info, config):
 
 
 def run_side_by_side(info, config, backend, dtype=torch.float32, steps=None, missing=((1, 2), (3, 5)), seed=0,
-                     shapes=SHAPES):
+                     shapes=SHAPES, device="cpu"):
     """Step torch's and fusedopt's optimizer on identical params and gradients.
 
     `missing` lists (step, parameter) pairs that get no gradient that step.
     """
     steps = steps or info.steps
-    p_ref = make_params(dtype, shapes=shapes, seed=seed)
+    p_ref = make_params(dtype, device=device, shapes=shapes, seed=seed)
     p_new = clone_params(p_ref)
     opt_ref = info.torch(groups(p_ref, info, config), **config)
     opt_new = info.fused(groups(p_new, info, config), backend=backend, **config)

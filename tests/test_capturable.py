@@ -5,7 +5,8 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors, where "the
 is the CPU: there the tests check what can be checked anywhere -- that no tensor value is
 read on the host during a step (`.item()`, `float()`, `bool()`, ...), that a tensor lr
 changed in place between steps is used, that the per-step tables are reused rather than
-copied again. The capture-and-replay and second-device tests need CUDA and skip elsewhere.
+copied again. The capture-and-replay and second-device tests need CUDA and compiled kernels
+(marked `gpu`: tests/conftest.py).
 """
 import copy
 from unittest import mock
@@ -17,7 +18,7 @@ import fusedopt
 
 ADAM_FAMILY = ["Adam", "AdamW", "NAdam", "RAdam", "Adamax"]
 SHAPES = [(3,), (1100,), (7, 5), ()]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cuda = pytest.mark.gpu
 
 
 def params_on(device, seed=0):
@@ -193,6 +194,7 @@ def test_a_parameter_written_between_graph_replays_is_taken_up_by_its_master_cop
         assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])
 
 
+@cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
 def test_parameters_on_a_second_device_while_the_first_is_current(name):

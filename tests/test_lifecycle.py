@@ -18,12 +18,14 @@ created after the load is fp32, a mix a bucket's one vector per kind does not ho
 README's table of differences says what that changes. Other dtypes are
 tests/test_property.py's and tests/test_native.py's.
 
-CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 400, the same every run; about 15 s);
+On a GPU the same programs run on CUDA tensors with the compiled kernels (`gpu`: see
+tests/conftest.py). CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 400, the same every run; about 15 s);
 `make test-long` draws new ones.
 """
 import copy
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -69,10 +71,10 @@ def programs(draw):
 class Twins:
     """torch.optim and fusedopt, each on its own copy of the same parameters."""
 
-    def __init__(self, info, config, shapes, split, backend):
-        self.info, self.config, self.backend = info, config, backend
+    def __init__(self, info, config, shapes, split, backend, device="cpu"):
+        self.info, self.config, self.backend, self.device = info, config, backend, device
         gen = torch.Generator().manual_seed(len(shapes))
-        made = [torch.randn(s, generator=gen) for s in shapes]
+        made = [torch.randn(s, generator=gen).to(device) for s in shapes]
         self.theirs = [t.clone().requires_grad_() for t in made]
         self.ours = [t.clone().requires_grad_() for t in made]
 
@@ -87,7 +89,7 @@ class Twins:
         return zip(self.theirs, self.ours)
 
     def new_pair(self, shape, k):
-        t = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(k)).to(self.device)
         a, b = t.clone().requires_grad_(), t.clone().requires_grad_()
         self.theirs.append(a)
         self.ours.append(b)
@@ -97,7 +99,7 @@ class Twins:
         gen = torch.Generator().manual_seed(k)
         for a, b in self.pairs():
             draw = torch.rand((), generator=gen).item()
-            g = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+            g = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(self.device)
             if not a.requires_grad or draw < 0.15:
                 a.grad = b.grad = None
             elif draw < 0.3:
@@ -196,7 +198,8 @@ class Twins:
 
     def write_data(self, k):
         i = k % len(self.theirs)
-        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k), dtype=self.theirs[i].dtype)
+        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k),
+                            dtype=self.theirs[i].dtype).to(self.device)
         for p in (self.theirs[i], self.ours[i]):
             p.data.mul_(0.5) if k % 2 else p.data.copy_(value)
 
@@ -204,7 +207,8 @@ class Twins:
         """New storage of the same shape and dtype (another dtype, with state, is where
         torch raises and fusedopt converts: README, "Where fusedopt does better")."""
         i = k % len(self.theirs)
-        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k), dtype=self.theirs[i].dtype)
+        value = torch.randn(self.theirs[i].shape, generator=torch.Generator().manual_seed(k),
+                            dtype=self.theirs[i].dtype).to(self.device)
         self.theirs[i].data, self.ours[i].data = value.clone(), value.clone()
 
     def reshape_stateless(self, k):
@@ -215,7 +219,7 @@ class Twins:
             return
         old = self.ref.param_groups[slot[0]]["params"][slot[1]]
         i = next(i for i, p in enumerate(self.theirs) if p is old)
-        value = torch.randn(3, 1 + k % 3, generator=torch.Generator().manual_seed(k))
+        value = torch.randn(3, 1 + k % 3, generator=torch.Generator().manual_seed(k)).to(self.device)
         for p in (self.theirs[i], self.ours[i]):
             p.data = value.clone()
             p.grad = None
@@ -267,24 +271,23 @@ class Twins:
 
     def closure(self, k):
         gen = torch.Generator().manual_seed(k)
-        grads = [torch.randn(a.shape, generator=gen, dtype=a.dtype) if a.requires_grad else None for a in self.theirs]
+        grads = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(self.device) if a.requires_grad else None
+                 for a in self.theirs]
 
         def step(opt, params):
             def closure():
                 for p, g in zip(params, grads):
                     p.grad = None if g is None else g.clone()
-                return torch.tensor(1.0)
+                return torch.tensor(1.0, device=self.device)
 
             opt.step(closure)
 
         return self.both(step)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
-@given(programs())
-def test_random_lifecycles_match_torch(program):
+def run_program(program, device):
     info, config, shapes, split, backend, ops = program
-    twins = Twins(info, config, shapes, split, backend)
+    twins = Twins(info, config, shapes, split, backend, device)
     for done, (op, k) in enumerate(ops):
         if getattr(twins, op)(k) is False:
             break
@@ -293,3 +296,16 @@ def test_random_lifecycles_match_torch(program):
         except AssertionError as e:
             raise AssertionError(f"after {[o for o, _ in ops[:done + 1]]}: {e}") from None
 
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+@given(programs())
+def test_random_lifecycles_match_torch(program):
+    run_program(program, "cpu")
+
+
+# On a GPU (tests/conftest.py): the compiled kernels, and torch.optim's default there.
+@pytest.mark.gpu
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+@given(programs())
+def test_random_lifecycles_match_torch_on_the_gpu(program):
+    run_program(program, "cuda")

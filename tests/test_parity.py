@@ -27,6 +27,29 @@ def test_matches_torch_other_dtypes(info, dtype, backend):
     assert_same_run(*run)
 
 
+# On a GPU (`gpu`: FUSEDOPT_TEST_COMPILED=1 pytest -m gpu): the compiled kernels against
+# torch.optim's default there (its multi-tensor code), every row and option set in fp32, the
+# last option set in the other dtypes; the same comparisons the interpreter's run makes
+# against torch's CPU for-loop.
+GPU = "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("info,config", all_cases())
+def test_compiled_kernels_match_torch_on_the_gpu_fp32(info, config, backend):
+    run = run_side_by_side(info, config, backend, device=GPU)
+    assert all(b.path == "triton" for _, buckets in run[3]._buckets.values() for b in buckets)
+    assert_same_run(*run, rtol=info.rtol32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("info,dtype", dtype_cases())
+def test_compiled_kernels_match_torch_on_the_gpu_other_dtypes(info, dtype):
+    run = run_side_by_side(info, info.configs[-1], "triton", dtype=dtype, device=GPU)
+    assert_same_run(*run)
+
+
 @pytest.fixture
 def float64_default():
     before = torch.get_default_dtype()

@@ -546,7 +546,7 @@ def test_shared_tensor_default_gets_one_value_per_group():
         assert float(group["momentum"]) == pytest.approx(ref_group["momentum"], rel=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.gpu
 def test_cuda_graph_replay_sees_new_values():
     """A captured graph reading group['lr'] and betas[0] sees each scheduler step."""
     dev = "cuda"
