@@ -255,7 +255,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     raise RuntimeError(
                         f"parameter {index} changed shape from {tuple(value.shape)} to {tuple(p.shape)} "
                         "after its optimizer state was created; its state no longer fits. "
-                        "help: build a new optimizer after changing parameter shapes")
+                        "help: build a new optimizer after changing parameter shapes, or start this parameter's "
+                        "state afresh with `del opt.state[p]`")
 
     def _global_index(self, p: Tensor) -> int:
         return next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)

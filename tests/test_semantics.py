@@ -552,6 +552,24 @@ def test_data_replaced_with_other_shape_raises_clearly(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_dropping_the_state_of_a_reshaped_parameter_steps_it_afresh_as_torch(backend):
+    """The shape error's help: `del opt.state[p]` is torch's way to restart a parameter,
+    and after it the next step runs, p's state started in its new shape."""
+    theirs, ref, ours, opt = twin([torch.randn(10), torch.randn(3)], fusedopt.Adam, torch.optim.Adam, dict(lr=0.1),
+                                  backend)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, 0))
+    for params in (theirs, ours):
+        params[0].data = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    ours[0].grad = theirs[0].grad = None
+    with pytest.raises(RuntimeError, match=r"del opt.state\[p\]"):
+        opt.step()
+    del ref.state[theirs[0]], opt.state[ours[0]]
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
 def test_a_gradient_left_from_before_a_change_of_shape_is_refused(info, backend):
     # torch checks a gradient's shape when it is assigned, not when `.data` changes the
