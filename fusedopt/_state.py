@@ -56,15 +56,20 @@ class ParamState(_WritesThroughSetitem, dict):
     `sparse_dim` (an attribute, not a key): the sparse dimensions of the gradient that
     seeded state torch keeps sparse (`Optimizer._sparse_state`), which `state_dict` then
     exports in torch's sparse layout; None for a parameter with dense gradients.
+
+    `unfit` (an attribute): the entry's state does not fit its parameter's shape and is kept
+    as it is, out of the flat buffers (`Optimizer._keep_unfit`); a tensor assigned to it
+    replaces the one there, and the entry is adopted again.
     """
 
     sparse_dim: int | None = None
+    unfit: bool = False
     _owner: weakref.ref | None = None   # the optimizer (weak: no cycle keeps its buffers alive)
     _param: Tensor | None = None
 
     def __setitem__(self, key, value):
         current = self.get(key)
-        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current:
+        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current and not self.unfit:
             if value.shape != current.shape:
                 raise ValueError(
                     f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")

@@ -226,7 +226,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         if self._lazy and gi in self._lazy and not all(map(is_lazy, self._lazy[gi])):
             # A lazy module's parameter got its shape, in place (the same object): it joins
             # a bucket now, and state loaded for it before must fit that shape.
-            self._check_shapes(gi, materialized=True)
+            self._check_materialized(gi)
         elif cached is not None and cached[0] == ids:
             buckets = cached[1]
             try:
@@ -234,29 +234,37 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     b.check_params()
                 return buckets
             except _flat.StaleLayout:
-                self._check_shapes(gi)
+                pass   # (state that no longer fits a new shape is kept aside: `_adopt`)
         return self._build_group(gi, ids)
 
-    def _check_shapes(self, gi: int, materialized: bool = False) -> None:
-        """Refuse state that no longer fits its parameter's shape, before anything changes.
-        `materialized`: the shapes are new because lazy parameters got theirs."""
+    def _check_materialized(self, gi: int) -> None:
+        """Refuse state loaded for lazy parameters that does not fit the shape they were
+        materialized with, before anything changes."""
         for p in self.param_groups[gi]["params"]:
             if is_lazy(p):
                 continue
-            state = dict.get(self.state, p)
-            for key, value in (state or {}).items():
-                if key in self._flat_state and isinstance(value, Tensor) and value.shape != p.shape:
-                    index = self._global_index(p)
-                    if materialized:
-                        raise RuntimeError(
-                            f"parameter {index} was materialized (a lazy module's first forward) with shape "
-                            f"{tuple(p.shape)}; its optimizer state '{key}', loaded before, has shape "
-                            f"{tuple(value.shape)} and does not fit. help: load a state dict saved for this model")
-                    raise RuntimeError(
-                        f"parameter {index} changed shape from {tuple(value.shape)} to {tuple(p.shape)} "
-                        "after its optimizer state was created; its state no longer fits. "
-                        "help: build a new optimizer after changing parameter shapes, or start this parameter's "
-                        "state afresh with `del opt.state[p]`")
+            entries = dict.get(self.state, p) or {}
+            key = self._unfit_key(p, entries)
+            if key is not None:
+                raise RuntimeError(
+                    f"parameter {self._global_index(p)} was materialized (a lazy module's first forward) with shape "
+                    f"{tuple(p.shape)}; its optimizer state '{key}', loaded before, has shape "
+                    f"{tuple(entries[key].shape)} and does not fit. help: load a state dict saved for this model")
+
+    def _unfit_key(self, p: Tensor, entries: dict) -> str | None:
+        """The first flat state kind in `entries` whose tensor does not have p's shape: state
+        that no longer fits (p's `.data` given another shape after its state was made, or
+        state set so), or None."""
+        return next((key for key, value in entries.items()
+                     if key in self._flat_state and isinstance(value, Tensor) and value.shape != p.shape), None)
+
+    def _unfit_error(self, p: Tensor, state: dict) -> RuntimeError:
+        key = self._unfit_key(p, state)
+        return RuntimeError(
+            f"parameter {self._global_index(p)} has shape {tuple(p.shape)} and its optimizer state '{key}' shape "
+            f"{tuple(state[key].shape)}: the state no longer fits (the parameter changed shape after its state was "
+            "created?), and torch's update refuses it. help: build a new optimizer after changing parameter shapes, "
+            "or start this parameter's state afresh with `del opt.state[p]`")
 
     def _global_index(self, p: Tensor) -> int:
         return next(i for i, q in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)) if q is p)
@@ -341,6 +349,9 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             dict.__setitem__(self.state, p, entries)
             return
         gi, bucket, i = slot
+        if not bucket.sharded and self._unfit_key(p, entries) is not None:
+            self._keep_unfit(p, bucket, i, entries, into, carried is not None)
+            return
         items = list(entries.items())
         if into is None:
             state = ParamState()
@@ -349,6 +360,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             state = into
             dict.clear(state)
         state.bind(self, p)
+        state.unfit = False
         flat = False
         for key, value in items:
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
@@ -381,6 +393,27 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 dict.__setitem__(state, key, value)
         bucket.initialized[i] = flat
         bucket.state_keys = None   # the next step checks every parameter's keys (`_buffers`)
+        dict.__setitem__(self.state, p, state)
+
+    def _keep_unfit(self, p: Tensor, bucket: _flat.Bucket, i: int, entries: dict, into: ParamState | None,
+                    carried: bool) -> None:
+        """Keep state that does not fit p's shape as it is, out of the flat buffers, as
+        torch keeps it: p is skipped while it has no gradient (a frozen layer given new
+        storage of another shape), the other parameters step on, `state_dict` saves the
+        state as it is, and a step that would update p raises before anything changes
+        (`_check_state`), where torch's update raises on the shapes. `del opt.state[p]`
+        starts p afresh; state that fits again (assigned, or p given back its shape) is
+        adopted into the flat buffers. Carried state (views of the buffers of the bucket
+        being rebuilt) is copied, so that those buffers can be freed."""
+        if into is None:
+            state = ParamState({k: v.clone() if carried and isinstance(v, Tensor) else v for k, v in entries.items()})
+            state.sparse_dim = getattr(entries, "sparse_dim", None)
+        else:
+            state = into
+        state.bind(self, p)
+        state.unfit = True
+        bucket.initialized[i] = False
+        bucket.state_keys = None   # (`_check_state` looks at the entry every step while it is so)
         dict.__setitem__(self.state, p, state)
 
     def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
@@ -577,13 +610,15 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             self._check_state(bucket, batch, all_keys)
         return {k: bucket.buffer(k, self._buffer_dtype(bucket, k)) for k in all_keys if k not in self._scalar_state}
 
-    def _check_state(self, bucket: _flat.Bucket, batch: _flat.Batch, all_keys: list[str]) -> None:
+    def _check_state(self, bucket: _flat.Bucket, batch: _flat.Batch | None, all_keys: list[str],
+                     sparse: list[tuple[int, Tensor]] | None = None) -> None:
         """Raise, as torch's step would, when a stepped parameter's state lacks a kind its
         group's options need (an option such as amsgrad turned on after its first step, a
         key removed or replaced by outside code); nothing has changed yet. When every
         parameter with state has them all, the bucket remembers the keys and later steps
         skip this (`_adopt` forgets them)."""
         stepped = set(batch.index) if batch is not None else set()
+        stepped.update(i for i, _ in sparse or ())
         complete = True
         for i, p in enumerate(bucket.params):
             if not bucket.initialized[i]:
@@ -601,6 +636,10 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                                 f"opt.state holds {sorted(map(str, state))} only, and torch creates a parameter's "
                                 "state only while its entry is empty. help: leave opt.state[p] empty until its first "
                                 "step, or pop the other keys")
+                    elif getattr(state, "unfit", False):   # (`_keep_unfit`)
+                        complete = False
+                        if i in stepped:
+                            raise self._unfit_error(p, state)
                 continue
             state = dict.get(self.state, p, {})
             wrong = next((k for k in all_keys if not isinstance(state.get(k), Tensor)), None)
@@ -673,8 +712,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     self._refuse_shared_memory(bucket, batch, sparse)
                 if sparse:
                     self._check_sparse(group, bucket)
-                if keys and batch is not None and getattr(bucket, "state_keys", None) is not keys:
-                    self._check_state(bucket, batch, keys)
+                if keys and (batch is not None or sparse) and getattr(bucket, "state_keys", None) is not keys:
+                    self._check_state(bucket, batch, keys, sparse)
                 if self._check_steps is not None and (batch is not None or sparse):
                     self._check_steps(group, bucket, batch, sparse)
                 if batch is not None or sparse:

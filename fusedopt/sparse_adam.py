@@ -124,6 +124,10 @@ class SparseAdam(Optimizer):
             # torch.optim updates one parameter after the other (refused as every optimizer's
             # step refuses them, before anything changes).
             for bucket in self._group_buckets(gi):
+                for p in bucket.params:   # state that no longer fits p's shape (`Optimizer._keep_unfit`)
+                    entry = dict.get(self.state, p)
+                    if p.grad is not None and getattr(entry, "unfit", False):
+                        raise self._unfit_error(p, entry)
                 if bucket.shared:
                     self._refuse_shared_memory(bucket, None, [(i, p.grad) for i, p in enumerate(bucket.params)
                                                               if p.grad is not None])

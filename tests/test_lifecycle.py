@@ -3,7 +3,7 @@
 Training code does more between steps than set gradients: it saves and loads checkpoints
 (and moves them between torch.optim and fusedopt), adds parameter groups or appends to
 one's `params`, freezes and unfreezes parameters, writes them through `.data`, gives a
-parameter new storage of another shape before it has state, drops or edits a parameter's
+parameter new storage of another shape (before or after it has state), drops or edits a parameter's
 state, registers step hooks and steps with a closure. Each of these touches fusedopt's flat
 buffers and bucket layout, which torch.optim does not have. Hypothesis draws a program of
 such operations; torch.optim and fusedopt run it side by side, and after every operation
@@ -38,7 +38,8 @@ DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
 
 OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "reload", "cross_load",
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
-              "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook", "closure"]
+              "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
+              "closure"]
 
 # Options whose change adds a state kind (torch raises KeyError at the next step, fusedopt
 # already at a load in between: README, "Where fusedopt does better than torch"), and the
@@ -154,15 +155,26 @@ class Twins:
         ref = self.rebuilt(self.ref, self.theirs, self.info.torch)
         opt = self.rebuilt(self.opt, self.ours, self.info.fused, backend=self.backend)
         ref.load_state_dict(copy.deepcopy(torch_from.state_dict()))
+        if self._unfit():
+            # State that no longer fits its parameter (`reshape_stateful`): torch loads it
+            # as it is, fusedopt refuses a state dict that does not fit, before anything
+            # changes (README, "Where fusedopt does better").
+            with pytest.raises(ValueError, match="shape"):
+                opt.load_state_dict(copy.deepcopy(ours_from.state_dict()))
+            return False
         opt.load_state_dict(copy.deepcopy(ours_from.state_dict()))
         self.ref, self.opt = ref, opt
 
+    def _unfit(self) -> bool:
+        return any(key in self.opt._flat_state and isinstance(v, torch.Tensor) and v.shape != p.shape
+                   for p, entry in self.ref.state.items() for key, v in entry.items())
+
     def reload(self, k):
-        self._load(self.ref, self.opt)
+        return self._load(self.ref, self.opt)
 
     def cross_load(self, k):
         """torch's optimizer loads fusedopt's checkpoint, and fusedopt loads torch's."""
-        self._load(self.opt, self.ref)
+        return self._load(self.opt, self.ref)
 
     def add_param_group(self, k):
         a, b = self.new_pair((1 + k % 5,), k)
@@ -223,6 +235,23 @@ class Twins:
         for p in (self.theirs[i], self.ours[i]):
             p.data = value.clone()
             p.grad = None
+
+    def reshape_stateful(self, k):
+        """New storage with more elements for a parameter with state, which is frozen (a
+        frozen layer swapped for a larger one): torch keeps its state as it was and skips
+        it while it has no gradient; a gradient for it (`toggle_frozen`) makes both raise.
+        (More elements: torch's in-place update of the old state then always fails; a
+        shape of as many elements some of its fused kernels step, element for element.)"""
+        with_state = [i for i, p in enumerate(self.theirs) if self.ref.state.get(p)]
+        if not with_state:
+            return
+        i = with_state[k % len(with_state)]
+        shape = (self.theirs[i].numel() + 1 + k % 3,)
+        value = torch.randn(shape, generator=torch.Generator().manual_seed(k)).to(self.device)
+        for p in (self.theirs[i], self.ours[i]):
+            p.data = value.clone()
+            p.grad = None
+            p.requires_grad_(False)
 
     def retype_stateless(self, k):
         """fp32 storage to fp64 or back for a parameter without state: it moves to another
