@@ -284,6 +284,41 @@ def test_a_gradient_left_from_before_a_change_of_shape_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reshaped_parameter_keeps_its_old_state_until_it_is_stepped_as_torch(backend):
+    # An embedding with state given more rows: torch keeps its moments in the old shape
+    # and steps the other parameters while it has no gradient; a gradient for it makes
+    # torch's sparse_mask raise. fusedopt raised at once, stepping none; now it steps as
+    # torch does, and refuses the update before anything changes.
+    results = []
+    for cls, extra in ((torch.optim.SparseAdam, {}), (fusedopt.SparseAdam, dict(backend=backend))):
+        torch.manual_seed(0)
+        emb, other = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(5, 3, sparse=True)
+        opt = cls([emb.weight, other.weight], lr=0.1, **extra)
+        (emb(torch.tensor([1, 2])).sum() + other(torch.tensor([1])).sum()).backward()
+        opt.step()
+        emb.weight.data = torch.ones(12, 3)
+        emb.weight.grad = None
+        for rows in ([3], [0, 4]):
+            other.weight.grad = None
+            other(torch.tensor(rows)).pow(2).sum().backward()
+            opt.step()
+        results.append((other.weight.detach().clone(), copy.deepcopy(opt.state_dict()["state"])))
+        emb(torch.tensor([11])).sum().backward()
+        before = other.weight.detach().clone()
+        with pytest.raises(RuntimeError):
+            opt.step()
+        if cls is fusedopt.SparseAdam:
+            assert torch.equal(emb.weight.detach(), torch.ones(12, 3))
+            assert torch.equal(other.weight.detach(), before)
+            assert_close("exp_avg", opt.state[emb.weight]["exp_avg"], results[0][1][0]["exp_avg"])
+    (theirs, their_state), (ours, our_state) = results
+    assert_close("param", ours, theirs)
+    for i in (0, 1):
+        for key, value in their_state[i].items():
+            assert_close(f"{key} of parameter {i}", torch.as_tensor(our_state[i][key]), torch.as_tensor(value))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_step_is_an_in_place_write_to_autograd(backend):
     # torch's update is in place: a graph that saved the parameter before the step refuses
     # a backward after it. The kernel writes through pointers and bumped no version counter,

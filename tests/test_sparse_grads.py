@@ -246,3 +246,38 @@ def test_a_checkpoint_of_1d_sparse_state_steps_in_torch(name, key, backend):
     for i, (a, b) in enumerate(zip(ref, loaded)):
         assert_close(f"param {i}", b, a)
         assert_close(f"{key} {i}", into_torch.state[b][key], opt_ref.state[a][key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", [c for c in CASES if c.id != "SGD"])
+def test_a_reshaped_embedding_keeps_its_old_state_until_a_sparse_gradient_steps_it(name, options, backend):
+    # An embedding with state given more rows: torch keeps its state in the old shape and
+    # steps the others while it has no gradient; a sparse gradient for it makes torch's
+    # update raise. fusedopt's sparse steps would have started it afresh in its new shape.
+    results = []
+    for cls, extra in ((getattr(torch.optim, name), {}), (getattr(fusedopt, name), dict(backend=backend))):
+        torch.manual_seed(0)
+        emb, other = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(5, 3, sparse=True)
+        opt = cls([emb.weight, other.weight], **options, **extra)
+        (emb(torch.tensor([1, 2])).sum() + other(torch.tensor([1])).sum()).backward()
+        opt.step()
+        emb.weight.data = torch.ones(12, 3)
+        emb.weight.grad = None
+        for rows in ([3], [0, 4]):
+            other.weight.grad = None
+            other(torch.tensor(rows)).pow(2).sum().backward()
+            opt.step()
+        results.append(copy.deepcopy((other.weight.detach(), dense_state(opt, emb.weight), dense_state(opt, other.weight))))
+        emb(torch.tensor([11])).sum().backward()
+        before = other.weight.detach().clone()
+        with pytest.raises(RuntimeError):
+            opt.step()
+        if extra:
+            assert torch.equal(emb.weight.detach(), torch.ones(12, 3))
+            assert torch.equal(other.weight.detach(), before)
+    (theirs, *their_state), (ours, *our_state) = results
+    assert_close("param", ours, theirs)
+    for theirs_, ours_ in zip(their_state, our_state):
+        assert theirs_.keys() == ours_.keys()
+        for key in theirs_:
+            assert_close(key, torch.as_tensor(ours_[key]), torch.as_tensor(theirs_[key]))
