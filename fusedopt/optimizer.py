@@ -327,13 +327,24 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         return _backend.choose_path(self.backend, device, cpu_fast_path=native)
 
     def _slot(self, p: Tensor) -> tuple[int, _flat.Bucket, int] | None:
+        """p's (group index, bucket, index in it), its group's buckets rebuilt first if its
+        parameters changed; None for a parameter in no bucket."""
         slot = self._slots.get(id(p))
         if slot is None:
             return None
-        gi, bi, i = slot
-        buckets = self._group_buckets(gi)
-        gi, bi, i = self._slots[id(p)]
-        return gi, buckets[bi], i
+        gi = slot[0]
+        if gi < len(self.param_groups):
+            buckets = self._group_buckets(gi)
+            slot = self._slots[id(p)]
+            # The slot of a parameter taken out of its group's list, or moved to a group not
+            # rebuilt since (or of a freed tensor whose id a new one has), is stale: the
+            # buckets no longer hold it there. (Its state is then kept as given, and carried
+            # into the buckets of a group it joins when they are built.)
+            if slot[0] == gi and slot[1] < len(buckets) and slot[2] < len(buckets[slot[1]].params) and \
+                    buckets[slot[1]].params[slot[2]] is p:
+                return gi, buckets[slot[1]], slot[2]
+        del self._slots[id(p)]
+        return None
 
     # ------------------------------------------------------------------ state
 

@@ -2,9 +2,10 @@
 
 Training code does more between steps than set gradients: it saves and loads checkpoints
 (and moves them between torch.optim and fusedopt), adds parameter groups or appends to
-one's `params`, freezes and unfreezes parameters, writes them through `.data`, gives a
-parameter new storage of another shape (before or after it has state), drops or edits a parameter's
-state, registers step hooks and steps with a closure. Each of these touches fusedopt's flat
+one's `params`, takes a parameter out of one or reorders them (or the groups), freezes and
+unfreezes parameters, writes them through `.data`, gives a parameter new storage of another
+shape (before or after it has state), drops or edits a parameter's state, registers step
+hooks and steps with a closure. Each of these touches fusedopt's flat
 buffers and bucket layout, which torch.optim does not have. Hypothesis draws a program of
 such operations; torch.optim and fusedopt run it side by side, and after every operation
 the parameters and both state dicts must agree (`assert_same_run`). Where torch raises,
@@ -39,7 +40,7 @@ DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
 OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "reload", "cross_load",
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
-              "closure"]
+              "closure", "remove_param", "reorder_params", "reorder_groups"]
 
 # Options whose change adds a state kind (torch raises KeyError at the next step, fusedopt
 # already at a load in between: README, "Where fusedopt does better than torch"), and the
@@ -207,6 +208,28 @@ class Twins:
         self.theirs[at], self.ours[at] = self.theirs.pop(), self.ours.pop()
         self.ref.param_groups[gi]["params"][j] = a
         self.opt.param_groups[gi]["params"][j] = b
+
+    def remove_param(self, k):
+        """Take a parameter out of its group's list, and its state out of `opt.state` (torch's
+        `state_dict` raises KeyError on state of a parameter in no group)."""
+        gi = k % len(self.ref.param_groups)
+        if len(self.ref.param_groups[gi]["params"]) < 2:
+            return
+        j = k % len(self.ref.param_groups[gi]["params"])
+        for opt in (self.ref, self.opt):
+            p = opt.param_groups[gi]["params"].pop(j)
+            opt.state.pop(p, None)
+
+    def reorder_params(self, k):
+        """Reverse, or rotate, a group's list of parameters."""
+        gi = k % len(self.ref.param_groups)
+        for opt in (self.ref, self.opt):
+            params = opt.param_groups[gi]["params"]
+            opt.param_groups[gi]["params"] = params[::-1] if k % 2 else params[1:] + params[:1]
+
+    def reorder_groups(self, k):
+        for opt in (self.ref, self.opt):
+            opt.param_groups.reverse()
 
     def write_data(self, k):
         i = k % len(self.theirs)

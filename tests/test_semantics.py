@@ -601,6 +601,26 @@ def test_a_reshaped_parameter_keeps_its_old_state_until_it_is_stepped_as_torch(i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_dropping_the_state_of_a_parameter_taken_out_of_its_group_leaves_the_others_as_torch(position, backend):
+    """`group["params"].pop(j)`, then `opt.state.pop(p)` (torch's state_dict raises KeyError
+    on state of a parameter in no group). The pop rebuilt the group's buckets, and the
+    removed parameter's stale slot then named another parameter's place: that one's state
+    started afresh without a word (or an IndexError for the last place)."""
+    theirs, ref, ours, opt = twin([torch.randn(4), torch.randn(3), torch.randn(2)], fusedopt.Adam, torch.optim.Adam,
+                                  dict(lr=0.1), backend)
+    for step in (0, 1):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    for o in (ref, opt):
+        o.state.pop(o.param_groups[0]["params"].pop(position))
+    del theirs[position], ours[position]
+    for step in (2, 3):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_same_run(theirs, ref, ours, opt)
+    assert [opt.state[p]["step"].item() for p in ours] == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_state_assigned_in_a_shape_that_does_not_fit_is_refused_at_the_step_not_broadcast(backend):
     """`opt.state[p] = {...}` with a tensor of another shape: it was copied into p's flat
     segment, which broadcast a (2,) tensor over a (3, 2) parameter without a word. It is
