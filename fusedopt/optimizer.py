@@ -707,7 +707,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         # option refuses) raises before any parameter or state has changed.
         work = []
         for gi, group in enumerate(groups):
-            keys = self._validate_group(gi, group)
+            collected = []
             for bucket in self._group_buckets(gi):
                 sparse = [] if self._steps_sparse else None
                 if clipped is not None:
@@ -715,7 +715,16 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 else:
                     batch = bucket.collect(self._sparse_error, None if grads is None else [grads[id(p)] for p in bucket.params],
                                            sparse)
-                if group.get("fused") and (batch is not None or sparse) and not bucket.dtype.is_floating_point:
+                if batch is not None or sparse:
+                    collected.append((bucket, batch, sparse))
+            if not collected:
+                # torch checks a group's options as it steps the group's parameters: one
+                # with no gradient this step raises nothing (a tensor lr under foreach=True
+                # is refused only with a parameter to step)
+                continue
+            keys = self._validate_group(gi, group)
+            for bucket, batch, sparse in collected:
+                if group.get("fused") and not bucket.dtype.is_floating_point:
                     self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
                 if amp is not None and amp[0] is not None and batch is not None and batch.user_grads is not None:
                     self._refuse_overlapping_grads(bucket, batch)
@@ -723,12 +732,11 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     self._refuse_shared_memory(bucket, batch, sparse)
                 if sparse:
                     self._check_sparse(group, bucket)
-                if keys and (batch is not None or sparse) and getattr(bucket, "state_keys", None) is not keys:
+                if keys and getattr(bucket, "state_keys", None) is not keys:
                     self._check_state(bucket, batch, keys, sparse)
-                if self._check_steps is not None and (batch is not None or sparse):
+                if self._check_steps is not None:
                     self._check_steps(group, bucket, batch, sparse)
-                if batch is not None or sparse:
-                    work.append((group, bucket, batch, sparse))
+                work.append((group, bucket, batch, sparse))
         if len(work) > 1:
             self._create_state_in_order(groups, work)
         averaging = self._attached.begin() if self._attached is not None else None

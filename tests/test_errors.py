@@ -289,6 +289,35 @@ def test_options_a_constructor_refuses_are_refused_at_the_step_in_a_later_group(
     assert_unchanged(ours, before)
 
 
+@pytest.mark.parametrize("info,options,how", later_group_cases())
+def test_a_later_group_torch_would_refuse_steps_the_others_while_it_has_no_gradient(info, options, how):
+    """The same groups with no gradient in the refused one: torch checks a group's options
+    as it steps the group's parameters, so its step raises nothing and steps the other
+    group. fusedopt checked every group, and raised (a tensor lr set on a frozen layer's
+    group stopped the whole model's training)."""
+    def build(cls, **extra):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, generator=gen)), torch.nn.Parameter(torch.randn(3, generator=gen))]
+        if how == "added":
+            opt = cls(params[:1], **extra)
+            opt.add_param_group({"params": params[1:], **options})
+        else:
+            opt = cls([{"params": params[:1]}, {"params": params[1:]}], **extra)
+            opt.param_groups[1].update(options)
+        params[0].grad = torch.ones_like(params[0])
+        return params, opt
+
+    theirs, ref = build(info.torch)
+    ref.step()
+    ref.step()
+    for backend in ("auto", "reference", "triton"):
+        ours, opt = build(info.fused, backend=backend)
+        opt.step()
+        opt.step()
+        assert_close("param", ours[0], theirs[0], rtol=info.rtol32)
+        assert torch.equal(ours[1], theirs[1])
+
+
 @pytest.mark.parametrize("how", ["added", "edited"])
 @pytest.mark.parametrize("info", [i for i in OPTIMIZERS if "differentiable" in i.fused([torch.zeros(1)]).defaults],
                          ids=lambda i: i.name)

@@ -40,7 +40,8 @@ DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
 OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "reload", "cross_load",
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
-              "closure", "remove_param", "reorder_params", "reorder_groups"]
+              "closure", "remove_param", "reorder_params", "reorder_groups", "move_param", "delete_group",
+              "tensor_lr", "snapshot", "restore"]
 
 # Options whose change adds a state kind (torch raises KeyError at the next step, fusedopt
 # already at a load in between: README, "Where fusedopt does better than torch"), and the
@@ -166,9 +167,33 @@ class Twins:
         opt.load_state_dict(copy.deepcopy(ours_from.state_dict()))
         self.ref, self.opt = ref, opt
 
-    def _unfit(self) -> bool:
-        return any(key in self.opt._flat_state and isinstance(v, torch.Tensor) and v.shape != p.shape
-                   for p, entry in self.ref.state.items() for key, v in entry.items())
+    def _unfit(self, state=None) -> bool:
+        """Whether state (torch's, or a saved state dict's `state`) has a tensor that does not
+        fit its parameter's shape."""
+        if state is None:
+            return any(key in self.opt._flat_state and isinstance(v, torch.Tensor) and v.shape != p.shape
+                       for p, entry in self.ref.state.items() for key, v in entry.items())
+        params = [p for group in self.ref.param_groups for p in group["params"]]
+        return any(key in self.opt._flat_state and isinstance(v, torch.Tensor) and i < len(params)
+                   and v.shape != params[i].shape for i, entry in state.items() for key, v in entry.items())
+
+    def snapshot(self, k):
+        self.saved = copy.deepcopy((self.ref.state_dict(), self.opt.state_dict()))
+
+    def restore(self, k):
+        """Load a state dict saved earlier into the optimizers as they are now (not rebuilt):
+        state for parameters that have changed since, groups with other options."""
+        saved = getattr(self, "saved", None)
+        if saved is None:
+            return
+        theirs, ours = copy.deepcopy(saved)
+        if self._unfit(theirs["state"]) and \
+                [len(g["params"]) for g in theirs["param_groups"]] == [len(g["params"]) for g in self.ref.param_groups]:
+            self.ref.load_state_dict(theirs)
+            with pytest.raises(ValueError, match="shape"):   # (see `_load`)
+                self.opt.load_state_dict(ours)
+            return False
+        return self.both(lambda opt, _: opt.load_state_dict(theirs if opt is self.ref else ours))
 
     def reload(self, k):
         return self._load(self.ref, self.opt)
@@ -226,6 +251,39 @@ class Twins:
         for opt in (self.ref, self.opt):
             params = opt.param_groups[gi]["params"]
             opt.param_groups[gi]["params"] = params[::-1] if k % 2 else params[1:] + params[:1]
+
+    def move_param(self, k):
+        """Move a parameter, with its state, to the end of another group's list."""
+        groups = self.ref.param_groups
+        if len(groups) < 2:
+            return
+        gi = k % len(groups)
+        if len(groups[gi]["params"]) < 2:
+            return
+        j = k % len(groups[gi]["params"])
+        for opt in (self.ref, self.opt):
+            opt.param_groups[(gi + 1) % len(groups)]["params"].append(opt.param_groups[gi]["params"].pop(j))
+
+    def delete_group(self, k):
+        """Delete a group, and its parameters' state."""
+        groups = self.ref.param_groups
+        if len(groups) < 2:
+            return
+        gi = k % len(groups)
+        for opt in (self.ref, self.opt):
+            for p in opt.param_groups.pop(gi)["params"]:
+                opt.state.pop(p, None)
+
+    def tensor_lr(self, k):
+        """A 0-dim tensor lr (torch's LR schedulers update one in place with fill_)."""
+        gi = k % len(self.ref.param_groups)
+        key = self.info.lr_key
+        for opt in (self.ref, self.opt):
+            lr = opt.param_groups[gi][key]
+            if isinstance(lr, torch.Tensor):
+                lr.fill_(lr.item() * 0.5)
+            else:
+                opt.param_groups[gi][key] = torch.tensor(lr)
 
     def reorder_groups(self, k):
         for opt in (self.ref, self.opt):
