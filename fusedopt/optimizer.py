@@ -294,6 +294,15 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 self._slots[id(p)] = (gi, bi, i)
             buckets.append(bucket)
         self._buckets[gi] = (ids, buckets)
+        # A parameter's state lives in one bucket: the buckets cached for another group index
+        # that held one of these parameters when they were built (groups reordered, a
+        # parameter moved between groups) would step it there, on state it no longer has.
+        # They are rebuilt when next used (from the state that is now here), and kept until
+        # then for the loaded state they have yet to check.
+        mine = set(ids)
+        for gj, (held, old_buckets) in list(self._buckets.items()):
+            if gj != gi and held is not None and not mine.isdisjoint(held):
+                self._buckets[gj] = (None, old_buckets)
         lazy = [p for p in group["params"] if is_lazy(p)]
         if lazy:
             self._lazy[gi] = lazy

@@ -41,7 +41,7 @@ OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
               "closure", "remove_param", "reorder_params", "reorder_groups", "move_param", "delete_group",
-              "tensor_lr", "snapshot", "restore"]
+              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step"]
 
 # Options whose change adds a state kind (torch raises KeyError at the next step, fusedopt
 # already at a load in between: README, "Where fusedopt does better than torch"), and the
@@ -136,6 +136,36 @@ class Twins:
     def step(self, k):
         self.set_gradients(k)
         return self.both(lambda opt, _: opt.step())
+
+    def amp_step(self, k):
+        """A step through `torch.amp.GradScaler`, each optimizer with its own scaler, from
+        gradients scaled by it (a power of two: unscaling is exact); now and then with an
+        inf in a gradient, which skips the step and halves the scale. torch's optimizer is
+        unscaled by the scaler, fusedopt's gets the scale and found_inf and unscales in its
+        step (`_step_supports_amp_scaling`)."""
+        if not hasattr(self, "scalers"):
+            self.scalers = [torch.amp.GradScaler(self.device, init_scale=2.0 ** (k % 7), growth_interval=2)
+                            for _ in range(2)]
+            for scaler in self.scalers:
+                scaler.scale(torch.ones((), device=self.device))   # (makes the scale)
+        self.set_gradients(k)
+        scale = self.scalers[0].get_scale()
+        with_grad = [(a, b) for a, b in self.pairs() if a.grad is not None and a.grad.numel()]
+        for a, b in self.pairs():
+            if a.grad is not None:
+                a.grad, b.grad = a.grad * scale, b.grad * scale
+        if with_grad and k % 5 == 0:
+            for p in with_grad[k % len(with_grad)]:
+                p.grad.view(-1)[0] = float("inf")
+
+        def step(opt, params):
+            scaler = self.scalers[opt is self.opt]
+            scaler.step(opt)
+            scaler.update()
+
+        if not self.both(step):
+            return False
+        assert self.scalers[0].get_scale() == self.scalers[1].get_scale()
 
     def zero_grad(self, k):
         for opt in (self.ref, self.opt):
@@ -343,8 +373,11 @@ class Twins:
         old = self.ref.param_groups[slot[0]]["params"][slot[1]]
         i = next(i for i, p in enumerate(self.theirs) if p is old)
         dtype = torch.float32 if old.dtype == torch.float64 else torch.float64
+        # Both get torch's values: steps before may have left them an ulp of fp32 apart,
+        # which fp64's tolerance would not take.
+        value = old.detach().to(dtype)
         for p in (self.theirs[i], self.ours[i]):
-            p.data = p.data.to(dtype)
+            p.data = value.clone()
             p.grad = None
 
     def toggle_frozen(self, k):

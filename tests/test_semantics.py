@@ -621,6 +621,31 @@ def test_dropping_the_state_of_a_parameter_taken_out_of_its_group_leaves_the_oth
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [fusedopt.SGD, fusedopt.Adam], ids=["SGD", "Adam"])
+def test_groups_reordered_and_back_step_every_parameter_on_its_own_state_as_torch(cls, backend):
+    """Buckets are cached per group index. Groups reversed, the second group rebuilt (a
+    parameter taken out of it) with the first's parameter, then reversed back: the first
+    index's cache still listed that parameter, and the step ran on buffers its state had
+    left (torch's state started it afresh: step 1 against 2)."""
+    torch_cls = getattr(torch.optim, cls.__name__)
+    options = dict(lr=0.1, momentum=0.9) if cls is fusedopt.SGD else dict(lr=0.1)
+    params = [torch.randn(3), torch.randn(4), torch.randn(2)]
+    theirs = [p.clone().requires_grad_() for p in params]
+    ours = clone_params(theirs)
+    ref = torch_cls([{"params": theirs[:1]}, {"params": theirs[1:]}], **options)
+    opt = cls([{"params": ours[:1]}, {"params": ours[1:]}], backend=backend, **options)
+    step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, 0))
+    for o in (ref, opt):
+        o.param_groups.reverse()
+        o.state.pop(o.param_groups[0]["params"].pop(0))   # (rebuilds index 1: the first group now)
+        o.param_groups.reverse()
+    del theirs[1], ours[1]
+    for step in (1, 2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+        assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_state_assigned_in_a_shape_that_does_not_fit_is_refused_at_the_step_not_broadcast(backend):
     """`opt.state[p] = {...}` with a tensor of another shape: it was copied into p's flat
     segment, which broadcast a (2,) tensor over a (3, 2) parameter without a word. It is
