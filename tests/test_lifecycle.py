@@ -5,7 +5,9 @@ Training code does more between steps than set gradients: it saves and loads che
 one's `params`, takes a parameter out of one or reorders them (or the groups), freezes and
 unfreezes parameters, writes them through `.data`, gives a parameter new storage of another
 shape (before or after it has state), drops or edits a parameter's state, registers step
-hooks and steps with a closure. Each of these touches fusedopt's flat
+hooks, sets a tensor lr, steps with a closure or through GradScaler, and clips gradients
+(fusedopt's `max_grad_norm` against torch's `clip_grad_norm_` then the step). Each of
+these touches fusedopt's flat
 buffers and bucket layout, which torch.optim does not have. Hypothesis draws a program of
 such operations; torch.optim and fusedopt run it side by side, and after every operation
 the parameters and both state dicts must agree (`assert_same_run`). Where torch raises,
@@ -41,7 +43,10 @@ OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
               "closure", "remove_param", "reorder_params", "reorder_groups", "move_param", "delete_group",
-              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step"]
+              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip"]
+
+# fusedopt's `max_grad_norm` (torch's recipe: `clip_grad_norm_`, then the step)
+CLIPPING = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD", "Adagrad")
 
 # Options whose change adds a state kind (torch raises KeyError at the next step, fusedopt
 # already at a load in between: README, "Where fusedopt does better than torch"), and the
@@ -133,9 +138,48 @@ class Twins:
     # Each takes the drawn integer k (an index, a value, a seed) and returns False to end
     # the program.
 
+    def _clipped(self, opt, step, unscale=None, closure=None):
+        """Run `step` of either optimizer; where fusedopt clips (`max_grad_norm`), torch's
+        runs torch's recipe: `clip_grad_norm_` over the gradients the step will use (after
+        GradScaler's `unscale`, the step pre-hooks, the `closure`), which are put back after
+        the step (fusedopt's are never written)."""
+        max_norm = getattr(self, "max_norm", None)
+        if opt is self.opt or max_norm is None:
+            return step(closure) if closure is not None else step()
+        kept = []
+
+        def clip():
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            kept[:] = [(p, p.grad.clone()) for p in params]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        if unscale is not None:
+            unscale()
+        if closure is not None:
+            def clipping_closure():
+                loss = closure()
+                clip()
+                return loss
+            handle = None
+        else:
+            handle = opt.register_step_pre_hook(lambda *_: clip())   # (after the other pre-hooks)
+        try:
+            return step(clipping_closure) if closure is not None else step()
+        finally:
+            if handle is not None:
+                handle.remove()
+            for p, g in kept:
+                p.grad = g
+
     def step(self, k):
         self.set_gradients(k)
-        return self.both(lambda opt, _: opt.step())
+        return self.both(lambda opt, _: self._clipped(opt, opt.step))
+
+    def clip(self, k):
+        """Turn fusedopt's `max_grad_norm` on (torch: clip_grad_norm_ before each step), or off."""
+        if self.info.name in CLIPPING:
+            self.max_norm = [None, 0.05, 0.5, 5.0][k % 4]
+            self.opt.max_grad_norm = self.max_norm
 
     def amp_step(self, k):
         """A step through `torch.amp.GradScaler`, each optimizer with its own scaler, from
@@ -160,7 +204,7 @@ class Twins:
 
         def step(opt, params):
             scaler = self.scalers[opt is self.opt]
-            scaler.step(opt)
+            self._clipped(opt, lambda: scaler.step(opt), unscale=lambda: scaler.unscale_(opt))
             scaler.update()
 
         if not self.both(step):
@@ -195,6 +239,7 @@ class Twins:
                 opt.load_state_dict(copy.deepcopy(ours_from.state_dict()))
             return False
         opt.load_state_dict(copy.deepcopy(ours_from.state_dict()))
+        opt.max_grad_norm = getattr(self, "max_norm", None)
         self.ref, self.opt = ref, opt
 
     def _unfit(self, state=None) -> bool:
@@ -423,7 +468,7 @@ class Twins:
                     p.grad = None if g is None else g.clone()
                 return torch.tensor(1.0, device=self.device)
 
-            opt.step(closure)
+            self._clipped(opt, opt.step, closure=closure)
 
         return self.both(step)
 
