@@ -37,6 +37,12 @@ from _compare import assert_same_run
 from optim_db import OPTIMIZERS
 
 EXAMPLES = int(os.environ.get("FUSEDOPT_LIFECYCLE_EXAMPLES", "400"))
+# What this test looks for (state stepped in the wrong place, started afresh, skipped) is
+# off by far more; rounding is tests/test_parity.py's. Elements that are the difference of
+# two terms ten times larger (RMSprop's momentum) carry an ulp of those, about 1e-6, and
+# an fp64 parameter clipped beside fp32 ones a coefficient as exact as fp32's (torch adds
+# the squares of fp32 norms, fusedopt fp32 sums of squares).
+ATOL = 1e-5
 DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
 
 OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "reload", "cross_load",
@@ -396,10 +402,11 @@ class Twins:
         """New storage with more elements for a parameter with state, which is frozen (a
         frozen layer swapped for a larger one): torch keeps its state as it was and skips
         it while it has no gradient; a gradient for it (`toggle_frozen`) makes both raise.
-        (More elements: torch's in-place update of the old state then always fails; a
-        shape of as many elements some of its fused kernels step, element for element.)"""
+        (More elements: torch's in-place update of the old state then always fails. Not
+        under fused=True: torch's fused CPU kernels do not compare sizes, and read and write
+        past the old state's memory, a crash at worst; fusedopt raises there too.)"""
         with_state = [i for i, p in enumerate(self.theirs) if self.ref.state.get(p)]
-        if not with_state:
+        if not with_state or self.config.get("fused"):
             return
         i = with_state[k % len(with_state)]
         shape = (self.theirs[i].numel() + 1 + k % 3,)
@@ -480,7 +487,7 @@ def run_program(program, device):
         if getattr(twins, op)(k) is False:
             break
         try:
-            assert_same_run(twins.theirs, twins.ref, twins.ours, twins.opt, rtol=info.rtol32)
+            assert_same_run(twins.theirs, twins.ref, twins.ours, twins.opt, rtol=info.rtol32, atol=ATOL)
         except AssertionError as e:
             raise AssertionError(f"after {[o for o, _ in ops[:done + 1]]}: {e}") from None
 

@@ -601,6 +601,28 @@ def test_a_reshaped_parameter_keeps_its_old_state_until_it_is_stepped_as_torch(i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [fusedopt.Adam, fusedopt.AdamW, fusedopt.Adagrad, fusedopt.SGD],
+                         ids=lambda c: c.__name__)
+def test_a_reshaped_parameter_with_state_is_refused_under_fused_where_torchs_kernel_writes_past_it(cls, backend):
+    """torch's fused CPU kernels do not compare the sizes of a parameter and its state: a
+    parameter given more elements is stepped past the end of its old state (a crash at
+    worst), so this is not compared with torch. fusedopt's step refuses it, as on every
+    other path, before anything changes."""
+    options = dict(lr=0.1, fused=True, **(dict(momentum=0.9) if cls is fusedopt.SGD else {}))
+    p, q = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(3))
+    opt = cls([p, q], backend=backend, **options)
+    p.grad, q.grad = torch.randn(10), torch.randn(3)
+    opt.step()
+    p.data, p.grad = torch.randn(40), torch.randn(40)
+    before = p.detach().clone(), q.detach().clone(), copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(RuntimeError, match=r"has shape \(40,\) and its optimizer state '\w+' shape \(10,\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(q.detach(), before[1])
+    assert all(torch.equal(torch.as_tensor(opt.state_dict()["state"][i][k]), torch.as_tensor(v))
+               for i, entry in before[2].items() for k, v in entry.items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("position", [0, 1, 2])
 def test_dropping_the_state_of_a_parameter_taken_out_of_its_group_leaves_the_others_as_torch(position, backend):
     """`group["params"].pop(j)`, then `opt.state.pop(p)` (torch's state_dict raises KeyError
