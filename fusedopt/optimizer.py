@@ -711,6 +711,13 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         state = self.state
         if state.__class__ is not State or state.owner is not self:
             self._sync_state()
+        if len(self._buckets) > len(groups) or len(self._valid_groups) > len(groups):
+            # Groups deleted (`del opt.param_groups[i]`): what is cached past the last index
+            # would keep their flat buffers, the state torch frees with its entries, and
+            # (the values last validated) their parameters.
+            for cache in (self._buckets, self._valid_groups, self._lazy):
+                for gi in [gi for gi in cache if gi >= len(groups)]:
+                    del cache[gi]
         clipped = self._clip_inputs(amp, grads) if self.max_grad_norm is not None else None
         # Every bucket's batch first: a gradient that cannot be stepped (a sparse one an
         # option refuses) raises before any parameter or state has changed.

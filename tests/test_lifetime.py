@@ -122,6 +122,25 @@ def held_bytes(opt) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deleted_group_frees_its_state_at_the_next_step_as_torchs(backend):
+    """`del opt.param_groups[i]` and its parameters' entries popped from `opt.state`: torch
+    holds their state no more. fusedopt's buckets, cached by group index, kept the last
+    index's flat buffers for as long as the optimizer lived, and the values it last
+    validated for that index its parameters."""
+    for first in (True, False):
+        big, small = torch.nn.Parameter(torch.randn(4096)), torch.nn.Parameter(torch.randn(8))
+        groups = [{"params": [big]}, {"params": [small]}]
+        opt = fusedopt.Adam(groups if first else groups[::-1], lr=0.01, backend=backend)
+        big.grad, small.grad = torch.randn(4096), torch.randn(8)
+        opt.step()
+        for p in opt.param_groups.pop(0 if first else 1)["params"]:
+            opt.state.pop(p)
+        opt.step()
+        gc.collect()
+        assert held_bytes(opt) < 4096 * 4, f"the deleted group's state is still held (first={first})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_load_state_dict_keeps_no_copy_of_what_it_loaded(backend):
     """torch's state after a load is the loaded tensors; fusedopt copies them into its flat
     buffers, and kept them too (to write each step back into them), doubling the state's
