@@ -46,6 +46,15 @@ from .kernels import _launch
 from .kernels import clip as _clip
 
 
+def _carried(entry: dict) -> ParamState:
+    """A copy of a parameter's entry to carry into a rebuilt bucket, with its mark of the
+    sparse gradient that seeded it (`ParamState.sparse_dim`: torch's SGD keeps that
+    momentum buffer sparse, and so does a checkpoint of it)."""
+    copied = ParamState(entry)
+    copied.sparse_dim = getattr(entry, "sparse_dim", None)
+    return copied
+
+
 def _refuse_duplicates(params, gi: int) -> None:
     """torch.optim accepts a parameter listed twice in a group, with a deprecation warning
     (pytorch#40967), and steps it once per listing with one state. A fused step updates each
@@ -274,7 +283,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         group = self.param_groups[gi]
         _refuse_duplicates(group["params"], gi)   # (a list edited after construction)
         self._refuse_shared(gi)
-        carried = {p: dict(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
+        carried = {p: _carried(dict.get(self.state, p)) for p in group["params"] if dict.get(self.state, p)}
         # State loaded and not yet checked against its parameter stays to be checked.
         old = self._buckets.get(gi)
         pending = {id(b.params[i]): loaded for b in old[1] for i, loaded in b.unchecked.items()} if old else {}

@@ -110,10 +110,12 @@ class SGD(Optimizer):
             if o.maximize:
                 g = -g
             if o.momentum != 0:
-                self.state[p].sparse_dim = g.sparse_dim()
                 buf = bucket.state_view("momentum_buffer", i)
                 if i in fresh:
-                    buf.copy_(g.to_dense())  # torch: a copy of the gradient
+                    # torch: a copy of the gradient, sparse; a buffer a dense gradient made
+                    # stays dense, sparse gradients added into it
+                    self.state[p].sparse_dim = g.sparse_dim()
+                    buf.copy_(g.to_dense())
                 else:
                     _flat.add_sparse_(buf.mul_(o.momentum), g, alpha=1 - o.dampening)
                 g = torch.add(g.to_dense(), buf, alpha=o.momentum) if o.nesterov else buf

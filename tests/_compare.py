@@ -22,6 +22,9 @@ TOLERANCES = {
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol=None, atol=None) -> None:
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.layout == expected.layout, f"{name}: layout {actual.layout} != {expected.layout}"
+    if expected.is_sparse:   # (SGD's momentum buffer as torch keeps it for sparse gradients)
+        actual, expected = actual.to_dense(), expected.to_dense()
     d_rtol, d_atol = TOLERANCES.get(expected.dtype, (1e-6, 1e-6))
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol

@@ -281,3 +281,57 @@ def test_a_reshaped_embedding_keeps_its_old_state_until_a_sparse_gradient_steps_
         assert theirs_.keys() == ours_.keys()
         for key in theirs_:
             assert_close(key, torch.as_tensor(ours_[key]), torch.as_tensor(theirs_[key]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", [c for c in CASES if c.id.startswith("SGD-")])
+def test_a_dense_gradient_after_sparse_ones_steps_where_torchs_sgd_raises(name, options, backend):
+    # torch keeps a momentum buffer that a sparse gradient started sparse, and its step
+    # cannot add a dense gradient to it (add(sparse, dense) is not supported). fusedopt's
+    # buffer is dense: it steps with the numbers of torch's update on a dense buffer.
+    made = []
+    for cls, extra in ((torch.optim.SGD, {}), (fusedopt.SGD, dict(backend=backend))):
+        model = Model()
+        opt = cls(model.parameters(), **options, **extra)
+        train(model, opt, steps=2)
+        made.append((model, opt))
+    (model_ref, ref), (model_new, opt) = made
+    for model in (model_ref, model_new):
+        model.emb.weight.grad = torch.ones_like(model.emb.weight)   # dense
+    with pytest.raises(RuntimeError, match=r"add\(sparse, dense\)"):
+        ref.step()
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))   # (torch changed some state before raising)
+    for p_ref, p_new in zip(model_ref.parameters(), model_new.parameters()):
+        p_ref.data.copy_(p_new)
+    buf = ref.state[model_ref.emb.weight]["momentum_buffer"]
+    ref.state[model_ref.emb.weight]["momentum_buffer"] = buf.to_dense()
+    for model in (model_ref, model_new):
+        model.emb.weight.grad = torch.ones_like(model.emb.weight)
+    ref.step()
+    opt.step()
+    assert_close("emb.weight", model_new.emb.weight, model_ref.emb.weight, 2e-6, 1e-6)
+    assert_close("momentum", dense_state(opt, model_new.emb.weight)["momentum_buffer"],
+                 ref.state[model_ref.emb.weight]["momentum_buffer"], 2e-6, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", ["sparse", "dense"])
+def test_a_checkpoint_holds_the_momentum_buffer_in_torchs_layout(first, backend):
+    # torch's SGD keeps a momentum buffer sparse when a sparse gradient started it, dense when
+    # a dense one did, whatever comes after. fusedopt saved it sparse after any sparse
+    # step, and dense again once its bucket was rebuilt (a parameter appended to the group).
+    made = []
+    for cls, extra in ((torch.optim.SGD, {}), (fusedopt.SGD, dict(backend=backend))):
+        model = Model()
+        opt = cls(model.parameters(), lr=0.1, momentum=0.9, **extra)
+        if first == "dense":
+            model.emb.weight.grad = torch.ones_like(model.emb.weight)
+            opt.step()
+        train(model, opt, steps=2)
+        made.append([model, opt, opt.state_dict()["state"][0]["momentum_buffer"].layout])
+        opt.param_groups[0]["params"].append(torch.nn.Parameter(torch.ones(3)))
+        train(model, opt, steps=1)
+        made[-1].append(opt.state_dict()["state"][0]["momentum_buffer"].layout)
+    (model_ref, ref, *theirs), (model_new, opt, *ours) = made
+    assert ours == theirs == [torch.sparse_coo if first == "sparse" else torch.strided] * 2
+    assert_same(model_ref, ref, model_new, opt)
