@@ -49,7 +49,7 @@ OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
               "closure", "remove_param", "reorder_params", "reorder_groups", "move_param", "delete_group",
-              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip"]
+              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip", "sparse_step"]
 
 # fusedopt's `max_grad_norm` (torch's recipe: `clip_grad_norm_`, then the step)
 CLIPPING = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD", "Adagrad")
@@ -134,6 +134,11 @@ class Twins:
         theirs, ours = outcomes
         if theirs is None and ours is None:
             return True
+        if ours is None and "add(sparse, dense) is not supported" in str(theirs):
+            # torch's SGD keeps a momentum buffer that a sparse gradient started sparse, and
+            # its step cannot add a dense gradient to it; fusedopt steps it (README, "Where
+            # fusedopt does better"). The two have parted: the program ends.
+            return False
         assert type(theirs) is type(ours), f"torch: {theirs!r}; fusedopt: {ours!r}"
         return False
 
@@ -181,9 +186,29 @@ class Twins:
         self.set_gradients(k)
         return self.both(lambda opt, _: self._clipped(opt, opt.step))
 
+    def sparse_step(self, k):
+        """A step with sparse COO gradients (an `Embedding(sparse=True)`'s, some rows absent)
+        for the parameters of two or more dimensions: SGD and Adagrad step them (not with
+        weight decay), the others refuse them, as torch does. (Not while clipping: torch's
+        clip_grad_norm_ cannot take a sparse gradient's norm, and fusedopt refuses it. Not
+        of one dimension: torch's CPU `add_` of a sparse tensor without dense dimensions
+        into a view at a storage offset writes past the view, and a checkpoint of
+        fusedopt's, loaded into torch.optim, holds such views: README, "Differences".)"""
+        if getattr(self, "max_norm", None) is not None:
+            return
+        self.set_gradients(k)
+        gen = torch.Generator().manual_seed(k)
+        for a, b in self.pairs():
+            if a.grad is not None and a.dim() >= 2:
+                rows = (torch.rand(a.shape[0], generator=gen) < 0.6).to(self.device)
+                g = (a.grad * rows.view(-1, *[1] * (a.dim() - 1))).to_sparse(1)
+                a.grad, b.grad = g.clone(), g.clone()
+        return self.both(lambda opt, _: self._clipped(opt, opt.step))
+
     def clip(self, k):
         """Turn fusedopt's `max_grad_norm` on (torch: clip_grad_norm_ before each step), or off."""
-        if self.info.name in CLIPPING:
+        sparse = any(a.grad is not None and a.grad.is_sparse for a in self.theirs)   # (see `sparse_step`)
+        if self.info.name in CLIPPING and not sparse:
             self.max_norm = [None, 0.05, 0.5, 5.0][k % 4]
             self.opt.max_grad_norm = self.max_norm
 
@@ -204,7 +229,10 @@ class Twins:
         for a, b in self.pairs():
             if a.grad is not None:
                 a.grad, b.grad = a.grad * scale, b.grad * scale
-        if with_grad and k % 5 == 0:
+        # (Not under fused SGD: torch's fused CPU SGD leaves a momentum buffer uninitialised
+        # when GradScaler skips its first step; tests/test_amp.py compares that case with
+        # the unfused class.)
+        if with_grad and k % 5 == 0 and not (self.info.name == "SGD" and self.config.get("fused")):
             for p in with_grad[k % len(with_grad)]:
                 p.grad.view(-1)[0] = float("inf")
 
@@ -418,9 +446,11 @@ class Twins:
 
     def retype_stateless(self, k):
         """fp32 storage to fp64 or back for a parameter without state: it moves to another
-        bucket. (Of a zero-size one too, whose address is 0 in every dtype.)"""
+        bucket. (Of a zero-size one too, whose address is 0 in every dtype.) Not for NAdam
+        and ASGD, whose scalar state in fp64 takes its dtype from its history in torch (see
+        the module's docstring)."""
         slot = self._stateless(k)
-        if slot is None:
+        if slot is None or self.info.name in ("NAdam", "ASGD"):
             return
         old = self.ref.param_groups[slot[0]]["params"][slot[1]]
         i = next(i for i, p in enumerate(self.theirs) if p is old)
