@@ -115,3 +115,22 @@ def assert_same_run(p_ref, opt_ref, p_new, opt_new, rtol=None, atol=None):
                     assert_close(f"state {key} of param {k}", got, value, rtol, atol)
             else:
                 assert got == value, f"state {key} of param {k}: {got!r} != {value!r}"
+
+
+def embeddings_one_reshaped(cls, **options):
+    """Two sparse embeddings stepped once by `cls(..., **options)`; then the first is given
+    new storage of more rows and no gradient, and the second is stepped twice more. A
+    parameter that keeps its old state while it is skipped (tests/test_sparse_grads.py,
+    tests/test_sparse_adam.py). Returns (the first, the second, the optimizer)."""
+    torch.manual_seed(0)
+    emb, other = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(5, 3, sparse=True)
+    opt = cls([emb.weight, other.weight], **options)
+    (emb(torch.tensor([1, 2])).sum() + other(torch.tensor([1])).sum()).backward()
+    opt.step()
+    emb.weight.data = torch.ones(12, 3)
+    emb.weight.grad = None
+    for rows in ([3], [0, 4]):
+        other.weight.grad = None
+        other(torch.tensor(rows)).pow(2).sum().backward()
+        opt.step()
+    return emb, other, opt

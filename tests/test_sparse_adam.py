@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fusedopt
-from _compare import assert_close
+from _compare import assert_close, embeddings_one_reshaped
 from fusedopt.kernels._launch import BLOCK, count_launches
 
 BACKENDS = ["triton", "reference", "auto"]
@@ -291,17 +291,7 @@ def test_a_reshaped_parameter_keeps_its_old_state_until_it_is_stepped_as_torch(b
     # torch does, and refuses the update before anything changes.
     results = []
     for cls, extra in ((torch.optim.SparseAdam, {}), (fusedopt.SparseAdam, dict(backend=backend))):
-        torch.manual_seed(0)
-        emb, other = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(5, 3, sparse=True)
-        opt = cls([emb.weight, other.weight], lr=0.1, **extra)
-        (emb(torch.tensor([1, 2])).sum() + other(torch.tensor([1])).sum()).backward()
-        opt.step()
-        emb.weight.data = torch.ones(12, 3)
-        emb.weight.grad = None
-        for rows in ([3], [0, 4]):
-            other.weight.grad = None
-            other(torch.tensor(rows)).pow(2).sum().backward()
-            opt.step()
+        emb, other, opt = embeddings_one_reshaped(cls, lr=0.1, **extra)
         results.append((other.weight.detach().clone(), copy.deepcopy(opt.state_dict()["state"])))
         emb(torch.tensor([11])).sum().backward()
         before = other.weight.detach().clone()

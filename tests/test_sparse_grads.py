@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedopt
-from _compare import assert_close
+from _compare import assert_close, embeddings_one_reshaped
 
 BACKENDS = ["triton", "reference", "auto"]
 CASES = [
@@ -256,17 +256,7 @@ def test_a_reshaped_embedding_keeps_its_old_state_until_a_sparse_gradient_steps_
     # update raise. fusedopt's sparse steps would have started it afresh in its new shape.
     results = []
     for cls, extra in ((getattr(torch.optim, name), {}), (getattr(fusedopt, name), dict(backend=backend))):
-        torch.manual_seed(0)
-        emb, other = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(5, 3, sparse=True)
-        opt = cls([emb.weight, other.weight], **options, **extra)
-        (emb(torch.tensor([1, 2])).sum() + other(torch.tensor([1])).sum()).backward()
-        opt.step()
-        emb.weight.data = torch.ones(12, 3)
-        emb.weight.grad = None
-        for rows in ([3], [0, 4]):
-            other.weight.grad = None
-            other(torch.tensor(rows)).pow(2).sum().backward()
-            opt.step()
+        emb, other, opt = embeddings_one_reshaped(cls, **options, **extra)
         results.append(copy.deepcopy((other.weight.detach(), dense_state(opt, emb.weight), dense_state(opt, other.weight))))
         emb(torch.tensor([11])).sum().backward()
         before = other.weight.detach().clone()
