@@ -5,8 +5,9 @@ Training code does more between steps than set gradients: it saves and loads che
 one's `params`, takes a parameter out of one or reorders them (or the groups), freezes and
 unfreezes parameters, writes them through `.data`, gives a parameter new storage of another
 shape (before or after it has state), drops or edits a parameter's state, registers step
-hooks, sets a tensor lr, steps with a closure or through GradScaler, and clips gradients
-(fusedopt's `max_grad_norm` against torch's `clip_grad_norm_` then the step). Each of
+hooks, sets a tensor lr, steps with a closure, through GradScaler or with sparse gradients,
+clips gradients (fusedopt's `max_grad_norm` against torch's `clip_grad_norm_` then the
+step), and goes on with a deep or pickled copy of everything. Each of
 these touches fusedopt's flat
 buffers and bucket layout, which torch.optim does not have. Hypothesis draws a program of
 such operations; torch.optim and fusedopt run it side by side, and after every operation
@@ -27,6 +28,7 @@ tests/conftest.py). CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 400, 
 """
 import copy
 import os
+import pickle
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
               "closure", "remove_param", "reorder_params", "reorder_groups", "move_param", "delete_group",
-              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip", "sparse_step"]
+              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip", "sparse_step", "copy_all"]
 
 # fusedopt's `max_grad_norm` (torch's recipe: `clip_grad_norm_`, then the step)
 CLIPPING = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD", "Adagrad")
@@ -204,6 +206,18 @@ class Twins:
                 g = (a.grad * rows.view(-1, *[1] * (a.dim() - 1))).to_sparse(1)
                 a.grad, b.grad = g.clone(), g.clone()
         return self.both(lambda opt, _: self._clipped(opt, opt.step))
+
+    def copy_all(self, k):
+        """Go on with a deep copy, or an unpickled copy, of each optimizer and its parameters
+        (a checkpoint of the whole training state in one object)."""
+        for side in ("theirs", "ours"):
+            opt_name = "ref" if side == "theirs" else "opt"
+            both = (getattr(self, side), getattr(self, opt_name))
+            params, opt = copy.deepcopy(both) if k % 2 else pickle.loads(pickle.dumps(both))
+            setattr(self, side, params)
+            setattr(self, opt_name, opt)
+        if hasattr(self, "scalers"):
+            del self.scalers   # (GradScaler keeps per-optimizer state by id)
 
     def clip(self, k):
         """Turn fusedopt's `max_grad_norm` on (torch: clip_grad_norm_ before each step), or off."""
