@@ -79,7 +79,9 @@ def assert_equal_state(a, b, what):
             assert torch.equal(x, y), f"{what} {key}: max error {(x.double() - y.double()).abs().max()}"
 
 
-def run_twins(optimizer, average, backend, dtype=torch.float32, steps=4, use_buffers=False, **options):
+def run_twins(optimizer, average, backend, dtype=torch.float32, steps=4, use_buffers=False, change=None, **options):
+    """`change(model, averaged, optimizer)`, when given, is applied to each twin before the
+    third step: what training code does to them between steps."""
     models = [net(dtype) for _ in range(3)]
     attached_model, separate_model, torch_model = models
     opt = OPTIMIZERS[optimizer](fusedopt, held(attached_model), backend=backend, **options)
@@ -90,6 +92,9 @@ def run_twins(optimizer, average, backend, dtype=torch.float32, steps=4, use_buf
     theirs = torch_swa.AveragedModel(torch_model, use_buffers=use_buffers, **AVERAGES[average](torch_swa))
     opt.attach_averaged_model(averaged)
     for k in range(steps):
+        if change is not None and k == 2:
+            for trio in ((attached_model, averaged, opt), (separate_model, separate, twin), (torch_model, theirs, ref)):
+                change(*trio)
         for model in models:
             backward(model, k)
         opt.step()
@@ -119,6 +124,25 @@ OTHER_CASES = [(o, "ema_multi", b) for o in OPTIMIZERS if o not in ("Adam", "SGD
 @pytest.mark.parametrize("optimizer,average,backend", FUSED_CASES + OTHER_CASES)
 def test_step_equals_step_then_update_parameters(optimizer, average, backend):
     run_twins(optimizer, average, backend)
+
+
+def add_layer(model, averaged, optimizer):
+    """A layer appended to the model and to its averaged copy, and given to the optimizer."""
+    torch.manual_seed(7)
+    layer = torch.nn.Linear(2, 2).to(DEVICE, next(model.parameters()).dtype)
+    model.append(layer)
+    averaged.module.append(copy.deepcopy(layer))
+    optimizer.add_param_group({"params": list(layer.parameters())})
+
+
+@pytest.mark.parametrize("use_buffers", [False, True], ids=["params", "buffers"])
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_a_layer_added_to_the_model_and_its_average_is_averaged_by_the_step(backend, use_buffers):
+    # torch's update_parameters walks both modules: the new layer is averaged from then on.
+    # The step's kernels averaged the new layer's parameters past the end of the averaged
+    # model's layout (laid out before the layer), so they were left at their first copy.
+    averaged, _, _ = run_twins("Adam", "ema_multi", backend, steps=4, use_buffers=use_buffers, change=add_layer)
+    assert len(averaged.module) == 8
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -292,14 +292,30 @@ def test_layout_follows_replaced_tensors(backend):
     update_both(model, mine, theirs, range(2, 4))
 
 
+class Buffers(torch.nn.Module):
+    """A module with buffers only."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.rand(3))
+        self.register_buffer("count", torch.tensor(4))
+
+    def forward(self, x):
+        return x
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("use_buffers", [False, True], ids=["params", "buffers"])
-def test_a_module_added_to_the_average_and_the_model_is_averaged_like_torch(backend, use_buffers):
+@pytest.mark.parametrize("added", ["layer", "buffers"])
+def test_a_module_added_to_the_average_and_the_model_is_averaged_like_torch(added, backend, use_buffers):
     # torch walks both modules every update: a layer added to both after the first update is
-    # averaged from then on. fusedopt kept its first layout and left the new layer at its copy.
+    # averaged from then on (its buffers kept in sync). fusedopt kept its first layout and
+    # left the new layer at its copy, and took a module of buffers only for a model that
+    # does not fit (ValueError).
     model = bn_model()
     mine, theirs = side_by_side(model, "default", backend, updates=2, use_buffers=use_buffers)
-    extra = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).to(DEVICE)
+    extra = (torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)) if added == "layer"
+             else Buffers()).to(DEVICE)
     model.append(extra)
     theirs.module.append(copy.deepcopy(extra))
     mine.module.append(copy.deepcopy(extra))

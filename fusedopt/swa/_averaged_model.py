@@ -203,10 +203,20 @@ class AveragedModel(Module):
         ones (parameters, and buffers with use_buffers), then the synced buffers."""
         return list(chain(model.parameters(), model.buffers()))
 
-    def _flat_layout(self) -> _Layout:
-        """The layout of the averaged module's current tensors, rebuilt if they changed."""
+    def _flat_layout(self, sources: list[Tensor] | None = None) -> _Layout:
+        """The layout of the averaged module's current tensors, rebuilt if they changed.
+
+        `sources`: the tensors of the model about to be averaged in (:meth:`sources`). Where
+        there are more or fewer of them than the layout holds, and the averaged module's
+        count differs from the layout's too, a module was added to both (``add_module`` on
+        ``averaged.module`` and on the model): torch walks both every update and averages
+        the new tensors, so the layout is rebuilt. The averaged module is walked only when
+        the model's count differs, so an update walks one module, not two.
+        """
         layout = self._layout
-        if layout is None or not layout.current(self.use_buffers):
+        if (layout is None or not layout.current(self.use_buffers)
+                or (sources is not None and len(sources) != len(layout.tensors)
+                    and len(self.sources(self.module)) != len(layout.tensors))):
             layout = _Layout(self.module, self.use_buffers)
             for bucket in layout.buckets:
                 # On the CPU, 'auto' takes average_cpu (torch ops chosen by tensor size).
@@ -223,9 +233,10 @@ class AveragedModel(Module):
             return Average("swa", "divide")
         return average_of(self.multi_avg_fn if self.multi_avg_fn is not None else self.avg_fn)
 
-    def flat_average(self) -> FlatAverage:
-        """The flat buffers and averaging parameters, for a fused updater (see :class:`FlatAverage`)."""
-        layout = self._flat_layout()
+    def flat_average(self, sources: list[Tensor] | None = None) -> FlatAverage:
+        """The flat buffers and averaging parameters, for a fused updater (see :class:`FlatAverage`),
+        laid out for averaging in the model whose :meth:`sources` are `sources` (see `_flat_layout`)."""
+        layout = self._flat_layout(sources)
         for bucket in layout.buckets:
             bucket.average = self._average(bucket.device) if _fusable(bucket.dtype) else None
         return FlatAverage(layout.buckets, self.n_averaged)
@@ -246,7 +257,10 @@ class AveragedModel(Module):
     def _update(self, model: Module, n: int, done=()) -> None:
         """update_parameters with n_averaged already read (`n`), except for the tensors at the
         positions of :meth:`sources` listed in `done`, which an optimizer's kernel averaged."""
-        layout = self._flat_layout()
+        params, synced = list(model.parameters()), list(model.buffers())
+        # (`done` is in the positions of the layout the step's kernels averaged into, which
+        # `begin` laid out for this model: it is current)
+        layout = self._flat_layout(None if done else params + synced)
         averages = [self._average(b.device) for b in layout.buckets]
         if any(a is None for a, b in zip(averages, layout.buckets) if _fusable(b.dtype)):
             assert not done, "only the built-in averages are fused into a step"
@@ -255,17 +269,7 @@ class AveragedModel(Module):
             return
 
         n_avg = layout.n_averaged_tensors
-        sources = self._averaged_tensors(model)
-        if len(sources) != n_avg and not done and len(self._averaged_tensors(self.module)) != n_avg:
-            # A module added to the average since its layout was built (`avg.module.add_module`,
-            # and to the model): torch walks both every update and averages the new tensors.
-            # Looked for only where the model's count differs, which torch's zip of the two
-            # needs for a new tensor to be averaged, so an update walks one module, not two.
-            self._layout = None
-            layout = self._flat_layout()
-            averages = [self._average(b.device) for b in layout.buckets]
-            n_avg = layout.n_averaged_tensors
-        synced = [] if self.use_buffers else list(model.buffers())
+        sources, synced = (params + synced, []) if self.use_buffers else (params, synced)
         if len(synced) != len(layout.tensors) - n_avg:
             raise ValueError(f"the model has {len(synced)} buffers; the averaged model has "
                              f"{len(layout.tensors) - n_avg}")
