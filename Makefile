@@ -28,7 +28,8 @@ test-integrations: $(INTEGRATIONS)
 
 # The property tests with many more examples than CI draws.
 test-long: $(READY)
-	FUSEDOPT_HYPOTHESIS_EXAMPLES=500 FUSEDOPT_LIFECYCLE_EXAMPLES=3000 $(PY) -m pytest -q tests/test_property.py tests/test_lifecycle.py
+	FUSEDOPT_HYPOTHESIS_EXAMPLES=500 FUSEDOPT_LIFECYCLE_EXAMPLES=3000 $(PY) -m pytest -q tests/test_property.py tests/test_lifecycle.py \
+		tests/test_average_lifecycle.py
 
 # The runner (every algorithm and AveragedModel against torch's for-loop, foreach and fused
 # paths: a table, bench-results/results.json and results.png; a few minutes on 2 CPU

@@ -9,7 +9,7 @@
 # Stages, in the order they pay off (default: all of them):
 #   env        the GPU, driver, Python, torch and triton versions           -> OUT/env.txt
 #   gpu-tests  what only a GPU shows, the tests marked `gpu` on compiled kernels: every
-#              row against torch.optim on the GPU, random optimizer lifecycles,
+#              row against torch.optim on the GPU, random optimizer and averaged-model lifecycles,
 #              CUDA-graph capture and replay, a second device                 -> OUT/gpu-tests.log
 #   sweep      the block policy sweep (benchmarks/block_sweep.py)             -> OUT/sweep/
 #   bench      the runner at full size, CUDA events                           -> OUT/results.*
