@@ -22,6 +22,9 @@ created after the load is fp32, a mix a bucket's one vector per kind does not ho
 README's table of differences says what that changes. Other dtypes are
 tests/test_property.py's and tests/test_native.py's.
 
+SparseAdam, whose every gradient is sparse, runs the same operations with sparse gradients
+(`SparseTwins`), a quarter as many programs.
+
 On a GPU the same programs run on CUDA tensors with the compiled kernels (`gpu`: see
 tests/conftest.py). CI draws FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 400, the same every run; about 15 s);
 `make test-long` draws new ones.
@@ -35,8 +38,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fusedopt
 from _compare import assert_same_run
-from optim_db import OPTIMIZERS
+from optim_db import OPTIMIZERS, OptimInfo
 
 EXAMPLES = int(os.environ.get("FUSEDOPT_LIFECYCLE_EXAMPLES", "400"))
 # What this test looks for (state stepped in the wrong place, started afresh, skipped) is
@@ -82,6 +86,23 @@ def programs(draw):
     backend = draw(st.sampled_from(["auto", "reference", "triton"]))
     ops = draw(st.lists(st.tuples(st.sampled_from(OPERATIONS), st.integers(0, 2 ** 16)), min_size=3, max_size=12))
     return info, config, shapes, split, backend, ops
+
+
+# SparseAdam steps sparse gradients only; its programs are drawn apart (`SparseTwins`).
+SPARSE_ADAM = OptimInfo("SparseAdam", fusedopt.SparseAdam, torch.optim.SparseAdam,
+                        configs=[dict(lr=0.01), dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=True)],
+                        second_group=dict(lr=0.003, betas=(0.5, 0.99)))
+
+
+@st.composite
+def sparse_programs(draw):
+    config = dict(draw(st.sampled_from(SPARSE_ADAM.configs)))
+    shapes = draw(st.lists(st.lists(st.sampled_from([0, 1, 3, 7, 33]), min_size=1, max_size=2).map(tuple),
+                           min_size=1, max_size=5))
+    split = draw(st.integers(0, len(shapes)))
+    backend = draw(st.sampled_from(["auto", "reference", "triton"]))
+    ops = draw(st.lists(st.tuples(st.sampled_from(OPERATIONS), st.integers(0, 2 ** 16)), min_size=3, max_size=12))
+    return SPARSE_ADAM, config, shapes, split, backend, ops
 
 
 class Twins:
@@ -524,9 +545,49 @@ class Twins:
         return self.both(step)
 
 
+class SparseTwins(Twins):
+    """SparseAdam's life. Every gradient is sparse COO, of some of a parameter's rows, now
+    and then uncoalesced (an index twice); only parameters of two or more dimensions get
+    one (see `sparse_step`: a checkpoint of fusedopt's, loaded into torch's SparseAdam, holds
+    views at a storage offset). GradScaler steps are left out (an inf cannot be put in a
+    gradient as the other programs put it); clipping is not SparseAdam's."""
+
+    def set_gradients(self, k):
+        super().set_gradients(k)
+        gen = torch.Generator().manual_seed(k + 1)
+        for a, b in self.pairs():
+            if a.grad is None:
+                continue
+            if a.dim() < 2:
+                a.grad = b.grad = None
+                continue
+            rows = (torch.rand(a.shape[0], generator=gen) < 0.6).to(self.device)
+            g = (a.grad * rows.view(-1, *[1] * (a.dim() - 1))).to_sparse(1)
+            if k % 3 == 0 and g._nnz():
+                g = torch.sparse_coo_tensor(torch.cat([g._indices(), g._indices()[:, :1]], 1),
+                                            torch.cat([g._values(), g._values()[:1]]), g.shape, check_invariants=True)
+            a.grad, b.grad = g.clone(), g.clone()
+
+    def sparse_step(self, k):
+        return self.step(k)
+
+    def amp_step(self, k):
+        return None
+
+    def closure(self, k):
+        def step(opt, params):
+            def closure():
+                self.set_gradients(k)   # (both sides' gradients, the same each call)
+                return torch.tensor(1.0, device=self.device)
+
+            opt.step(closure)
+
+        return self.both(step)
+
+
 def run_program(program, device):
     info, config, shapes, split, backend, ops = program
-    twins = Twins(info, config, shapes, split, backend, device)
+    twins = (SparseTwins if info is SPARSE_ADAM else Twins)(info, config, shapes, split, backend, device)
     for done, (op, k) in enumerate(ops):
         if getattr(twins, op)(k) is False:
             break
@@ -539,6 +600,13 @@ def run_program(program, device):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
 @given(programs())
 def test_random_lifecycles_match_torch(program):
+    run_program(program, "cpu")
+
+
+@settings(max_examples=max(EXAMPLES // 4, 1), deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=DERANDOMIZE)
+@given(sparse_programs())
+def test_random_sparse_adam_lifecycles_match_torch(program):
     run_program(program, "cpu")
 
 
