@@ -17,17 +17,15 @@ every operation the models, the averages' state dicts and the optimizers' state 
 must agree. Where torch raises, fusedopt must raise the same type, and the program ends.
 
 Gradients are drawn, not computed, so the two sides' parameters (which differ by
-rounding where the kernels run) never feed back into them. CI draws
-FUSEDOPT_LIFECYCLE_EXAMPLES programs (default 200, the same every run); `make test-long`
-draws new ones.
+rounding where the kernels run) never feed back into them. The programs drawn are half as
+many as tests/test_lifecycle.py's (FUSEDOPT_LIFECYCLE_EXAMPLES), drawn as they are there.
 """
 import copy
-import os
 import pickle
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.optim import swa_utils as torch_swa
 
@@ -36,10 +34,9 @@ from fusedopt import swa
 
 from _compare import assert_close, assert_same_run
 from test_attach_average import OPTIMIZERS
+from test_lifecycle import EXAMPLES, lifecycles, raised, run_ops
 from test_swa import AVERAGES, FUSED
 
-EXAMPLES = int(os.environ.get("FUSEDOPT_LIFECYCLE_EXAMPLES", "200"))
-DERANDOMIZE = "FUSEDOPT_LIFECYCLE_EXAMPLES" not in os.environ
 # (as tests/test_lifecycle.py: what this looks for is off by far more than rounding)
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -93,14 +90,7 @@ class Twins:
     def both(self, call) -> bool:
         """Run `call` on each side; False when both raised (the same exception type), which
         ends the program."""
-        outcomes = []
-        for side in self.sides():
-            try:
-                call(side)
-                outcomes.append(None)
-            except Exception as e:  # noqa: BLE001 - compared below
-                outcomes.append(e)
-        theirs, ours = outcomes
+        theirs, ours = raised(lambda: call(self.theirs), lambda: call(self.ours))
         if theirs is None and ours is None:
             return True
         assert type(theirs) is type(ours), f"torch: {theirs!r}; fusedopt: {ours!r}"
@@ -287,16 +277,10 @@ class Twins:
 def run_program(program, device):
     average, use_buffers, optimizer, backend, ops = program
     twins = Twins(average, use_buffers, optimizer, backend, device)
-    for done, (op, k) in enumerate(ops):
-        try:
-            if getattr(twins, op)(k) is False:
-                break
-            twins.check()
-        except AssertionError as e:
-            raise AssertionError(f"after {[o for o, _ in ops[:done + 1]]}: {e}") from None
+    run_ops(twins, ops, twins.check)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+@lifecycles(EXAMPLES // 2)
 @given(programs())
 def test_random_average_lifecycles_match_torch(program):
     run_program(program, "cpu")
@@ -304,7 +288,7 @@ def test_random_average_lifecycles_match_torch(program):
 
 # On a GPU (tests/conftest.py): the compiled kernels, the averaging fused into them.
 @pytest.mark.gpu
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+@lifecycles(EXAMPLES // 2)
 @given(programs())
 def test_random_average_lifecycles_match_torch_on_the_gpu(program):
     run_program(program, "cuda")

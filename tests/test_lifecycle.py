@@ -105,6 +105,18 @@ def sparse_programs(draw):
     return SPARSE_ADAM, config, shapes, split, backend, ops
 
 
+def raised(*calls) -> list[Exception | None]:
+    """Run each call; what each raised (None: it returned)."""
+    out = []
+    for call in calls:
+        try:
+            call()
+            out.append(None)
+        except Exception as e:  # noqa: BLE001 - the caller compares them
+            out.append(e)
+    return out
+
+
 class Twins:
     """torch.optim and fusedopt, each on its own copy of the same parameters."""
 
@@ -147,14 +159,7 @@ class Twins:
     def both(self, call) -> bool:
         """Run `call` on (torch's optimizer, its params) and on ours; False when both
         raised (the same exception type), which ends the program."""
-        outcomes = []
-        for opt, params in ((self.ref, self.theirs), (self.opt, self.ours)):
-            try:
-                call(opt, params)
-                outcomes.append(None)
-            except Exception as e:  # noqa: BLE001 - compared below
-                outcomes.append(e)
-        theirs, ours = outcomes
+        theirs, ours = raised(lambda: call(self.ref, self.theirs), lambda: call(self.opt, self.ours))
         if theirs is None and ours is None:
             return True
         if ours is None and "add(sparse, dense) is not supported" in str(theirs):
@@ -585,26 +590,38 @@ class SparseTwins(Twins):
         return self.both(step)
 
 
-def run_program(program, device):
-    info, config, shapes, split, backend, ops = program
-    twins = (SparseTwins if info is SPARSE_ADAM else Twins)(info, config, shapes, split, backend, device)
+def run_ops(twins, ops, check) -> None:
+    """Run the program's operations on `twins`, `check()` after each; a failure names the
+    operations run."""
     for done, (op, k) in enumerate(ops):
-        if getattr(twins, op)(k) is False:
-            break
         try:
-            assert_same_run(twins.theirs, twins.ref, twins.ours, twins.opt, rtol=info.rtol32, atol=ATOL)
+            if getattr(twins, op)(k) is False:
+                break
+            check()
         except AssertionError as e:
             raise AssertionError(f"after {[o for o, _ in ops[:done + 1]]}: {e}") from None
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+def lifecycles(examples: int = EXAMPLES):
+    """Hypothesis settings for a lifecycle test drawing `examples` programs."""
+    return settings(max_examples=max(examples, 1), deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                    derandomize=DERANDOMIZE)
+
+
+def run_program(program, device):
+    info, config, shapes, split, backend, ops = program
+    twins = (SparseTwins if info is SPARSE_ADAM else Twins)(info, config, shapes, split, backend, device)
+    run_ops(twins, ops, lambda: assert_same_run(twins.theirs, twins.ref, twins.ours, twins.opt,
+                                                rtol=info.rtol32, atol=ATOL))
+
+
+@lifecycles()
 @given(programs())
 def test_random_lifecycles_match_torch(program):
     run_program(program, "cpu")
 
 
-@settings(max_examples=max(EXAMPLES // 4, 1), deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          derandomize=DERANDOMIZE)
+@lifecycles(EXAMPLES // 4)
 @given(sparse_programs())
 def test_random_sparse_adam_lifecycles_match_torch(program):
     run_program(program, "cpu")
@@ -612,7 +629,7 @@ def test_random_sparse_adam_lifecycles_match_torch(program):
 
 # On a GPU (tests/conftest.py): the compiled kernels, and torch.optim's default there.
 @pytest.mark.gpu
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=DERANDOMIZE)
+@lifecycles()
 @given(programs())
 def test_random_lifecycles_match_torch_on_the_gpu(program):
     run_program(program, "cuda")
