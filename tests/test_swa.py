@@ -322,6 +322,26 @@ def test_a_module_added_to_the_average_and_the_model_is_averaged_like_torch(adde
     update_both(model, mine, theirs, range(2, 5))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("replaced", ["submodule", "module"])
+def test_a_module_of_the_average_replaced_is_averaged_like_torch(replaced, backend):
+    # A layer of the model and of its averaged copy replaced under the same name (or the
+    # whole averaged copy): torch averages into the new one. fusedopt saw the old tensors
+    # still in the old layer and went on averaging them, out of the model's reach.
+    model = bn_model()
+    mine, theirs = side_by_side(model, "ema_multi", backend, updates=2)
+    for avg in (None, mine, theirs):
+        torch.manual_seed(5)
+        layer = torch.nn.Linear(4 * 4 * 4, 5).to(DEVICE)
+        if avg is None:
+            model[4] = layer
+        elif replaced == "submodule":
+            avg.module[4] = layer
+        else:
+            avg.module = copy.deepcopy(model)
+    update_both(model, mine, theirs, range(2, 4))
+
+
 def test_model_tensor_moved_by_data_assignment():
     model = bn_model()
     theirs, mine = ref.AveragedModel(model), swa.AveragedModel(model, backend="triton")

@@ -105,8 +105,12 @@ class _Layout:
             # bucket is its averaged tensors followed by its synced ones.
             bucket.first_copy = sum(pos < len(averaged) for pos in positions)
             self.buckets.append(bucket)
-        # Where each tensor is registered, so that a replaced one is noticed without walking
-        # the module tree on every update.
+        # Where each tensor is registered, and each submodule, so that a replaced tensor or
+        # module (`averaged.module.head = nn.Linear(...)`) is noticed without walking the
+        # module tree on every update.
+        self.root = module
+        self.edges = [(mod._modules, name, child) for mod in module.modules()
+                      for name, child in mod._modules.items() if child is not None]
         owners: dict[int, tuple[dict, str]] = {}
         for mod in module.modules():
             for table in (mod._parameters, mod._buffers):
@@ -139,10 +143,12 @@ class _Layout:
                 alive.forget_sources()
         self._watched = weakref.ref(model, gone)
 
-    def current(self, use_buffers: bool) -> bool:
-        """False once a tensor was replaced (``load_state_dict(assign=True)``) or re-pointed
-        (``.to()``, ``.half()``): then the layout is rebuilt from the module as it is."""
-        return (use_buffers == self.use_buffers
+    def current(self, module: Module, use_buffers: bool) -> bool:
+        """False once a tensor or a submodule was replaced (``load_state_dict(assign=True)``,
+        an assignment) or a tensor re-pointed (``.to()``, ``.half()``): then the layout is
+        rebuilt from the module as it is."""
+        return (use_buffers == self.use_buffers and module is self.root
+                and all(table.get(name) is child for table, name, child in self.edges)
                 and all(map(operator.is_, (table.get(name) for table, name in self.slots), self.tensors))
                 and list(map(Tensor.data_ptr, self.tensors)) == self.ptrs)
 
@@ -214,7 +220,7 @@ class AveragedModel(Module):
         the model's count differs, so an update walks one module, not two.
         """
         layout = self._layout
-        if (layout is None or not layout.current(self.use_buffers)
+        if (layout is None or not layout.current(self.module, self.use_buffers)
                 or (sources is not None and len(sources) != len(layout.tensors)
                     and len(self.sources(self.module)) != len(layout.tensors))):
             layout = _Layout(self.module, self.use_buffers)
