@@ -62,11 +62,10 @@ class AttachedAverage:
         """Start a step: the averaged model's current layout and the model's tensors."""
         model = self.model()
         n = self.n_averaged()
-        sources = self.averaged.sources(model)
-        flat = self.averaged.flat_average(sources)
+        flat = self.averaged.flat_average()
         fusable = n >= 0 and all(b.average is not None for b in flat.buckets
                                  if b.dtype.is_floating_point or b.dtype.is_complex)
-        return _Round(self, model, flat, sources, n, fusable)
+        return _Round(self, model, flat, self.averaged.sources(model), n, fusable)
 
     def _plan(self, opt, bucket: _flat.Bucket, round_: _Round):
         """Which of the bucket's parameters its kernel can average, and where to: cached while

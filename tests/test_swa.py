@@ -342,6 +342,23 @@ def test_a_module_of_the_average_replaced_is_averaged_like_torch(replaced, backe
     update_both(model, mine, theirs, range(2, 4))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffers_added_to_the_average_alone_raise_as_torch_before_anything_changes(backend):
+    # torch pairs the averaged copy's buffers with the model's one for one (zip strict)
+    model = bn_model()
+    mine, theirs = side_by_side(model, "default", backend, updates=2)
+    for avg in (mine, theirs):
+        avg.module.append(Buffers().to(DEVICE))
+    train_a_little(model, 2)
+    before = copy.deepcopy(mine.state_dict())
+    with pytest.raises(ValueError):
+        theirs.update_parameters(model)
+    with pytest.raises(ValueError, match="buffers"):
+        mine.update_parameters(model)
+    for key, value in mine.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_model_tensor_moved_by_data_assignment():
     model = bn_model()
     theirs, mine = ref.AveragedModel(model), swa.AveragedModel(model, backend="triton")

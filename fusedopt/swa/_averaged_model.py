@@ -105,19 +105,15 @@ class _Layout:
             # bucket is its averaged tensors followed by its synced ones.
             bucket.first_copy = sum(pos < len(averaged) for pos in positions)
             self.buckets.append(bucket)
-        # Where each tensor is registered, and each submodule, so that a replaced tensor or
-        # module (`averaged.module.head = nn.Linear(...)`) is noticed without walking the
-        # module tree on every update.
+        # What the module tree holds, table by table (each module's submodules, parameters
+        # and buffers, None entries too), so that a tensor or submodule replaced, added or
+        # removed (`load_state_dict(assign=True)`, `averaged.module.head = nn.Linear(...)`,
+        # `add_module`) is noticed without walking the tree on every update.
         self.root = module
-        self.edges = [(mod._modules, name, child) for mod in module.modules()
-                      for name, child in mod._modules.items() if child is not None]
-        owners: dict[int, tuple[dict, str]] = {}
-        for mod in module.modules():
-            for table in (mod._parameters, mod._buffers):
-                for name, t in table.items():
-                    if t is not None:
-                        owners.setdefault(id(t), (table, name))
-        self.slots = [owners[id(t)] for t in tensors]
+        self.tables = [table for mod in module.modules() for table in (mod._modules, mod._parameters, mod._buffers)]
+        self.sizes = list(map(len, self.tables))
+        entries = [(table, name, value) for table in self.tables for name, value in table.items()]
+        self.entries = tuple(zip(*entries)) or ((), (), ())   # (tables, names, values)
         self.ptrs = [t.data_ptr() for t in tensors]
         self.source_key = None  # the model tensors the buckets' cached batches were built from
         self._watched: weakref.ref | None = None   # the model they belong to (see `watch`)
@@ -144,12 +140,12 @@ class _Layout:
         self._watched = weakref.ref(model, gone)
 
     def current(self, module: Module, use_buffers: bool) -> bool:
-        """False once a tensor or a submodule was replaced (``load_state_dict(assign=True)``,
-        an assignment) or a tensor re-pointed (``.to()``, ``.half()``): then the layout is
-        rebuilt from the module as it is."""
+        """False once a tensor or a submodule was replaced, added or removed, or a tensor
+        re-pointed (``.to()``, ``.half()``): then the layout is rebuilt from the module as
+        it is."""
         return (use_buffers == self.use_buffers and module is self.root
-                and all(table.get(name) is child for table, name, child in self.edges)
-                and all(map(operator.is_, (table.get(name) for table, name in self.slots), self.tensors))
+                and list(map(len, self.tables)) == self.sizes
+                and all(map(operator.is_, map(dict.get, *self.entries[:2]), self.entries[2]))
                 and list(map(Tensor.data_ptr, self.tensors)) == self.ptrs)
 
 
@@ -209,20 +205,10 @@ class AveragedModel(Module):
         ones (parameters, and buffers with use_buffers), then the synced buffers."""
         return list(chain(model.parameters(), model.buffers()))
 
-    def _flat_layout(self, sources: list[Tensor] | None = None) -> _Layout:
-        """The layout of the averaged module's current tensors, rebuilt if they changed.
-
-        `sources`: the tensors of the model about to be averaged in (:meth:`sources`). Where
-        there are more or fewer of them than the layout holds, and the averaged module's
-        count differs from the layout's too, a module was added to both (``add_module`` on
-        ``averaged.module`` and on the model): torch walks both every update and averages
-        the new tensors, so the layout is rebuilt. The averaged module is walked only when
-        the model's count differs, so an update walks one module, not two.
-        """
+    def _flat_layout(self) -> _Layout:
+        """The layout of the averaged module's current tensors, rebuilt if they changed."""
         layout = self._layout
-        if (layout is None or not layout.current(self.module, self.use_buffers)
-                or (sources is not None and len(sources) != len(layout.tensors)
-                    and len(self.sources(self.module)) != len(layout.tensors))):
+        if layout is None or not layout.current(self.module, self.use_buffers):
             layout = _Layout(self.module, self.use_buffers)
             for bucket in layout.buckets:
                 # On the CPU, 'auto' takes average_cpu (torch ops chosen by tensor size).
@@ -239,10 +225,9 @@ class AveragedModel(Module):
             return Average("swa", "divide")
         return average_of(self.multi_avg_fn if self.multi_avg_fn is not None else self.avg_fn)
 
-    def flat_average(self, sources: list[Tensor] | None = None) -> FlatAverage:
-        """The flat buffers and averaging parameters, for a fused updater (see :class:`FlatAverage`),
-        laid out for averaging in the model whose :meth:`sources` are `sources` (see `_flat_layout`)."""
-        layout = self._flat_layout(sources)
+    def flat_average(self) -> FlatAverage:
+        """The flat buffers and averaging parameters, for a fused updater (see :class:`FlatAverage`)."""
+        layout = self._flat_layout()
         for bucket in layout.buckets:
             bucket.average = self._average(bucket.device) if _fusable(bucket.dtype) else None
         return FlatAverage(layout.buckets, self.n_averaged)
@@ -263,10 +248,7 @@ class AveragedModel(Module):
     def _update(self, model: Module, n: int, done=()) -> None:
         """update_parameters with n_averaged already read (`n`), except for the tensors at the
         positions of :meth:`sources` listed in `done`, which an optimizer's kernel averaged."""
-        params, synced = list(model.parameters()), list(model.buffers())
-        # (`done` is in the positions of the layout the step's kernels averaged into, which
-        # `begin` laid out for this model: it is current)
-        layout = self._flat_layout(None if done else params + synced)
+        layout = self._flat_layout()
         averages = [self._average(b.device) for b in layout.buckets]
         if any(a is None for a, b in zip(averages, layout.buckets) if _fusable(b.dtype)):
             assert not done, "only the built-in averages are fused into a step"
@@ -275,7 +257,8 @@ class AveragedModel(Module):
             return
 
         n_avg = layout.n_averaged_tensors
-        sources, synced = (params + synced, []) if self.use_buffers else (params, synced)
+        sources = self._averaged_tensors(model)
+        synced = [] if self.use_buffers else list(model.buffers())
         if len(synced) != len(layout.tensors) - n_avg:
             raise ValueError(f"the model has {len(synced)} buffers; the averaged model has "
                              f"{len(layout.tensors) - n_avg}")
