@@ -6,15 +6,15 @@ file does the same for `fusedopt.swa.AveragedModel`, alone and attached to an op
 tensors and the optimizer's averaging plan are keyed on the tensors they were built from,
 so what this draws is what changes those tensors between updates: a parameter of the model
 given new storage or replaced by a new Parameter (which the optimizer then does not
-hold), the averaged copy's tensors written or re-pointed, a module added to one or both,
-the average converted to fp64 (swapping tensors too), the model copied into the average,
-its count reset, its state dict loaded both ways (with `assign=True` too), copies and
-pickles of the whole training state, `update_bn`, and BatchNorm statistics moved by
-forward passes. torch.optim with torch's AveragedModel runs
-each program beside fusedopt's optimizer and average; with the average attached, torch's
-side calls `update_parameters` after each step, which is the attachment's contract. After
-every operation the models, the averages' state dicts and the optimizers' state dicts
-must agree. Where torch raises, fusedopt must raise the same type, and the program ends.
+hold), the averaged copy's tensors written or re-pointed, a module added to one or both
+or replaced, the average converted to fp64 (swapping tensors too), the model copied into
+the average, its count reset, its state dict loaded both ways (with `assign=True` too),
+copies and pickles of the whole training state, `update_bn`, and BatchNorm statistics
+moved by forward passes. torch.optim with torch's AveragedModel runs each program beside
+fusedopt's optimizer and average; with the average attached, torch's side calls
+`update_parameters` after each step, which is the attachment's contract. After every
+operation the models, the averages' state dicts and the optimizers' state dicts must
+agree. Where torch raises, fusedopt must raise the same type, and the program ends.
 
 Gradients are drawn, not computed, so the two sides' parameters (which differ by
 rounding where the kernels run) never feed back into them. The programs drawn are half as
@@ -42,7 +42,7 @@ ATOL, RTOL = 1e-5, 1e-4
 
 OPERATIONS = ["step", "step", "step", "update", "update", "forward", "attach", "detach",
               "replace_param", "replace_data", "write_average", "repoint_average", "reset_count",
-              "load_average", "snapshot", "restore", "copy_all", "add_module", "average_in_fp64", "average_from_model",
+              "load_average", "snapshot", "restore", "copy_all", "add_module", "replace_module", "average_in_fp64", "average_from_model",
               "update_bn", "toggle_frozen"]
 
 
@@ -241,6 +241,17 @@ class Twins:
                 side.avg.module.add_module(name, copy.deepcopy(extra))
             if k % 2:
                 side.opt.add_param_group({"params": list(getattr(side.model, name).parameters())})
+
+    def replace_module(self, k):
+        """The last Linear replaced by a new one of the same shape (under the same name) in
+        the averaged copy, and now and then in the model too (whose optimizer still holds the
+        old one's parameters)."""
+        torch.manual_seed(k)
+        layer = torch.nn.Linear(5, 2).to(self.device)
+        for side in self.sides():
+            side.avg.module[3] = copy.deepcopy(layer).to(next(side.avg.module[0].parameters()).dtype)
+            if k % 2:
+                side.model[3] = copy.deepcopy(layer)
 
     def average_in_fp64(self, k):
         """Keep the average in fp64 (`averaged.double()`) while the model stays fp32; now and
