@@ -9,12 +9,13 @@ given new storage or replaced by a new Parameter (which the optimizer then does 
 hold), the averaged copy's tensors written or re-pointed, a module added to one or both
 or replaced, the average converted to fp64 (swapping tensors too), the model copied into
 the average, its count reset, its state dict loaded both ways (with `assign=True` too),
-copies and pickles of the whole training state, `update_bn`, and BatchNorm statistics
-moved by forward passes. torch.optim with torch's AveragedModel runs each program beside
-fusedopt's optimizer and average; with the average attached, torch's side calls
-`update_parameters` after each step, which is the attachment's contract. After every
-operation the models, the averages' state dicts and the optimizers' state dicts must
-agree. Where torch raises, fusedopt must raise the same type, and the program ends.
+the optimizers' checkpoints loaded both ways, copies and pickles of the whole training
+state, `update_bn`, and BatchNorm statistics moved by forward passes. torch.optim with
+torch's AveragedModel runs each program beside fusedopt's optimizer and average; with the
+average attached, torch's side calls `update_parameters` after each step, which is the
+attachment's contract. After every operation the models, the averages' state dicts and
+the optimizers' state dicts must agree. Where torch raises, fusedopt must raise the same
+type, and the program ends.
 
 Gradients are drawn, not computed, so the two sides' parameters (which differ by
 rounding where the kernels run) never feed back into them. The programs drawn are half as
@@ -42,7 +43,7 @@ ATOL, RTOL = 1e-5, 1e-4
 
 OPERATIONS = ["step", "step", "step", "update", "update", "forward", "attach", "detach",
               "replace_param", "replace_data", "write_average", "repoint_average", "reset_count",
-              "load_average", "snapshot", "restore", "copy_all", "add_module", "replace_module", "average_in_fp64", "average_from_model",
+              "load_average", "snapshot", "restore", "reload_optimizer", "copy_all", "add_module", "replace_module", "average_in_fp64", "average_from_model",
               "update_bn", "toggle_frozen"]
 
 
@@ -217,6 +218,13 @@ class Twins:
         saved = getattr(self, "saved", None)
         if saved is not None:
             return self.both(lambda side: side.avg.load_state_dict(copy.deepcopy(saved[side is self.ours])))
+
+    def reload_optimizer(self, k):
+        """Each optimizer loads its own checkpoint (or the other implementation's), the
+        average staying attached."""
+        saved = [copy.deepcopy(side.opt.state_dict()) for side in self.sides()]
+        cross = bool(k % 2)
+        return self.both(lambda side: side.opt.load_state_dict(saved[(side is self.ours) != cross]))
 
     def copy_all(self, k):
         """Go on with a deep copy, or an unpickled copy, of the model, optimizer and average
