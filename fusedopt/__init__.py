@@ -3,6 +3,8 @@
     import fusedopt as optim
     opt = optim.AdamW(model.parameters(), lr=1e-3)
 """
+import sys as _sys
+
 from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam
@@ -20,9 +22,14 @@ from .sparse_adam import SparseAdam
 from . import schedulers, swa
 
 # torch.optim's module names, so `import fusedopt as optim` keeps `optim.lr_scheduler.X`
-# and `optim.swa_utils.Y` working: the one-line switch covers schedulers and SWA too.
+# and `optim.swa_utils.Y` working: the one-line switch covers schedulers and SWA too. They
+# are importable as torch's are (`from fusedopt.lr_scheduler import StepLR`, `import
+# fusedopt.swa_utils`): the import system looks a dotted name up in sys.modules first, as
+# it does for `os.path`, so each is the same module object under both names.
 lr_scheduler = schedulers
 swa_utils = swa
+_sys.modules[__name__ + ".lr_scheduler"] = schedulers
+_sys.modules[__name__ + ".swa_utils"] = swa
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "NAdam", "Optimizer", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam", "lr_scheduler", "schedulers", "swa", "swa_utils"]
 

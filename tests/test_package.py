@@ -55,3 +55,24 @@ def test_imports_on_a_torch_without_the_newer_torch_optim_names():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_torch_module_names_import_as_torchs_do():
+    """`from torch.optim.lr_scheduler import X` becomes `from fusedopt.lr_scheduler import X`:
+    the switch of an import line, not only of `import ... as optim`, keeps working, with
+    every name torch's modules export, and the modules are fusedopt's own."""
+    code = (
+        "import torch.optim.lr_scheduler as TL, torch.optim.swa_utils as TS\n"
+        "import fusedopt.lr_scheduler, fusedopt.swa_utils\n"
+        "from fusedopt.lr_scheduler import StepLR, _LRScheduler\n"
+        "from fusedopt.swa_utils import AveragedModel, SWALR, update_bn\n"
+        "import fusedopt\n"
+        "assert fusedopt.lr_scheduler is fusedopt.schedulers and fusedopt.swa_utils is fusedopt.swa\n"
+        "assert StepLR is fusedopt.schedulers.StepLR and AveragedModel is fusedopt.swa.AveragedModel\n"
+        "for ours, theirs in (('lr_scheduler', TL), ('swa_utils', TS)):\n"
+        "    for name in theirs.__all__:\n"
+        "        exec(f'from fusedopt.{ours} import {name} as x')\n"
+        "        assert getattr(x, '__module__', 'fusedopt').startswith('fusedopt'), (name, x)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
