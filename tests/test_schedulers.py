@@ -829,6 +829,31 @@ def test_refused_step_leaves_the_scheduler_as_it_was(wrapped):
         assert (sched.state_dict(), hyperparameters(opt)) == before
 
 
+@pytest.mark.parametrize("nested", ["ChainedScheduler", "SequentialLR"])
+def test_sequential_handing_over_to_a_composite_raises_torchs_type_and_changes_nothing(nested):
+    """At a milestone SequentialLR restarts its next scheduler at epoch 0, which a chain or a
+    nested SequentialLR cannot do: torch raises NotImplementedError (from its base class's
+    get_lr), and so must fusedopt, rather than an AttributeError, changing nothing."""
+    def stepped(S):
+        opt = make_optimizer()
+        inner = [S.ConstantLR(opt, 0.5, 2), S.ExponentialLR(opt, 0.9)]
+        inner = S.ChainedScheduler(inner) if nested == "ChainedScheduler" else S.SequentialLR(opt, inner, [1])
+        sched = S.SequentialLR(opt, [S.CosineAnnealingLR(opt, 5), inner], milestones=[2])
+        opt.step()
+        sched.step()   # epoch 1: the cosine
+        return opt, sched
+
+    torch_opt, torch_sched = stepped(TS)
+    with pytest.raises(NotImplementedError):
+        torch_sched.step()
+    opt, sched = stepped(FS)
+    before = (copy.deepcopy(sched.state_dict()), hyperparameters(opt))
+    assert before[1] == hyperparameters(torch_opt)
+    with pytest.raises(NotImplementedError):
+        sched.step()
+    assert (sched.state_dict(), hyperparameters(opt)) == before
+
+
 @pytest.mark.parametrize("build", [
     lambda S, o: S.LambdaLR(o, _lambda2),
     lambda S, o: S.CosineAnnealingLR(o, 2),

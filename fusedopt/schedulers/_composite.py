@@ -42,6 +42,17 @@ def _load_children(scheduler, children_key: str, children, state_dict: dict[str,
         child.load_state_dict(child_state)
 
 
+def _cannot_restart(self, epoch: int | None = None) -> None:
+    """`_update_lr` of the composites: what SequentialLR calls at a milestone to restart its
+    next scheduler at epoch 0. A chain or a sequence has no learning rate of its own at an
+    epoch (torch's raise the same type, from their base class's get_lr); raising before
+    anything is touched leaves it as it was."""
+    raise NotImplementedError(
+        f"{type(self).__name__} cannot be restarted at epoch {epoch}: it has no learning "
+        "rate of its own at an epoch, only its schedulers'"
+    )
+
+
 class ChainedScheduler(LRScheduler):
     """Step several schedulers on one optimizer together, each applied after the previous one.
 
@@ -67,6 +78,8 @@ class ChainedScheduler(LRScheduler):
         for scheduler in self._schedulers:
             scheduler.step()
         self._last_lr = group_values(self._schedulers[-1].optimizer, "lr")
+
+    _update_lr = _cannot_restart
 
     def state_dict(self) -> dict[str, Any]:
         """Own state plus each chained scheduler's state under ``_schedulers``."""
@@ -123,6 +136,8 @@ class SequentialLR(LRScheduler):
         first = self._schedulers[bisect_right(self._milestones, 0)]
         first._initial_step()
         self._last_lr = first.get_last_lr()
+
+    _update_lr = _cannot_restart
 
     def recursive_undo(self, sched=None) -> None:
         """Rewind ``last_epoch`` by one in every (nested) child scheduler."""
