@@ -691,6 +691,41 @@ def test_state_assigned_in_a_shape_that_does_not_fit_is_refused_at_the_step_not_
     assert_same_run(theirs.param_groups[0]["params"], theirs, [p, q], opt)
 
 
+@pytest.mark.parametrize("grad", ["fewer", "more", "transposed_shape"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
+def test_a_gradient_given_another_shape_after_assignment_is_refused_as_torch(info, backend, grad):
+    # torch checks a gradient's shape when it is assigned; `g.data = t` (or `set_`,
+    # `resize_`) changes it after, and torch's update raises RuntimeError. Past a bucket's
+    # first step, the checks on the common path once let such a gradient through: the
+    # kernels read past a 5-element gradient of a 12-element parameter (SGD wrote 1e34 into
+    # it) or stepped the wrong elements. Element counts are checked every step; a gradient
+    # of the same count and another shape is refused where the step looks at shapes (a
+    # parameter without a gradient this step), and stepped in memory order otherwise.
+    shape = {"fewer": (5,), "more": (20,), "transposed_shape": (3, 4)}[grad]
+    for cls, extra in ((info.torch, {}), (info.fused, dict(backend=backend))):
+        p, q = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2))
+        opt = cls([p, q], **info.configs[0], **extra)
+        p.grad, q.grad = torch.ones(4, 3), torch.ones(2)
+        opt.step()
+        p.grad.data = torch.arange(1.0, 1 + torch.Size(shape).numel()).reshape(shape)
+        if grad == "transposed_shape":
+            q.grad = None
+        before = (p.detach().clone(), q.detach().clone(), copy.deepcopy(opt.state_dict()))
+        for _ in range(2):   # a refused step changes nothing, so the next is refused too
+            with pytest.raises(RuntimeError) as raised:
+                opt.step()
+            if cls is info.torch:
+                break
+            assert "(4, 3)" in str(raised.value) and str(shape) in str(raised.value)
+            assert torch.equal(p.detach(), before[0]) and torch.equal(q.detach(), before[1])
+            now = opt.state_dict()["state"]
+            assert now.keys() == before[2]["state"].keys()
+            for i, entry in before[2]["state"].items():
+                for key, value in entry.items():
+                    assert torch.equal(torch.as_tensor(now[i][key]), torch.as_tensor(value)), f"{i} {key}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=[info.name for info in OPTIMIZERS])
 def test_a_gradient_left_from_before_a_change_of_shape_is_refused(info, backend):
