@@ -97,6 +97,10 @@ class Native:
     # whose bf16/fp16 step is torch's multi-tensor ops (issued by fusedopt), reading them
     # as numbers, as it reads Python floats.
     tensor_options: bool = True
+    # Whether, given the options and the lowest step count the step starts from, torch's
+    # multi-tensor code would give another result than its for-loop (torch.optim's CPU
+    # default) beyond rounding: then the for-loop runs every tensor.
+    loop_if: Callable[..., bool] | None = None
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -135,6 +139,22 @@ def _radam(params, grads, state, scalars, reps, o, ctx):
     radam.radam(params, grads, state["exp_avg"], state["exp_avg_sq"], scalars["step"],
                 decoupled_weight_decay=o.decoupled, foreach=ctx.foreach, maximize=o.maximize, beta1=o.beta1,
                 beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
+
+
+def _radam_unrectified(o, lowest_step: float) -> bool:
+    # Whether a tensor takes a step before RAdam rectifies its variance (rho_t <= 5: the first
+    # 5 steps with beta2 = 0.999). There torch's for-loop adds the bias-corrected momentum
+    # alone; its multi-tensor code still computes lr * rect / (sqrt(exp_avg_sq) + eps) and
+    # multiplies it by rect = 0, which is NaN where exp_avg_sq is 0 (gradients that were 0,
+    # or whose square underflowed in fp16, where eps = 1e-8 is 0 too, or eps = 0): that
+    # element's parameter is NaN for good, where torch.optim's default keeps it finite.
+    # (rho_t grows with the step, so the lowest step count decides.)
+    beta2 = float(o.beta2)
+    step = lowest_step + 1
+    if beta2 >= 1.0 or step <= 0:
+        return True
+    rho_inf = 2 / (1 - beta2) - 1
+    return rho_inf - 2 * step * beta2 ** step / (1 - beta2 ** step) <= 5
 
 
 def _adamax(params, grads, state, scalars, reps, o, ctx):
@@ -197,7 +217,7 @@ IMPLEMENTATIONS = {
     "Adam": _ADAM,
     "AdamW": _ADAM,
     "NAdam": Native(("step", "mu_product"), None, _nadam, takes_other_grad_dtypes=_never),
-    "RAdam": Native(("step",), None, _radam, takes_other_grad_dtypes=_never),
+    "RAdam": Native(("step",), None, _radam, takes_other_grad_dtypes=_never, loop_if=_radam_unrectified),
     "Adamax": Native(("step",), None, _adamax, takes_other_grad_dtypes=_never),
     "Adagrad": Native(("step",), _adagrad_fused, _adagrad_foreach),
     "SGD": Native((), _sgd_fused, _sgd_foreach, runs=False, tensor_options=False),
@@ -280,6 +300,11 @@ def step(opt, group: dict, bucket: _flat.Bucket, batch: _flat.Batch, fresh: list
         # float would be a double. Runs only where they give its numbers (see `_Setup`).
         o, every_tensor_in_loop = tensor_o, True
         run_below = run_below if setup.exact_runs else 0
+    if impl.loop_if is not None and not (fused or every_tensor_in_loop):
+        steps = bucket.scalar("step")
+        if impl.loop_if(o, float((steps if batch.everyone else steps[batch.index]).min())):
+            every_tensor_in_loop = True
+            run_below = run_below if setup.exact_runs else 0
     plan = _plan(bucket, batch, impl.scalars, fresh_set if setup.split_fresh else frozenset(), run_below)
     # (the guards spare a stateless step calls and comprehension frames, which cost most
     # with the cold cache a step that follows another model's work starts with)

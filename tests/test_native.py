@@ -318,3 +318,32 @@ def test_tensor_options_step_as_torchs_for_loop_bit_for_bit(name, dtype):
             # (fp16: torch's for-loop overflows to inf and NaN, which must be the same too)
             torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"step {step}: {m}")
     assert_same_run(sum(ref, []), opts[0], sum(new, []), opts[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,eps,steps", [(torch.float32, 0.0, 8), (torch.float16, 1e-8, 5), (torch.bfloat16, 0.0, 8)])
+def test_radam_before_rectification_keeps_zero_gradient_elements_finite_as_torchs_default(dtype, eps, steps):
+    """Before RAdam rectifies its variance (its first 5 steps), torch's for-loop, the CPU
+    default, adds the momentum alone; its multi-tensor code multiplies lr / (sqrt(v) + eps)
+    by 0, NaN where v is 0 (zero gradients; in fp16 also squares that underflow, with eps 0
+    there). The native path ran that code: fp16 RAdam turned such parameters NaN for good.
+    Many small tensors (a run) and large ones, a tensor whose first step comes later, and
+    elements whose gradient is 0 for the first 4 steps. (fp16: up to step 5; after it both
+    divide by an underflowed sqrt(v) + eps, and the two codes round the infinities apart.)"""
+    torch.manual_seed(0)
+    shapes = [(5,)] * 12 + [(70, 300)] + [(3,)] * 9
+    start = [torch.randn(s).to(dtype) for s in shapes]
+    runs = []
+    for opt_cls, kwargs in ((torch.optim.RAdam, dict(foreach=False)), (fusedopt.RAdam, {})):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = opt_cls(params, lr=0.01, eps=eps, **kwargs)
+        for step in range(steps):
+            for i, p in enumerate(params):
+                g = torch.Generator().manual_seed(100 * step + i)
+                grad = torch.randn(p.shape, generator=g) * (1e-3 if i % 2 else 1.0)
+                grad.view(-1)[::3] = 0.0 if step < 4 else grad.view(-1)[::3]
+                p.grad = None if (i == 5 and step < 3) else grad.to(dtype)
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for ours, theirs in zip(runs[1], runs[0]):
+        assert torch.isfinite(theirs).all()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
