@@ -98,6 +98,12 @@ class Checkpoint:
                 s["param_names"] = g["param_names"]
         # Everything fits: from here on nothing can fail half-way.
         self.__setstate__({"state": state, "param_groups": saved_groups})
+        # A checkpoint's values are copied in, not adopted for writing back after each step
+        # as a dict put in place of `opt.state` is (`_sync_state`): torch steps a loaded
+        # tensor itself, but nothing relies on a checkpoint following the optimizer, and a
+        # caller who keeps it (`ckpt = torch.load(...)` in scope for the whole run) would
+        # have every step copy the state back into it: twice an Adam step's time on a CPU.
+        self._written_back = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -426,3 +426,39 @@ def test_swap_in_optimizer_params_and_state_steps_the_given_state_in_place(name,
     for key, entry in ref_given["state"].items():
         for k, v in entry.items():
             torch.testing.assert_close(new_given["state"][key][k], v, msg=f"state {key} {k}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+def test_a_loaded_checkpoint_kept_by_the_caller_is_copied_in_not_written_every_step(backend):
+    """`ckpt = torch.load(...)` stays in scope for a whole run. Its tensors were adopted like
+    a dict put in place of `opt.state` and written back after every step while the caller
+    held them: an Adam step then took twice its time on a CPU. Loading copies the values in;
+    the steps are torch's, and the checkpoint stays as it was loaded."""
+    torch.manual_seed(0)
+    start = [torch.randn(6, 4), torch.randn(4)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    source = torch.optim.Adam([torch.nn.Parameter(t.clone()) for t in start], lr=0.1)
+    for p, g in zip(source.param_groups[0]["params"], grads[0]):
+        p.grad = g
+    source.step()
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    runs = []
+    for cls, kwargs in ((torch.optim.Adam, {}), (fusedopt.Adam, dict(backend=backend))):
+        buffer.seek(0)
+        ckpt = torch.load(buffer, weights_only=True)
+        kept = copy.deepcopy(ckpt)
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = cls(params, lr=0.1, **kwargs)
+        opt.load_state_dict(ckpt)
+        for step_grads in grads[1:]:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt))
+        if cls is fusedopt.Adam:
+            for key, entry in kept["state"].items():
+                for k, v in entry.items():
+                    torch.testing.assert_close(ckpt["state"][key][k], v, rtol=0, atol=0, msg=f"{key} {k}")
+    (ref_params, ref), (new_params, new) = runs
+    assert_same_run(ref_params, ref, new_params, new)
