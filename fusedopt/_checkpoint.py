@@ -75,7 +75,7 @@ class Checkpoint:
             if result is not None:
                 state_dict = result
         groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
+        saved_groups = list(deepcopy(state_dict["param_groups"]))   # (a tuple too, as torch takes it)
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for g, s in zip(groups, saved_groups):

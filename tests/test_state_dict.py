@@ -462,3 +462,18 @@ def test_a_loaded_checkpoint_kept_by_the_caller_is_copied_in_not_written_every_s
                     torch.testing.assert_close(ckpt["state"][key][k], v, rtol=0, atol=0, msg=f"{key} {k}")
     (ref_params, ref), (new_params, new) = runs
     assert_same_run(ref_params, ref, new_params, new)
+
+
+def test_param_groups_loaded_from_a_tuple_are_a_list_as_torchs():
+    """A checkpoint whose `param_groups` became a tuple (a round trip through a format
+    without lists) loads in torch as a list; kept a tuple, `add_param_group` failed after."""
+    for cls in (torch.optim.Adam, fusedopt.Adam):
+        params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+        source = cls(params[:2], lr=0.1)
+        sd = source.state_dict()
+        sd["param_groups"] = tuple(sd["param_groups"])
+        opt = cls(params[:2], lr=0.1)
+        opt.load_state_dict(sd)
+        assert type(opt.param_groups) is list
+        opt.add_param_group({"params": [params[2]]})
+        assert len(opt.param_groups) == 2
