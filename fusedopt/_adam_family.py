@@ -72,7 +72,10 @@ class AdamFamily(Optimizer):
         correction 1 - beta1**step (not with capturable=True or fused=True, which compute
         it as tensors), RAdam computes rho_inf = 2 / (1 - beta2) - 1. Raised here before
         anything changes; torch's fused kernel (the 'auto' CPU path for Adam and AdamW)
-        would instead write NaN into every parameter."""
+        would instead write NaN into every parameter. Likewise a beta2 above 1: Adam and
+        AdamW take the square root of 1 - beta2**step as a Python float, a complex number,
+        which their update refuses with RuntimeError (NAdam's for-loop, Adamax and RAdam's
+        take it as a tensor or not at all, and step on)."""
         beta1, beta2 = pair(group, "betas")
         if self._variant == "radam":
             if not isinstance(beta2, Tensor) and beta2 == 1:
@@ -84,6 +87,10 @@ class AdamFamily(Optimizer):
                 raise ZeroDivisionError(f"float division by zero: betas[0] is {beta1!r}, and torch's "
                                         f"{type(self).__name__} divides lr by the bias correction 1 - beta1**step "
                                         "(its constructor refuses betas outside [0, 1))")
+            if self._variant == "adam" and not isinstance(beta2, Tensor) and beta2 > 1:
+                raise RuntimeError(f"betas[1] is {beta2!r}: torch's {type(self).__name__} takes the square root "
+                                   "of the bias correction 1 - beta2**step, negative for it, and refuses the complex "
+                                   "result (its constructor refuses betas outside [0, 1))")
 
     def _rounds_stochastically(self, bucket: _flat.Bucket) -> bool:
         return self.stochastic_rounding and not bucket.is_complex and bucket.real_dtype == torch.bfloat16

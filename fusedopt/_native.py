@@ -141,6 +141,14 @@ def _radam(params, grads, state, scalars, reps, o, ctx):
                 beta2=o.beta2, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
 
 
+def _nadam_beta2_above_1(o, lowest_step: float) -> bool:
+    # A beta2 above 1 (set in a group after construction, which refuses it): torch's
+    # multi-tensor NAdam takes the square root of 1 - beta2**step as a Python float, a
+    # complex number its ops refuse (RuntimeError, after updating the moments); its
+    # for-loop divides tensors by it, NaN, and steps on.
+    return float(o.beta2) > 1
+
+
 def _radam_unrectified(o, lowest_step: float) -> bool:
     # Whether a tensor takes a step before RAdam rectifies its variance (rho_t <= 5: the first
     # 5 steps with beta2 = 0.999). There torch's for-loop adds the bias-corrected momentum
@@ -216,7 +224,7 @@ _ADAM = Native(("step",), _adam_fused, _adam_foreach, takes_other_grad_dtypes=_n
 IMPLEMENTATIONS = {
     "Adam": _ADAM,
     "AdamW": _ADAM,
-    "NAdam": Native(("step", "mu_product"), None, _nadam, takes_other_grad_dtypes=_never),
+    "NAdam": Native(("step", "mu_product"), None, _nadam, takes_other_grad_dtypes=_never, loop_if=_nadam_beta2_above_1),
     "RAdam": Native(("step",), None, _radam, takes_other_grad_dtypes=_never, loop_if=_radam_unrectified),
     "Adamax": Native(("step",), None, _adamax, takes_other_grad_dtypes=_never),
     "Adagrad": Native(("step",), _adagrad_fused, _adagrad_foreach),

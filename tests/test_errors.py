@@ -556,17 +556,46 @@ def test_a_negative_lr_decay_set_later_raises_where_torch_divides_by_zero(backen
     assert_unchanged(ours, before)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("when", ["first step", "later step"])
+def test_a_beta2_above_1_set_later_raises_torchs_runtime_error_before_anything_changes(name, backend, when):
+    """torch's Adam and AdamW take the square root of 1 - beta2**step as a Python float:
+    for a beta2 above 1, set in a group after the constructor refused it, a complex number
+    their update refuses with RuntimeError. fusedopt's 'auto' path (torch's fused kernel)
+    wrote NaN into every parameter; the others raised a math domain ValueError."""
+    def build(cls, **kw):
+        params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}], **kw)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if when == "later step":
+            opt.step()
+        opt.param_groups[1]["betas"] = (0.9, 1.5)
+        return opt
+
+    with pytest.raises(RuntimeError):
+        build(getattr(torch.optim, name)).step()
+    ours = build(getattr(fusedopt, name), backend=backend)
+    before = snapshot(ours)
+    with pytest.raises(RuntimeError, match=r"betas\[1\] is 1.5"):
+        ours.step()
+    assert_unchanged(ours, before)
+
+
 BETAS_TORCH_STEPS_WITH = [("NAdam", (1.0, 0.999)), ("RAdam", (1.0, 0.999)), ("Adamax", (0.9, 1.5)),
-                          ("RAdam", (0.9, 1.5)), ("Adam", (1.0, 0.999), dict(fused=True))]
+                          ("RAdam", (0.9, 1.5)), ("NAdam", (0.9, 1.5)), ("Adam", (1.0, 0.999), dict(fused=True))]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 @pytest.mark.parametrize("case", BETAS_TORCH_STEPS_WITH, ids=lambda c: f"{c[0]}-{c[1]}" + ("-fused" if len(c) > 2 else ""))
 def test_a_beta_set_later_that_torch_steps_with_is_stepped_as_torch(case, backend):
     """Other out-of-range betas torch's step takes without an error (NAdam and RAdam never
     divide by 1 - beta1**step in Python, Adamax never takes the square root of
     1 - beta2**step, nor RAdam before its rectification, torch's fused kernel computes on
-    tensors): fusedopt raised ZeroDivisionError or a math domain ValueError there."""
+    tensors): fusedopt raised ZeroDivisionError or a math domain ValueError there. NAdam's
+    beta2 above 1 on 'auto' ran torch's multi-tensor code, which raises where the for-loop,
+    torch.optim's default, steps."""
     name, betas, options = case[0], case[1], (case[2] if len(case) > 2 else {})
     results = []
     for cls, kw in ((getattr(torch.optim, name), {}), (getattr(fusedopt, name), dict(backend=backend))):
