@@ -162,27 +162,6 @@ def test_load_state_dict_keeps_no_copy_of_what_it_loaded(backend):
         assert held_bytes(twin) <= own
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_loaded_state_dict_still_held_is_stepped_as_torchs(backend):
-    """torch's loaded state is the checkpoint's own tensors (same dtype and device), which
-    its steps update in place: while the caller holds them, fusedopt writes them back."""
-    got = []
-    for make in (lambda p: torch.optim.Adam(p, lr=0.01), lambda p: fusedopt.Adam(p, lr=0.01, backend=backend)):
-        model, loss = model_and_loss()
-        opt = make(model.parameters())
-        loss().backward()
-        opt.step()
-        checkpoint = copy.deepcopy(opt.state_dict())
-        opt.load_state_dict(checkpoint)
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-        got.append(checkpoint["state"])
-    for key, entry in got[0].items():
-        for k, v in entry.items():
-            torch.testing.assert_close(got[1][key][k], v)
-
-
 def averaged_and_model(lib, backend, staged=False):
     model, _ = model_and_loss()
     swa = fusedopt.swa if lib is fusedopt else torch.optim.swa_utils
