@@ -23,7 +23,6 @@ from __future__ import annotations
 import operator
 import sys
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -389,10 +388,13 @@ class Bucket:
             # A contiguous gradient reshaped to another shape of the same count is stepped in
             # memory order, as torch's fused kernels step it; the slow path below refuses it.
             grads = list(map(_grad, self.params)) if given is None else given
-            if (not any(map(operator.is_, grads, repeat(None)))
-                    and all(map(operator.is_, map(_dtype, grads), repeat(self.dtype)))
-                    and all(map(Tensor.is_contiguous, grads))
-                    and list(map(Tensor.numel, grads)) == self._sizes):
+            try:
+                common = (list(map(_dtype, grads)).count(self.dtype) == len(grads)
+                          and all(map(Tensor.is_contiguous, grads))
+                          and list(map(Tensor.numel, grads)) == self._sizes)
+            except AttributeError:   # a parameter without a gradient (None has no dtype)
+                common = False
+            if common:
                 return Batch(list(range(len(grads))), list(self.params), grads, True, addresses=self._ptrs)
         index, params, grads, writeback, owns = [], [], [], [], []
         mixed = False
