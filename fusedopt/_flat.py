@@ -47,6 +47,11 @@ def state_strides(p: Tensor) -> tuple[int, ...]:
     return torch.empty_like(p, device="meta").stride()
 
 
+def _is_contiguous_layout(shape: torch.Size, strides: tuple[int, ...]) -> bool:
+    """Whether a tensor of this shape and these strides would be contiguous."""
+    return torch.empty_strided(shape, strides, device="meta").is_contiguous()
+
+
 def is_dense(t: Tensor) -> bool:
     """True when t's elements fill one contiguous range of memory (any permutation)."""
     if t.numel() == 0:
@@ -362,6 +367,16 @@ class Bucket:
                 raise StaleLayout(i)
         if same:
             return
+        # A parameter made contiguous while its state keeps another memory order (a
+        # channels_last or transposed one replaced by a contiguous copy, as
+        # `model.to(memory_format=torch.contiguous_format)` does, or a square one given
+        # `p.data = p.data.t()`): contiguous tensors are paired element for element in memory
+        # order, which is no longer the state's. The optimizer rebuilds the bucket, which lays
+        # the state out again, index for index, as torch pairs it. (The other way round, a
+        # parameter whose memory order is not the state's is staged in the state's: `_conform`.)
+        for i, now in enumerate(contiguous):
+            if now and not self.contiguous[i] and not _is_contiguous_layout(self.shapes[i], self.strides[i]):
+                raise StaleLayout(i)
         self._ptrs = ptrs
         self.contiguous = contiguous
         self.shared = shared_memory(shards, ptrs, contiguous)
