@@ -538,11 +538,11 @@ def commit(buffer: Tensor, value: Tensor, stepped: Tensor) -> None:
     buffer.copy_(torch.where(stepped, value.to(buffer.dtype), buffer))
 
 
-# Above this many elements between the first and last byte of a group of parameters whose
-# extents overlap, `shared_memory` does not look for a common element (an array as long as
-# the group's span) and takes the overlapping extents as sharing one, which refuses
-# disjoint strided views of one large tensor rather than let two writes race.
-EXACT_SPAN = 1 << 24
+# Views whose extents overlap are compared exactly: as boxes of coordinates where they lie on
+# one grid of strides (blocks of one tensor's rows and columns, at any size: `_grid_boxes`),
+# otherwise by their elements' addresses, sorted, up to this many elements in all. Past it
+# they are taken as sharing memory, which refuses disjoint views rather than let two writes race.
+EXACT_ELEMENTS = 1 << 22
 
 
 def shared_memory(tensors: list[Tensor], ptrs: list[int] | None = None,
@@ -593,21 +593,88 @@ def _shared_in(cluster: list[tuple[int, int, int]], tensors: list[Tensor]) -> li
     """`shared_memory` for tensors whose extents chain into one range of addresses."""
     base, end = cluster[0][0], max(span[1] for span in cluster)
     size = tensors[cluster[0][2]].element_size()
-    exact = (end - base) // size <= EXACT_SPAN and all((start - base) % size == 0 for start, _, _ in cluster)
-    if all(tensors[i].is_contiguous() for _, _, i in cluster) or not exact:
+    aligned = all((start - base) % size == 0 for start, _, _ in cluster)
+    if all(tensors[i].is_contiguous() for _, _, i in cluster) or not aligned:
         # A contiguous tensor's extent is its elements.
-        return [(min(i, j), max(i, j)) for k, (_, end_i, i) in enumerate(cluster)
-                for start_j, _, j in cluster[k + 1:] if start_j < end_i]
-    owner = torch.full(((end - base) // size,), -1, dtype=torch.int32)
-    elements = torch.arange(owner.numel())
-    pairs = []
-    for start, _, i in sorted(cluster, key=operator.itemgetter(2)):
-        t = tensors[i]
-        index = elements.as_strided(t.shape, t.stride(), (start - base) // size).flatten()
-        earlier = owner[index]
-        pairs += [(j, i) for j in earlier[earlier >= 0].unique().tolist()]
-        owner[index] = i
-    return pairs
+        return _overlapping_extents(cluster)
+    boxes = _grid_boxes([((start - base) // size, tensors[i]) for start, _, i in cluster])
+    if boxes is not None:
+        return [(min(i, j), max(i, j)) for k, (box_i, (_, _, i)) in enumerate(zip(boxes, cluster))
+                for box_j, (_, _, j) in zip(boxes[k + 1:], cluster[k + 1:])
+                if all(lo_i < hi_j and lo_j < hi_i for (lo_i, hi_i), (lo_j, hi_j) in zip(box_i, box_j))]
+    if sum(tensors[i].numel() for _, _, i in cluster) > EXACT_ELEMENTS:
+        return _overlapping_extents(cluster)
+    # Every element's address, sorted: tensors that share an element have it in one run of
+    # equal addresses, and the k-th neighbours within runs give every pair (a run is as long
+    # as the number of tensors sharing its element, usually one or two).
+    addresses = torch.cat([_addresses((start - base) // size, tensors[i]) for start, _, i in cluster])
+    owners = torch.cat([torch.full((tensors[i].numel(),), i, dtype=torch.int64) for _, _, i in cluster])
+    addresses, order = addresses.sort(stable=True)
+    owners = owners[order]
+    pairs: set[tuple[int, int]] = set()
+    for lag in range(1, len(cluster)):
+        equal = addresses[lag:] == addresses[:-lag]
+        if not equal.any():
+            break
+        first, second = owners[:-lag][equal], owners[lag:][equal]
+        found = torch.stack([torch.minimum(first, second), torch.maximum(first, second)], 1).unique(dim=0)
+        pairs.update((i, j) for i, j in found.tolist() if i != j)
+    return sorted(pairs)
+
+
+def _addresses(offset: int, t: Tensor) -> Tensor:
+    """The element offsets t covers, counted from `offset` (an int64 tensor of t.numel())."""
+    out = torch.tensor([offset], dtype=torch.int64)
+    for n, stride in zip(t.shape, t.stride()):
+        out = (out[:, None] + torch.arange(n, dtype=torch.int64) * stride).flatten()
+    return out
+
+
+def _overlapping_extents(cluster: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """The pairs of a cluster whose extents (first to last byte) overlap."""
+    return [(min(i, j), max(i, j)) for k, (_, end_i, i) in enumerate(cluster)
+            for start_j, _, j in cluster[k + 1:] if start_j < end_i]
+
+
+def _grid_boxes(views: list[tuple[int, Tensor]]) -> list[list[tuple[int, int]]] | None:
+    """Each view's elements as a box of coordinates on one mixed-radix grid, or None where
+    the views do not lie on one.
+
+    `views` are (offset in elements from a common base, tensor). The grid's strides are
+    every stride the views use (and 1), largest first; each must be a multiple of the next,
+    whose radix is their quotient. An offset is then one point of the grid (its digits) and
+    a view the box from it to it plus its sizes, along the dimension of each stride, as
+    long as no box runs past a radix (a view wrapping into the next row: None). Addresses
+    and grid points correspond one to one, so two views share an element exactly where
+    their boxes meet: disjoint column blocks of a matrix of any size are told apart without
+    marking its elements."""
+    strides = {1}
+    for _, t in views:
+        for n, st in zip(t.shape, t.stride()):
+            if n > 1:
+                if st <= 0:
+                    return None
+                strides.add(st)
+    grid = sorted(strides, reverse=True)
+    if any(big % small for big, small in zip(grid, grid[1:])):
+        return None
+    radix = [None] + [big // small for big, small in zip(grid, grid[1:])]
+    boxes = []
+    for offset, t in views:
+        sizes = dict.fromkeys(grid, 1)
+        for n, st in zip(t.shape, t.stride()):
+            if n > 1:
+                if sizes[st] != 1:
+                    return None   # two dimensions of one stride: its own elements overlap
+                sizes[st] = n
+        box = []
+        for st, r in zip(grid, radix):
+            digit = offset // st if r is None else offset // st % r
+            if r is not None and digit + sizes[st] > r:
+                return None
+            box.append((digit, digit + sizes[st]))
+        boxes.append(box)
+    return boxes
 
 
 class StaleLayout(Exception):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt import _flat
 from _compare import assert_close, assert_same_run, clone_params
 from fusedopt.kernels._launch import count_launches
 from optim_db import OPTIMIZERS
@@ -973,6 +974,72 @@ def test_disjoint_views_of_one_tensor_step_as_torch_steps_them(views, backend):
     for step in range(2):
         step_both(list(zip(theirs, params)), [ref, opt], random_grads(theirs, step))
     assert_close("memory", w, theirs_w)
+
+
+@pytest.mark.parametrize("large,backend", [(False, b) for b in BACKENDS] + [(True, "reference"), (True, "auto")],
+                         ids=[f"small-{b}" for b in BACKENDS] + ["large-reference", "large-auto"])
+def test_disjoint_column_blocks_of_a_large_tensor_step_as_torch(large, backend, monkeypatch):
+    """Column blocks of a matrix whose elements are too many to compare one by one: their
+    overlapping extents were taken as shared memory (ValueError where torch steps, for
+    any pair of column blocks of a (50000, 400) matrix). They are compared as boxes of
+    the matrix's grid. (Small: `EXACT_ELEMENTS` lowered, so that Triton's interpreter is
+    not given 4M elements; the comparison is the bucket's, the same on every path.)"""
+    if not large:
+        monkeypatch.setattr(_flat, "EXACT_ELEMENTS", 8)
+    rows, columns = (2048, 2050) if large else (4, 10)
+    ws = [torch.zeros(rows, columns) for _ in range(2)]
+    theirs, ours = ([torch.nn.Parameter(w[:, :columns // 2]), torch.nn.Parameter(w[:, columns // 2:])] for w in ws)
+    assert sum(p.numel() for p in ours) > _flat.EXACT_ELEMENTS
+    ref, opt = torch.optim.Adagrad(theirs, lr=0.1), fusedopt.Adagrad(ours, lr=0.1, backend=backend)
+    for step in range(2):
+        step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_close("memory", ws[1], ws[0])
+    # Overlapping blocks of it are still refused.
+    params = [torch.nn.Parameter(ws[1][:, :3]), torch.nn.Parameter(ws[1][:, 2:])]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="parameters 0 and 1 share memory"):
+        fusedopt.SGD(params, lr=0.1, backend=backend).step()
+
+
+def _random_views(gen, base):
+    """Views of `base` (a 3-d tensor) of random slices, steps, transposes and flattenings."""
+    views = []
+    for _ in range(int(torch.randint(2, 5, (1,), generator=gen))):
+        v = base
+        for dim in range(3):
+            n = v.shape[dim]
+            lo = int(torch.randint(0, n, (1,), generator=gen))
+            hi = int(torch.randint(lo + 1, n + 1, (1,), generator=gen))
+            step = int(torch.randint(1, 3, (1,), generator=gen))
+            v = v.narrow(dim, lo, hi - lo)[(slice(None),) * dim + (slice(None, None, step),)]
+        roll = int(torch.randint(0, 4, (1,), generator=gen))
+        v = v.permute(1, 0, 2) if roll == 1 else v.flatten() if roll == 2 and v.is_contiguous() else v
+        views.append(v)
+    return views
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_memory_finds_exactly_the_views_that_share_an_element(seed):
+    """`_flat.shared_memory` against a brute-force comparison of element addresses, for
+    random views of one tensor (up to four, so three sharing an element), and the grid
+    boxes used past `EXACT_ELEMENTS`, which must give the same pairs wherever they apply.
+    (Marking each element with the last tensor seen lost a pair of three that shared one.)"""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.zeros(5, 6, 7)
+    for _ in range(100):
+        views = _random_views(gen, base)
+        addresses = [set(torch.arange(base.numel()).as_strided(v.shape, v.stride(), v.storage_offset()).flatten()
+                         .tolist()) for v in views]
+        truth = sorted((i, j) for i in range(len(views)) for j in range(i + 1, len(views))
+                       if addresses[i] & addresses[j])
+        assert _flat.shared_memory(views) == truth
+        cluster = [(v.storage_offset(), v) for v in views]
+        boxes = _flat._grid_boxes(cluster)
+        if boxes is not None:
+            met = sorted((i, j) for i in range(len(views)) for j in range(i + 1, len(views))
+                         if all(a < d and c < b for (a, b), (c, d) in zip(boxes[i], boxes[j])))
+            assert met == truth, (views, boxes)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
