@@ -27,6 +27,7 @@ import functools
 import operator
 import os
 import sys
+import warnings
 import weakref
 from itertools import chain
 from typing import Any
@@ -324,8 +325,13 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             self._lazy[gi] = lazy
         else:
             self._lazy.pop(gi, None)
+        cast = {}
         for p, entries in carried.items():
-            self._adopt(p, entries, carried=pending.get(id(p), False))
+            kinds = self._adopt(p, entries, carried=pending.get(id(p), False))
+            if kinds:
+                cast[p] = kinds
+        if cast:
+            self._warn_state_cast(cast)
         return buckets
 
     def _refuse_shared(self, gi: int) -> None:
@@ -373,13 +379,15 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
 
     # ------------------------------------------------------------------ state
 
-    def _adopt(self, p: Tensor, entries: dict, into: ParamState | None = None, carried: bool | None = None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into: ParamState | None = None,
+               carried: bool | None = None) -> dict[str, torch.dtype] | None:
         """Make `entries` p's state: flat kinds are copied into p's segments, numbers for
         scalar kinds into their vectors; anything else is kept as given. `into`: the
         `ParamState` to refill (`entries` itself, after outside code changed it).
         `carried`: None for state from outside; else the state is this optimizer's own,
         carried into a rebuilt bucket (a parameter's dtype or device changed), and says
-        whether it was loaded and not yet checked (`_check_loaded`)."""
+        whether it was loaded and not yet checked (`_check_loaded`). Returns the old dtypes
+        of carried state kinds that were cast to the parameter's new dtype."""
         slot = self._slot(p) if isinstance(p, Tensor) else None
         if slot is None or not isinstance(entries, dict):
             dict.__setitem__(self.state, p, entries)
@@ -398,6 +406,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         state.bind(self, p)
         state.unfit = False
         flat = False
+        cast: dict[str, torch.dtype] = {}
         for key, value in items:
             if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
                 vec = bucket.scalar(key)
@@ -421,6 +430,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     value = value.to_dense()
                 if not (value.data_ptr() == view.data_ptr() and value.stride() == view.stride()):
                     view.copy_(value.detach())   # (state set to `p * 0` must not join p's graph)
+                if carried is not None and value.dtype != view.dtype:
+                    cast[key] = value.dtype
                 dict.__setitem__(state, key, bucket.state_view(key, i))
                 flat = True
             elif value is None and key in self._optional_state:
@@ -430,6 +441,23 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         bucket.initialized[i] = flat
         bucket.state_keys = None   # the next step checks every parameter's keys (`_buffers`)
         dict.__setitem__(self.state, p, state)
+        return cast
+
+    def _warn_state_cast(self, cast: dict[Tensor, dict[str, torch.dtype]]) -> None:
+        """Parameters changed dtype (`model.half()`, `.double()`) after their state was made:
+        the state is cast with them, into their new buckets. torch keeps existing state in
+        its old dtype and, where its step accepts the mix (SGD's momentum, Adagrad, RMSprop,
+        Adadelta, Rprop, ASGD), computes in that dtype: the numbers differ, and fp16 state
+        can fail where fp32 state does not (Adagrad's eps of 1e-10 is 0 in fp16: 0/0 where a
+        gradient is 0). A bucket holds one state dtype, so this is said rather than matched."""
+        named = [f"parameter {self._global_index(p)} ({', '.join(f'{k}: {d} to {p.dtype}' for k, d in kinds.items())})"
+                 for p, kinds in cast.items()]
+        listed = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+        warnings.warn(
+            f"fusedopt: parameters changed dtype after their optimizer state was created, and their state is cast "
+            f"with them: {listed}. torch.optim keeps existing state in its old dtype, so the numbers differ "
+            "from its. help: change the model's dtype before creating the optimizer (Adagrad makes its state then)",
+            UserWarning, stacklevel=user_stacklevel())
 
     def _keep_unfit(self, p: Tensor, bucket: _flat.Bucket, i: int, entries: dict, into: ParamState | None,
                     carried: bool) -> None:

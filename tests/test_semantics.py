@@ -1,6 +1,7 @@
 """torch.optim's semantics, one test each, on every path, compared with torch.optim."""
 import copy
 import pickle
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -1139,16 +1140,37 @@ def test_master_copy_takes_up_a_transposed_view_put_in_through_data(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_data_replaced_with_other_dtype_keeps_updating(backend):
-    p = torch.randn(10, requires_grad=True)
-    opt = fusedopt.SGD([p], lr=0.1, momentum=0.9, backend=backend)
+    """The state is carried over, cast to the new dtype, and that is said: torch keeps
+    existing state in its old dtype (fp32 Adagrad state cast to fp16 by a `model.half()`
+    after the optimizer was made turns eps = 1e-10 into 0, and a zero gradient into NaN,
+    where torch's fp32 state does not). A parameter without state yet says nothing."""
+    p, fresh = torch.randn(10, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = fusedopt.SGD([p, fresh], lr=0.1, momentum=0.9, backend=backend)
     p.grad = torch.ones(10)
     opt.step()
-    p.data = p.data.double()
+    p.data, fresh.data = p.data.double(), fresh.data.double()
     p.grad = torch.ones(10, dtype=torch.float64)
     before = p.detach().clone()
-    opt.step()
+    with pytest.warns(UserWarning, match=r"parameter 0 \(momentum_buffer: torch.float32 to torch.float64\)\. "
+                      r"torch.optim keeps existing state in its old dtype") as caught:
+        opt.step()
+    assert len(caught) == 1
     expected = before - 0.1 * (0.9 * 1.0 + 1.0)  # momentum carried over
     assert_close("param after dtype change", p.detach(), expected)
+    assert opt.state[p]["momentum_buffer"].dtype == torch.float64
+
+
+def test_a_model_converted_before_its_state_is_made_steps_as_torch_without_a_word():
+    """`model.half()` after the optimizer is made but before its first step: no state to cast."""
+    theirs, ref, ours, opt = twin([torch.randn(4, 3), torch.randn(3)], fusedopt.RMSprop, torch.optim.RMSprop,
+                                  dict(lr=0.01), "auto")
+    for p in theirs + ours:
+        p.data = p.data.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            step_both(list(zip(theirs, ours)), [ref, opt], random_grads(theirs, step))
+    assert_same_run(theirs, ref, ours, opt)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
