@@ -249,7 +249,9 @@ def sparse_adam_kernel(anchor_ptr, items_ptr, n_items, exp_avg_ptr, exp_avg_sq_p
     g = tl.load(anchor_ptr + g_offs, mask=mask, other=0).to(cdt)
     p = tl.load(anchor_ptr + p_offs, mask=mask, other=0).to(cdt)
     m0 = tl.load(exp_avg_ptr + s_offs, mask=mask, other=0).to(cdt)
-    v0 = tl.load(exp_avg_sq_ptr + s_offs, mask=mask, other=0).to(cdt)
+    # (1 in masked lanes, never stored: rounded per op to fp16, eps is 0 and a 0 there would
+    # divide 0 by 0, which Triton's interpreter reports as a numpy warning every step)
+    v0 = tl.load(exp_avg_sq_ptr + s_offs, mask=mask, other=1).to(cdt)
     if MAXIMIZE:
         g = -g
     um = _rounded(_rounded(g - m0, anchor_ptr) * one_minus_beta1, anchor_ptr)
