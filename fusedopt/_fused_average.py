@@ -130,12 +130,11 @@ class _Round:
             buffer=target.buffers[FLAT], segments=segments,
             scalars=_averaging.fused_scalars(bucket.device, _launch.compute_dtype(bucket.real_dtype),
                                              average.formula, self.n, average.decay, self.owner._scalars),
-            flag=_averaging.FORMULAS[average.formula] + 1,
-            fp_fusion=average.formula == "lerp")
+            flag=_averaging.FORMULAS[average.formula] + 1)
 
     def finish(self) -> None:
         """Average what the kernels did not, and count the update, as update_parameters does."""
         owner = self.owner
         owner.averaged._update(self.model, self.n, done=self.done)
         t = owner.averaged.n_averaged
-        owner._n = (id(t), t._version, self.n + 1)
+        owner._n = (*_count_key(t), self.n + 1)   # (the count just written: no read back)

@@ -63,3 +63,26 @@ def test_check_fails_on_a_variant_that_spills(tmp_path):
     )
     check_own_kernel(tmp_path, "spills", kernel, "{'x_ptr': torch.float32, 'y_ptr': torch.float32}",
                      ("sm_90", "gfx942"), "all('spilled to local memory' in r['problem'] for r in rows)")
+
+
+def test_an_ema_average_rounds_each_product_even_where_the_compiler_fuses(tmp_path):
+    """An EMA's `decay * avg + (1 - decay) * x` rounds both products, as torch's two
+    multiplies do. Compiled with fp fusion on (as the update kernels are, to match nvcc), a
+    plain product feeding the sum became one fma: so averaging inside an optimizer's kernel
+    switched fusion off for the whole update, whose numbers then differed from the same
+    optimizer's without an average by an ulp. The products are now fmas with a zero addend
+    (rounded once each, whatever the setting): every fma in the kernel's PTX adds zero."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import re, sys\n"
+        "from fusedopt.kernels import _aot, averaging\n"
+        "v, = [v for v in averaging.VARIANTS if v.name == 'average-axpby-float32']\n"
+        "ptx = _aot.compile_variant(v, 'sm_90').asm['ptx']\n"
+        "fmas = re.findall(r'fma\\.rn\\.f32\\s+[^,]+,\\s*[^,]+,\\s*[^,]+,\\s*([^;]+);', ptx)\n"
+        "print(fmas)\n"
+        "sys.exit(0 if fmas and all(a.strip() == '0f00000000' for a in fmas) else 1)\n"
+    )
+    script = tmp_path / "axpby.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

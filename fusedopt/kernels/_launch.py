@@ -197,7 +197,7 @@ def launch(kernel, name: str, bucket: _flat.Bucket, batch: _flat.Batch, buffers:
             flags["AVERAGE"] = 0
         else:
             extra += (average.buffer, average.segments, average.scalars)
-            flags.update(AVERAGE=average.flag, enable_fp_fusion=average.fp_fusion)
+            flags["AVERAGE"] = average.flag   # (fp fusion as without it: `_average_value` rounds as torch)
     elif average is not None:
         raise RuntimeError(f"fusedopt: the {name} kernel cannot update an averaged model")
     with device_guard(bucket.device):

@@ -96,7 +96,14 @@ def _average_value(a_ptr, offs, mask, x, s_ptr, copy, FORMULA: tl.constexpr):
                 quotient = diff / s0
             value = a + _round(quotient, a_ptr)
         else:  # AXPBY
-            value = _round(s0 * a, a_ptr) + _round(s1 * xc, a_ptr)
+            # Each product rounded on its own, as torch's two multiplies: an fma adding +0 is
+            # one rounded product whatever the compiler's fp fusion, where a plain product
+            # feeding the sum would become one fma with it. (The update kernels an average is
+            # fused into keep fusion on, as without one. +0 rather than -0, which LLVM folds
+            # back into a plain multiply; it differs only in giving +0 for a product of -0,
+            # and then only where both products are -0 does the sum's sign change.)
+            zero = tl.zeros_like(a)
+            value = _round(tl.fma(s0, a, zero), a_ptr) + _round(tl.fma(s1, xc, zero), a_ptr)
         store_as(a_ptr, offs, value, mask)
 
 
@@ -157,7 +164,6 @@ class FusedAverage:
     segments: torch.Tensor   # int64 on the device: each bucket tensor's segment in it, -1 for none
     scalars: torch.Tensor    # (s0, s1, copy) in the compute dtype, on the device
     flag: int                # the kernel's AVERAGE: FORMULA + 1
-    fp_fusion: bool          # DIVIDE and AXPBY round every op, as torch's several ops do
 
 
 def fused_scalars(device: torch.device, dtype: torch.dtype, formula: str, n_averaged: int,
