@@ -53,7 +53,7 @@ class AttachedAverage:
         t = self.averaged.n_averaged
         if t.device.type == "cpu":
             return int(t)
-        key = (id(t), t.data_ptr(), t._version)
+        key = _count_key(t)
         if self._n is None or self._n[:3] != key:
             self._n = (*key, int(t))
         return self._n[3]
@@ -100,6 +100,13 @@ class AttachedAverage:
         plan = (positions, device_segments, target)
         bucket._average_plan = (self, layout, round_.sources_key, *plan)
         return plan
+
+
+def _count_key(t) -> tuple[int, int, int]:
+    """What identifies a value of the n_averaged tensor without reading it (a sync on a GPU):
+    the tensor, its storage and its version. One function for the cache and its check, so
+    that they stay the same key (a field added to one only made every step read the count)."""
+    return id(t), t.data_ptr(), t._version
 
 
 class _Round:

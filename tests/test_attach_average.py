@@ -232,6 +232,18 @@ def test_counts_updates_made_outside_the_step():
     assert int(averaged.n_averaged) == 5
 
 
+def test_the_count_a_step_leaves_is_the_one_the_next_step_would_read():
+    """On a GPU, n_averaged is read back (a sync) only when its tensor, storage or version
+    changed; the step leaves the count it wrote in that cache. The cache had kept its old
+    (id, version) form when the key gained the storage address, so it never matched and
+    every step read the count: a sync at the start of each step, and a read that a CUDA
+    graph capture refuses. (On the CPU the count is read every step: only the cache is
+    checked here.)"""
+    averaged, opt, model = run_twins("Adam", "swa_multi", "auto", steps=3)
+    t = averaged.n_averaged
+    assert opt._attached._n == (id(t), t.data_ptr(), t._version, 3) and int(t) == 3
+
+
 @pytest.mark.parametrize("write", ["data.fill_", "data=", "fill_"])
 def test_n_averaged_reset_by_any_write_restarts_the_average(write):
     """Restarting an SWA average by writing n_averaged = 0, also through `.data` (which torch
