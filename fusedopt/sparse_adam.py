@@ -131,6 +131,15 @@ class SparseAdam(Optimizer):
                 if bucket.shared:
                     self._refuse_shared_memory(bucket, None, [(i, p.grad) for i, p in enumerate(bucket.params)
                                                               if p.grad is not None])
+                if bucket.path == "triton":
+                    # The kernel addresses rows in elements from the anchor (as the dense
+                    # kernels do: `_launch.pointer_table`), so a tensor a fraction of an
+                    # element off would be written outside itself.
+                    size = bucket.real_dtype.itemsize
+                    for p in bucket.params:
+                        if p.grad is not None:
+                            _launch.refuse_misaligned("parameter", p, p.data_ptr(), size)
+                            _launch.refuse_misaligned("gradient", p.grad, p.grad._values().data_ptr(), size)
             checked.append((gi, group, o))
         # torch creates a parameter's state in its group's order, the buckets below go by
         # dtype and device: the entries are made first, in that order

@@ -172,6 +172,31 @@ def test_fp16_rows_narrower_than_a_block_step_as_torch_without_a_word(backend):
     assert_close("param", ours, theirs)
 
 
+def test_a_parameter_not_aligned_to_its_element_size_is_refused_before_anything_changes():
+    """SparseAdam's kernel addresses rows in elements from an anchor, as the dense kernels
+    do, but it did not refuse a parameter a fraction of an element off (`torch.frombuffer(
+    ..., offset=1)`): it wrote garbage into rows torch leaves alone, and past the tensor.
+    The other paths step it as torch does."""
+    def misaligned_rows():
+        raw = bytearray(4 * 64 + 2)
+        return torch.frombuffer(raw, dtype=torch.float32, offset=1, count=64).copy_(torch.arange(64.0)).view(16, 4)
+
+    grad = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.ones(2, 4), (16, 4))
+    for backend in ("reference", "auto"):
+        p, q = torch.nn.Parameter(misaligned_rows()), torch.nn.Parameter(torch.arange(64.0).view(16, 4))
+        p.grad, q.grad = grad.clone(), grad.clone()
+        fusedopt.SparseAdam([p], lr=0.5, backend=backend).step()
+        torch.optim.SparseAdam([q], lr=0.5).step()
+        assert torch.equal(p.detach(), q.detach()), backend
+    p = torch.nn.Parameter(misaligned_rows())
+    p.grad = grad.clone()
+    before = bytes(p.untyped_storage())
+    opt = fusedopt.SparseAdam([p], lr=0.5, backend="triton")
+    with pytest.raises(RuntimeError, match=r"a parameter of shape \(16, 4\).*not a multiple of its element size"):
+        opt.step()
+    assert bytes(p.untyped_storage()) == before and not opt.state[p]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_embedding_model(backend):
     """The intended use: nn.Embedding(sparse=True) inside a model, with a closure."""

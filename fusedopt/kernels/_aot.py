@@ -43,6 +43,9 @@ class Variant:
     stores: int                           # ... and writes
     dtype: torch.dtype = torch.float32    # the streams' element type (for the expected count)
     scalars: dict[str, str] = field(default_factory=dict)  # non-pointer runtime args
+    # Elements a program moves per stream, where the kernel sets it itself rather than by
+    # the BLOCK the policy gives (SparseAdam: ROWS x WIDTH); None: that BLOCK.
+    elements: int | None = None
 
 
 def layout_pointers(param_dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -62,8 +65,8 @@ def compile_variant(v: Variant, target: str):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = dict(v.constexprs, BLOCK=block_size(v.dtype, TARGETS[target][2]),
-                      ALIGN=16 // torch.empty((), dtype=v.dtype).element_size())
+    per_target = dict(BLOCK=block_size(v.dtype, TARGETS[target][2]), ALIGN=16 // torch.empty((), dtype=v.dtype).element_size())
+    constexprs = dict(v.constexprs, **{k: x for k, x in per_target.items() if k in v.kernel.arg_names})
     signature = {name: "*" + TL_TYPES[dt] for name, dt in v.pointers.items()}
     signature.update(v.scalars)
     signature.update({name: "constexpr" for name in constexprs})
@@ -86,7 +89,8 @@ def vector_accesses(asm: str, target: str) -> tuple[int, int]:
 def expected_vectors(v: Variant, target: str) -> int:
     """128-bit accesses per stream per thread in a whole block."""
     threads = NUM_WARPS * TARGETS[target][2]
-    return block_size(v.dtype, TARGETS[target][2]) * torch.empty((), dtype=v.dtype).element_size() // (threads * 16)
+    elements = block_size(v.dtype, TARGETS[target][2]) if v.elements is None else v.elements
+    return elements * torch.empty((), dtype=v.dtype).element_size() // (threads * 16)
 
 
 def ptxas_report(ptx: str, arch: int) -> str | None:

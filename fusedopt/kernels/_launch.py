@@ -145,11 +145,16 @@ def _refuse_misaligned(batch: _flat.Batch, params: list[int], grads: list[int], 
     and a GPU might too: refused instead."""
     for what, addresses, tensors in (("parameter", params, batch.params), ("gradient", grads, batch.grads)):
         for address, t in zip(addresses, tensors):
-            if address % size:
-                raise RuntimeError(
-                    f"fusedopt: a {what} of shape {tuple(t.shape)} and dtype {t.dtype} lies at address {address:#x}, "
-                    f"not a multiple of its element size ({size} bytes), which the Triton kernels cannot "
-                    "address. help: clone() it, or use backend='reference'")
+            refuse_misaligned(what, t, address, size)
+
+
+def refuse_misaligned(what: str, t: torch.Tensor, address: int, size: int) -> None:
+    """Raise for a tensor at an address that is not a multiple of the element size."""
+    if address % size:
+        raise RuntimeError(
+            f"fusedopt: a {what} of shape {tuple(t.shape)} and dtype {t.dtype} lies at address {address:#x}, "
+            f"not a multiple of its element size ({size} bytes), which the Triton kernels cannot "
+            "address. help: clone() it, or use backend='reference'")
 
 
 def grid_tables(bucket: _flat.Bucket, batch: _flat.Batch, block: int):

@@ -219,21 +219,24 @@ def _rounded(x, like_ptr):
 
 
 @triton.jit
-def sparse_adam_kernel(anchor_ptr, items_ptr, n_items, exp_avg_ptr, exp_avg_sq_ptr, scalars_ptr,
+def sparse_adam_kernel(anchor_ptr, p_items_ptr, g_items_ptr, s_items_ptr, length_items_ptr, t_items_ptr, n_items,
+                       exp_avg_ptr, exp_avg_sq_ptr, scalars_ptr,
                        ROWS: tl.constexpr, WIDTH: tl.constexpr, FULL: tl.constexpr, ALIGN: tl.constexpr,
                        NUM_SCALARS: tl.constexpr, MAXIMIZE: tl.constexpr):
+    # Each column of the work table comes as its own pointer: `k * n_items` in the kernel
+    # is 32-bit arithmetic, which wraps from 2^29 items.
     item = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     live = item < n_items
-    p_off = tl.multiple_of(tl.load(items_ptr + item, mask=live, other=0), ALIGN)
-    g_off = tl.multiple_of(tl.load(items_ptr + n_items + item, mask=live, other=0), ALIGN)
-    s_off = tl.multiple_of(tl.load(items_ptr + 2 * n_items + item, mask=live, other=0), ALIGN)
-    t = tl.load(items_ptr + 4 * n_items + item, mask=live, other=0)
+    p_off = tl.multiple_of(tl.load(p_items_ptr + item, mask=live, other=0), ALIGN)
+    g_off = tl.multiple_of(tl.load(g_items_ptr + item, mask=live, other=0), ALIGN)
+    s_off = tl.multiple_of(tl.load(s_items_ptr + item, mask=live, other=0), ALIGN)
+    t = tl.load(t_items_ptr + item, mask=live, other=0)
     col = tl.arange(0, WIDTH)[None, :]
     if FULL:
         # Uniform along a row, so the compiler keeps vectorised accesses.
         mask = live[:, None]
     else:
-        length = tl.load(items_ptr + 3 * n_items + item, mask=live, other=0)
+        length = tl.load(length_items_ptr + item, mask=live, other=0)
         mask = live[:, None] & (col < length[:, None])
     p_offs = p_off[:, None] + col
     g_offs = g_off[:, None] + col
@@ -275,13 +278,38 @@ def sparse_adam_triton(bucket: _flat.Bucket, grads: list[SparseGrad], state: dic
         return
     with _launch.device_guard(bucket.device):
         sparse_adam_kernel[(triton.cdiv(work.count, work.rows),)](
-            bucket.anchor(), work.items, work.count, state["exp_avg"], state["exp_avg_sq"], table,
+            bucket.anchor(), *work.items.unbind(), work.count, state["exp_avg"], state["exp_avg_sq"], table,
             ROWS=work.rows, WIDTH=work.width, FULL=work.full, ALIGN=work.align, NUM_SCALARS=len(COLUMNS),
             MAXIMIZE=o.maximize, num_warps=num_warps,
             # torch rounds between the multiply and the add of every pair; a fused
             # multiply-add would skip that rounding.
             enable_fp_fusion=False)
     _launch.record_launch("sparse_adam")
+
+
+# ------------------------------------------------------------------------- AOT variants
+
+def _variants():
+    from ._aot import Variant
+
+    out = []
+    rows, width = 8, 128   # an embedding's rows of 128, eight to a program
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for label, full in (("rows", True), ("ragged", False)):
+            pointers = {"anchor_ptr": dtype, **{f"{c}_items_ptr": torch.int64 for c in ("p", "g", "s", "length", "t")},
+                        "exp_avg_ptr": dtype, "exp_avg_sq_ptr": dtype,
+                        "scalars_ptr": _launch.compute_dtype(dtype)}
+            # Whole rows read the gradient, the parameter and both moments, and write all
+            # but the gradient with 128-bit accesses; a ragged tile masks its columns per
+            # row, so it promises nothing (loads=stores=0: compiled, not counted).
+            out.append(Variant(f"sparse_adam-{label}-{str(dtype)[6:]}", sparse_adam_kernel, pointers,
+                               dict(ROWS=rows, WIDTH=width, FULL=full, NUM_SCALARS=len(COLUMNS), MAXIMIZE=False),
+                               loads=4 if full else 0, stores=3 if full else 0, dtype=dtype,
+                               scalars={"n_items": "i32"}, elements=rows * width))
+    return out
+
+
+VARIANTS = _variants()
 
 
 # ------------------------------------------------------------------------- reference
