@@ -11,17 +11,25 @@
 #   gpu-tests  what only a GPU shows, the tests marked `gpu` on compiled kernels: every
 #              row against torch.optim on the GPU, random optimizer and averaged-model lifecycles,
 #              CUDA-graph capture and replay, a second device                 -> OUT/gpu-tests.log
-#   sweep      the block policy sweep (benchmarks/block_sweep.py)             -> OUT/sweep/
-#   bench      the runner at full size, CUDA events                           -> OUT/results.*
+#   sweep      the block policy sweep (benchmarks/block_sweep.py; SWEEP_ARGS)  -> OUT/sweep/sweep.{json,md},
+#              each configuration's runner output packed in OUT/sweep/configs.tar.gz
+#   bench      the runner at full size, CUDA events; BENCH_ARGS (say "--cases few_large,gpt2_like")
+#              splits it over commands, each with its own OUT               -> OUT/results.*
 #   tests      the rest of the suite as CI runs it (Triton's interpreter, CPU tensors),
 #              on the machine's own torch and triton                          -> OUT/tests.log
-# Copy OUT to benchmarks/results/<gpu>/ and commit it with this command line.
+# Copy OUT to benchmarks/results/<gpu>/ and commit it with this command line. A device
+# command brings back at most 8 files: give each command its own OUT, a stage or two each.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT [STAGE ...]}
 shift
 stages=${*:-env gpu-tests sweep bench tests}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Nothing is installed on the lent machine: scripts run by path (benchmarks/block_sweep.py)
+# import fusedopt from the checkout. Compiled kernels and the default path, whatever the
+# caller's environment says (an interpreter or a backend override would time something else).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET FUSEDOPT_BACKEND FUSEDOPT_TEST_COMPILED
 mkdir -p "$out"
 status=0
 for stage in $stages; do
@@ -36,9 +44,17 @@ for stage in $stages; do
         tests)
             $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.log" ;;
         sweep)
-            $py benchmarks/block_sweep.py --out "$out/sweep" 2>&1 | tee "$out/sweep.log" ;;
+            # shellcheck disable=SC2086 # (SWEEP_ARGS: say "--configs 4x1,4x2", to split it)
+            $py benchmarks/block_sweep.py --out "$out/sweep" ${SWEEP_ARGS:-} 2>&1 | tee "$out/sweep.log"
+            rc=$?
+            # one file for the configurations' own outputs (3 files each), so that the
+            # summaries come back within the device's 8 files
+            (cd "$out/sweep" && configs=$(find . -mindepth 1 -maxdepth 1 -type d -printf '%f\n') \
+                && [ -n "$configs" ] && tar -czf configs.tar.gz $configs && rm -rf $configs)
+            (exit $rc) ;;
         bench)
-            $py -m fusedopt.bench --device cuda --out "$out" --no-progress 2>&1 | tee "$out/bench.log" ;;
+            # shellcheck disable=SC2086 # (BENCH_ARGS is a list of options)
+            $py -m fusedopt.bench --device cuda --out "$out" --no-progress ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" ;;
         *)
             echo "unknown stage: $stage (env, gpu-tests, tests, sweep, bench)" >&2
             exit 2 ;;

@@ -105,6 +105,12 @@ def state_streams(cls: str, options: dict) -> int:
     return {"NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Rprop": 2, "Adagrad": 1, "ASGD": 1}[cls]
 
 
+def _written_only(cls: str, options: dict) -> int:
+    """State streams a step writes without reading them: ASGD's average `ax` until averaging
+    starts (step t0, 1e6 by default: until then torch copies the parameter into it)."""
+    return int(cls == "ASGD")
+
+
 def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
                       state_dtype: torch.dtype | None = None, fused_options: dict | None = None,
                       ema: bool = False) -> int:
@@ -112,7 +118,8 @@ def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
     gradient and each state tensor, write the parameter and each state tensor, once each.
 
     fp32 Adam: 7 * 4 = 28 (read p, g, exp_avg, exp_avg_sq; write p, exp_avg, exp_avg_sq);
-    SGD 12, with momentum 20; Adagrad and ASGD 20; RMSprop 20, 28 with momentum, 36 centered
+    SGD 12, with momentum 20; Adagrad 20; ASGD 16 (its average is written, not read, until
+    averaging starts at step t0); RMSprop 20, 28 with momentum, 36 centered
     with momentum; amsgrad 36. State takes the parameter's dtype unless `state_dtype` says
     otherwise (as torch, fusedopt keeps bf16 state for bf16 parameters). An AveragedModel
     update ('AveragedModel') reads the average and the model's tensor and writes the average;
@@ -128,7 +135,7 @@ def bytes_per_element(cls: str, options: dict, param_dtype: torch.dtype,
     s = torch.empty((), dtype=state_dtype).element_size()
     if cls == "AveragedModel":
         return 3 * p
-    total = 3 * p + 2 * state_streams(cls, options) * s
+    total = 3 * p + 2 * state_streams(cls, options) * s - _written_only(cls, options) * s
     if master:  # the fp32 copy is read and written too (the parameter is read to see writes)
         total += 2 * 4
     if fused_options.get("max_grad_norm") is not None:  # the norm reads the gradient once more
@@ -267,6 +274,7 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
     max_norm = algo.fused_options.get("max_grad_norm")
     recipe = bool(algo.fused_options.get("master_weights")) and dtype in (torch.bfloat16, torch.float16)
     opts, params, notes, emas = {}, {}, {}, {}
+    result = _row_header(case, algo.name, algo.cls, dtype, base)
     for name in IMPLS:
         ps = _clone(base)
         try:
@@ -284,7 +292,6 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
             emas[name] = _ema(name, opts[name], ps)
     before = [p.detach().clone() for p in base]
     del base
-    result = _row_header(case, algo.name, algo.cls, dtype, params["fusedopt"])
     result["bytes_per_element"] = bytes_per_element(algo.cls, algo.options, dtype, fused_options=algo.fused_options,
                                                     ema=algo.ema)
 
@@ -298,16 +305,18 @@ def step_row(case: str, shapes, algo: Algorithm, dtype: torch.dtype, device: tor
 
     steps = {name: stepper(name, opt) for name, opt in opts.items()}
     # The first step of every path from the same start, compared with torch's for-loop.
+    # A path that fails (fusedopt's compiled kernel included: never yet run on a GPU) is
+    # noted in its row, and the others are timed.
     for name, step in list(steps.items()):
         try:
             step()
-        except RuntimeError as e:
-            notes[name] = f"failed: {e}"
+        except Exception as e:   # noqa: BLE001 - a compile error is not a RuntimeError
+            notes[name] = f"failed: {type(e).__name__}: {e}"
             del opts[name], steps[name]
     timer.sync()
     mismatch = {name: _mismatch(params[name], params["forloop"], before) for name in opts}
     timings = measure(steps, timer, dataclasses.replace(s, warmup=max(s.warmup - 1, 0)))
-    result["fusedopt_path"] = ",".join(_paths(opts["fusedopt"]))
+    result["fusedopt_path"] = ",".join(_paths(opts["fusedopt"])) if "fusedopt" in opts else "failed"
     return _finish(result, timings, mismatch, notes)
 
 
@@ -417,6 +426,9 @@ def _finish(result: dict, timings: dict, mismatch: dict, notes: dict) -> dict:
     candidates = {k: v["ms"] for k, v in paths.items() if k != "fusedopt" and v.get("ms") is not None and v["agrees"]}
     best = min(candidates, key=candidates.get) if candidates else None
     ms = paths["fusedopt"]["ms"]
+    # A fusedopt that disagrees with torch's for-loop keeps its ratio, marked: the summary
+    # and the plot must not show a speed-up of wrong numbers as one.
+    result["fusedopt_agrees"] = paths["fusedopt"].get("agrees")
     result["torch_best"] = best
     result["torch_best_ms"] = candidates.get(best)
     result["ratio"] = result["ratio_quartiles"] = None
@@ -493,7 +505,8 @@ def summary(results: dict) -> str:
                 cells.append("-")
             else:
                 r = hit[0]
-                cells.append(f"{r['ratio']:.2f}x ({r['paths']['fusedopt']['ms']:.3g} ms)")
+                mark = "!" if r.get("fusedopt_agrees") is False else ""
+                cells.append(f"{r['ratio']:.2f}x{mark} ({r['paths']['fusedopt']['ms']:.3g} ms)")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -511,7 +524,8 @@ def report(results: dict) -> str:
         "median, paths interleaved", "",
         "fusedopt's time over that of torch's fastest path (by median) that agrees with torch's for-loop after "
         "one step, the median over rounds of the two timed in the same round (below 1: fusedopt faster), and "
-        "fusedopt's median time per step:", "",
+        "fusedopt's median time per step (`!`: fusedopt's own step disagreed with torch's for-loop; such a "
+        "row is left out of the plot):", "",
         summary(results), "", "Every path:", "", "```", table(results), "```", ""])
 
 
@@ -524,7 +538,7 @@ def plot(results: dict, path: Path) -> bool:
         from matplotlib import ticker
     except ImportError:
         return False
-    rows = [r for r in results["rows"] if r["ratio"] is not None]
+    rows = [r for r in results["rows"] if r["ratio"] is not None and r.get("fusedopt_agrees") is not False]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows)) or ["float32"]
     cases = [c for c in _bench_shapes.CASE_NAMES if any(r["case"] == c for r in rows)]
     algos = list(dict.fromkeys(r["algorithm"] for r in rows))
@@ -666,13 +680,20 @@ def main(argv=None) -> dict:
     by_name = {a.name: a for a in ALGORITHMS + MODES}
     for case, algo, dt in jobs:
         progress.set_description(f"{case} {algo} {dt}")
-        if algo in by_name:
-            row = step_row(case, shapes[case], by_name[algo], DTYPES[dt], device, timer, settings)
-        else:
-            row = average_row(case, shapes[case], algo, DTYPES[dt], device, timer, settings, swa)
+        try:
+            if algo in by_name:
+                row = step_row(case, shapes[case], by_name[algo], DTYPES[dt], device, timer, settings)
+            else:
+                row = average_row(case, shapes[case], algo, DTYPES[dt], device, timer, settings, swa)
+        except Exception as e:   # noqa: BLE001 - one row's failure must not lose the rest of the run
+            row = _failed_row(case, algo, dt, e)
+            print(f"{case} {algo} {dt}: failed: {row['error']}", file=sys.stderr, flush=True)
         results["rows"].append(row)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
         progress.update(1)
+        if args.no_progress:   # (a log cut off midway still shows how far the run got)
+            ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+            print(f"{case} {algo} {dt}: {ratio}", flush=True)
     progress.close()
     print(table(results))
     (out_dir / "results.md").write_text(report(results))
@@ -681,6 +702,15 @@ def main(argv=None) -> dict:
     else:
         print(f"wrote {out_dir / 'results.json'} and results.md (no plot: matplotlib is not installed)")
     return results
+
+
+def _failed_row(case: str, algo: str, dt: str, error: Exception) -> dict:
+    """A row whose measurement raised: every field the outputs read, and the error."""
+    return dict(case=case, algorithm=algo, cls=algo.split("-")[0], dtype=str(DTYPES[dt]).replace("torch.", ""),
+                error=f"{type(error).__name__}: {error}"[:500], paths={name: dict(ms=None, note="row failed")
+                                                                   for name in IMPLS},
+                fusedopt_path="error", torch_best=None, torch_best_ms=None, ratio=None, ratio_quartiles=None,
+                gbps=None, torch_best_gbps=None)
 
 
 class _NoProgress:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fusedopt
 from fusedopt import bench
 
 ALGORITHMS = ["Adam", "SGD-momentum", "NAdam", "AveragedModel-EMA"]
@@ -17,7 +18,7 @@ DTYPES = ["fp32", "bf16"]
 def test_bytes_per_element_is_what_each_algorithm_must_move():
     fp32 = {"SGD": 12, "SGD-momentum": 20, "Adam": 28, "AdamW": 28, "NAdam": 28, "RAdam": 28, "Adamax": 28,
             "Adadelta": 28, "Rprop": 28, "Adam-amsgrad": 36, "Adagrad": 20, "RMSprop": 20,
-            "RMSprop-momentum": 28, "RMSprop-centered": 36, "ASGD": 20}
+            "RMSprop-momentum": 28, "RMSprop-centered": 36, "ASGD": 16}   # (ASGD's ax: written, not read)
     for a in bench.ALGORITHMS:
         assert bench.bytes_per_element(a.cls, a.options, torch.float32) == fp32[a.name], a.name
         # bf16 parameters with bf16 state (torch's and fusedopt's choice) move half
@@ -81,6 +82,48 @@ def test_the_ratio_pairs_each_round():
     assert row["ratio"] == 0.5
     assert row["ratio_quartiles"] == [0.5, 1.25]
     assert "samples_ms" not in row["paths"]["fused"]
+
+
+def test_a_fusedopt_that_disagrees_with_torch_is_marked_in_the_summary_and_left_out_of_the_plot():
+    """The table marked such a time with `!`, but the summary (the README's table) showed its
+    ratio as a plain speed-up, and the plot drew it: the compiled kernels have yet to run on
+    a GPU, where wrong numbers would first show."""
+    timings = {"fusedopt": dict(ms=1.0, samples_ms=[1.0]), "fused": dict(ms=2.0, samples_ms=[2.0])}
+    row = bench._finish(dict(case="few_large", algorithm="Adam", dtype="float32", bytes_per_element=28,
+                             elements=1000), timings, {"fusedopt": 0.9, "fused": 0.0}, {})
+    assert row["fusedopt_agrees"] is False and row["ratio"] == 0.5
+    results = {"meta": {}, "rows": [row]}
+    assert "0.50x! (1 ms)" in bench.summary(results)
+
+
+def test_a_path_or_a_row_that_fails_is_noted_and_the_run_goes_on(tmp_path, monkeypatch):
+    """One failure (a compile error, a kernel that raises) lost the whole run: only the rows
+    before it reached results.json, and no results.md or plot were written. A failing
+    first step is noted in its path; a row that raises is kept as a failed row."""
+    real_measure = bench.measure
+
+    def failing_step(self, closure=None):
+        raise ValueError("a compile error stands in here")
+
+    def measure(fns, timer, s):
+        if "fusedopt" in fns and getattr(measure, "rows", 0) == 0:   # the Adam row (SGD's fusedopt failed)
+            measure.rows = 1
+            raise KeyError("a timing failure")
+        return real_measure(fns, timer, s)
+
+    monkeypatch.setattr(fusedopt.SGD, "step", failing_step)
+    monkeypatch.setattr(bench, "measure", measure)
+    results = bench.main(["--quick", "--device", "cpu", "--no-progress", "--algorithms", "SGD,Adam,Adagrad",
+                          "--cases", "tiny_many", "--dtypes", "fp32", "--out", str(tmp_path)])
+    rows = {r["algorithm"]: r for r in results["rows"]}
+    assert set(rows) == {"SGD", "Adam", "Adagrad"}
+    assert rows["SGD"]["fusedopt_path"] == "failed" and rows["SGD"]["ratio"] is None
+    assert "ValueError: a compile error stands in here" in rows["SGD"]["paths"]["fusedopt"]["note"]
+    assert rows["SGD"]["paths"]["forloop"]["ms"] > 0   # torch's paths were still timed
+    assert "KeyError" in rows["Adam"]["error"] and rows["Adam"]["fusedopt_path"] == "error"
+    assert rows["Adagrad"]["ratio"] > 0
+    assert sum(r["ratio"] is not None for r in results["rows"]) == 1
+    assert (tmp_path / "results.md").exists() and len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 3
 
 
 def test_bytes_per_element_of_the_fusedopt_only_modes():
