@@ -411,6 +411,32 @@ def test_fsdp2_max_grad_norm_is_the_global_norm(pair):
     run(pair, "fsdp2_clip")
 
 
+def clip_refuses_plain_beside_dtensor(rank):
+    """A param group mixing DTensor and plain parameters under max_grad_norm: each rank's norm
+    of a plain tensor is not a share of the model's, and torch's clip_grad_norm_ refuses the
+    mix (RuntimeError). fusedopt raised AttributeError reading a plain tensor's mesh; now
+    torch's type, naming the parameter, before anything changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    a = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+    b = nn.Parameter(torch.ones(3))
+    a.grad, b.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]), torch.ones(3)
+    with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
+        torch.nn.utils.clip_grad_norm_([a, b], 1.0)
+    for backend in [k for k, _ in _kinds(None, {})] + ["reference"]:
+        opt = fusedopt.SGD([a, b], lr=0.1, momentum=0.9, max_grad_norm=1.0, backend=backend)
+        with pytest.raises(RuntimeError, match=r"parameter 1 of its param group \(shape \(3,\)\) is a plain tensor"):
+            opt.step()
+        assert torch.equal(a.to_local(), torch.ones(2, 3)) and torch.equal(b.detach(), torch.ones(3))
+        assert not opt.state[a] and not opt.state[b]
+
+
+def test_max_grad_norm_refuses_plain_parameters_beside_dtensors_as_torch(pair):
+    run(pair, "clip_refuses_plain_beside_dtensor")
+
+
 def fsdp2_state_writes(rank):
     """Writes into opt.state[p] (in place, or by assigning DTensors or full tensors) reach
     the flat state the kernels read."""

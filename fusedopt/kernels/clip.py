@@ -80,6 +80,15 @@ def _sharded_sum_of_squares(bucket: _flat.Bucket, batch: _flat.Batch, cdt: torch
     groups: dict[tuple, tuple] = {}
     for i, g in zip(batch.index, batch.grads):
         p = bucket.params[i]
+        if not isinstance(p, DTensor):
+            # A plain tensor's norm on each rank is not a share of the model's: torch's
+            # clip_grad_norm_ refuses the mix too (its _foreach_norm "got mixed torch.Tensor
+            # and DTensor"). Raised before anything changes: the norm precedes every update.
+            raise RuntimeError(
+                f"fusedopt: max_grad_norm needs the whole model's gradient norm, and parameter "
+                f"{bucket.positions[i]} of its param group (shape {tuple(p.shape)}) is a plain tensor beside "
+                "DTensor parameters; torch's clip_grad_norm_ refuses that mix as well. help: distribute every "
+                "parameter (torch.distributed.tensor.distribute_tensor with Replicate() for those not sharded)")
         key = (id(p.device_mesh), tuple(p.placements))
         groups.setdefault(key, (p.device_mesh, p.placements, []))[2].append(g)
     total = None
