@@ -15,11 +15,20 @@ def test_every_kernel_variant_compiles_to_128_bit_accesses():
     assert "of" in out.stdout.splitlines()[-1]
 
 
-def check_own_kernel(tmp_path, name: str, kernel: str, variant: str, targets: tuple, verdict: str) -> None:
-    """Compile a kernel written for the test through the check, in a process without
-    TRITON_INTERPRET, and assert the script's `verdict` (an expression over `rows`) holds.
-    Triton reads a jit function's source from its file, so the kernel goes into one."""
+def run_compiling(tmp_path, name: str, code: str) -> None:
+    """Run `code` as a script in a process without TRITON_INTERPRET (compiling for real
+    GPUs) and assert it exits 0. Triton reads a jit function's source from its file, so a
+    kernel written for a test goes into the script."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / f"{name}.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def check_own_kernel(tmp_path, name: str, kernel: str, variant: str, targets: tuple, verdict: str) -> None:
+    """Compile a kernel written for the test through the check and assert the script's
+    `verdict` (an expression over `rows`) holds."""
     code = (
         "import torch, sys\n"
         "from fusedopt.kernels import _aot\n"
@@ -31,10 +40,7 @@ def check_own_kernel(tmp_path, name: str, kernel: str, variant: str, targets: tu
         "print(rows)\n"
         f"sys.exit(0 if {verdict} else 1)\n"
     )
-    script = tmp_path / f"{name}.py"
-    script.write_text(code)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    run_compiling(tmp_path, name, code)
 
 
 def test_check_fails_on_a_narrow_variant(tmp_path):
@@ -72,7 +78,6 @@ def test_an_ema_average_rounds_each_product_even_where_the_compiler_fuses(tmp_pa
     switched fusion off for the whole update, whose numbers then differed from the same
     optimizer's without an average by an ulp. The products are now fmas with a zero addend
     (rounded once each, whatever the setting): every fma in the kernel's PTX adds zero."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
         "import re, sys\n"
         "from fusedopt.kernels import _aot, averaging\n"
@@ -82,7 +87,4 @@ def test_an_ema_average_rounds_each_product_even_where_the_compiler_fuses(tmp_pa
         "print(fmas)\n"
         "sys.exit(0 if fmas and all(a.strip() == '0f00000000' for a in fmas) else 1)\n"
     )
-    script = tmp_path / "axpby.py"
-    script.write_text(code)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    run_compiling(tmp_path, "axpby", code)
