@@ -3,10 +3,12 @@ momentum exported sparse) and `load_state_dict()`, which validates everything ag
 optimizer before anything changes and casts loaded state as torch does."""
 from __future__ import annotations
 
+import numbers
 from copy import deepcopy
 from itertools import chain
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.nn.parameter import is_lazy
 
@@ -128,7 +130,13 @@ class Checkpoint:
                 if isinstance(value, Tensor):
                     if value.numel() != 1:
                         raise ValueError(f"loaded state dict has a '{name}' of {value.numel()} elements for parameter {key}")
-                elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                    if value.is_complex() or value.dtype == torch.bool or value.is_meta:
+                        # Read as a number when the state is laid out, after the groups are
+                        # replaced; torch keeps it and fails at the step (RuntimeError).
+                        raise RuntimeError(
+                            f"loaded state dict has a '{name}' of dtype {value.dtype} on {value.device} for parameter "
+                            f"{key}; expected a real number readable on the host")
+                elif isinstance(value, bool) or not isinstance(value, numbers.Real):
                     raise ValueError(f"loaded state dict has '{name}' = {value!r} for parameter {key}; expected a number "
                                      "or a 1-element tensor")
         if entry and self._flat_state:

@@ -24,6 +24,7 @@ hold `state_dict`/`load_state_dict` (`_checkpoint.Checkpoint`) and the step as
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
 import os
 import sys
@@ -408,7 +409,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         flat = False
         cast: dict[str, torch.dtype] = {}
         for key, value in items:
-            if key in self._scalar_state and isinstance(value, (Tensor, int, float)):
+            if key in self._scalar_state and isinstance(value, (Tensor, numbers.Real)):
                 vec = bucket.scalar(key)
                 if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != vec.dtype and \
                         (value.dtype == torch.float64 or key != "step"):

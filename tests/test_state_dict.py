@@ -211,6 +211,11 @@ def test_a_state_dict_that_does_not_fit_is_rejected_before_anything_changes(case
     ("NAdam", {}, "mu_product", None, KeyError, "no 'mu_product'"),
     ("ASGD", {}, "eta", None, KeyError, "no 'eta'"),
     ("Adam", {}, "step", "3", ValueError, "'step' = '3' for parameter 1"),
+    # torch loads these and fails at the step; laying them out reads them as numbers,
+    # which once happened after the groups and the entry had been replaced
+    ("Adam", {}, "step", torch.tensor(3 + 0j), RuntimeError, "'step' of dtype torch.complex64"),
+    ("Adadelta", {}, "step", torch.tensor(3.0, device="meta"), RuntimeError, "'step' of dtype torch.float32 on meta"),
+    ("ASGD", {}, "eta", torch.tensor(True), RuntimeError, "'eta' of dtype torch.bool"),
 ])
 def test_state_a_step_needs_missing_is_rejected_at_load(cls, options, key, value, error, message):
     """torch refuses a missing `step` (NAdam's `mu_product`, ASGD's `eta`) at load and any
@@ -223,10 +228,36 @@ def test_state_a_step_needs_missing_is_rejected_at_load(cls, options, key, value
         del bad["state"][1][key]
     else:
         bad["state"][1][key] = value
+    bad["param_groups"][0]["lr"] = 999.0
     before = snapshot(params, opt)
     with pytest.raises(error, match=message):
         opt.load_state_dict(bad)
     assert_unchanged(before, params, opt)
+    assert opt.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "ASGD"])
+def test_scalar_state_saved_as_numpy_numbers_loads_as_torchs(name):
+    """torch takes any real number for a scalar kind (numpy's float32 is not a Python
+    float); fusedopt refused it, and would have kept it out of the step-count vector."""
+    np = pytest.importorskip("numpy")
+    params = make_params()
+    opt = getattr(fusedopt, name)(params, lr=0.01)
+    train(params, opt, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for entry in saved["state"].values():
+        for key, value in entry.items():
+            if key in ("step", "mu_product", "eta", "mu"):
+                entry[key] = np.float32(value.item())
+    ours = clone_params(params)
+    mine = getattr(fusedopt, name)(ours, lr=0.01)
+    mine.load_state_dict(saved)
+    torch_params = clone_params(params)
+    getattr(torch.optim, name)(torch_params, lr=0.01).load_state_dict(saved)   # (torch takes it too)
+    # ... and steps on from the saved counts, as the optimizer that saved them does
+    train(ours, mine, 2, start=2)
+    train(params, opt, 2, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(ours, params))
 
 
 # ---------------------------------------------------------------------------- copies
