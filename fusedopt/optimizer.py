@@ -241,6 +241,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         """The buckets of group gi, rebuilt if the group's parameters changed."""
         params = self.param_groups[gi]["params"]
         cached = self._buckets.get(gi)
+        if cached is not None and gi in self.__dict__.get("_checked", ()):   # (inside `_sync_state`)
+            return cached[1]
         if self._lazy and gi in self._lazy and not all(map(is_lazy, self._lazy[gi])):
             # A lazy module's parameter got its shape, in place (the same object): it joins
             # a bucket now, and state loaded for it before must fit that shape.
@@ -511,16 +513,24 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         if isinstance(self.state, State) and self.state.owner is self:
             return
         foreign, self.state = self.state, State(self)
-        for gi in range(len(self.param_groups)):
-            for b in self._group_buckets(gi):
-                b.initialized = [False] * len(b)
-        for p, entries in foreign.items():
-            if entries:
-                copied = dict(entries)
-                if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (ParamState)
-                    copied = ParamState(copied)
-                    copied.sparse_dim = entries.sparse_dim
-                self._adopt(p, copied)
+        # Each parameter's adoption looks its bucket up (`_slot`); the groups' buckets are
+        # checked once here, not again for every parameter (that made a load quadratic in
+        # the parameter count: 1.5 s for 1600 tensors, against torch's 48 ms).
+        self._checked = set()
+        try:
+            for gi in range(len(self.param_groups)):
+                for b in self._group_buckets(gi):
+                    b.initialized = [False] * len(b)
+                self._checked.add(gi)
+            for p, entries in foreign.items():
+                if entries:
+                    copied = dict(entries)
+                    if getattr(entries, "sparse_dim", None) is not None:   # carry the mark (ParamState)
+                        copied = ParamState(copied)
+                        copied.sparse_dim = entries.sparse_dim
+                    self._adopt(p, copied)
+        finally:
+            del self._checked
         # torch steps the tensors of a state dict put in place of its own in place, and code
         # relies on that (`torch.optim.swap_in_optimizer_params_and_state`: "in-place tensor
         # edits propagate back"). Their values now live in flat buffers: each step writes
