@@ -139,20 +139,22 @@ class AdamFamily(Optimizer):
             bucket.view("master_param", i).copy_(_flat.local(bucket.params[i]).detach())
             set_view(self.state[bucket.params[i]], "master_param", bucket.state_view("master_param", i))
 
-    def _adopt(self, p: Tensor, entries: dict, into=None, carried: bool | None = None) -> None:
+    def _adopt(self, p: Tensor, entries: dict, into=None, carried: bool | None = None):
         loaded = isinstance(entries, dict) and "master_param" in entries
         if carried is not None and loaded and not self._has_master(self._slot(p)[1]):
             # The parameter left the dtypes that get a copy (`p.data = p.data.float()`): no
             # step would update the copy, and state_dict() would save it stale.
             entries = {key: value for key, value in entries.items() if key != "master_param"}
             loaded = False
-        super()._adopt(p, entries, into)
+        # (`carried` passed on: the base class reports state cast to a new dtype, which
+        # `_build_group` warns of, and clones state it keeps aside for a carried entry)
+        cast = super()._adopt(p, entries, into, carried)
         slot = self._slot(p) if isinstance(p, Tensor) and isinstance(entries, dict) else None
         if slot is None:
-            return
+            return cast
         _, bucket, i = slot
         if not (self._has_master(bucket) and bucket.initialized[i]):
-            return
+            return cast
         if not loaded:
             # State from an optimizer without master weights (torch's, or fusedopt's
             # without the option): the master copy starts from the parameter, as on a
@@ -166,6 +168,7 @@ class AdamFamily(Optimizer):
             # optimizer's trajectory with the copy's: checked whole at the first step.
             # (The optimizer's own copy, carried into a rebuilt bucket, is not news.)
             bucket.unchecked[i] = True
+        return cast
 
     def _check_loaded(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
         """A loaded master copy that does not round to its parameter restarts whole from it,

@@ -1160,6 +1160,23 @@ def test_data_replaced_with_other_dtype_keeps_updating(backend):
     assert opt.state[p]["momentum_buffer"].dtype == torch.float64
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "NAdam", "RAdam"])
+def test_the_adam_familys_state_cast_to_a_new_dtype_is_said_too(name, backend):
+    """The Adam family adopts state through its own `_adopt` (master weights), which once
+    dropped what the base class reported: its moments were cast, even fp32 to bf16, silently."""
+    p = torch.randn(10, requires_grad=True)
+    opt = getattr(fusedopt, name)([p], lr=0.01, backend=backend)
+    p.grad = torch.ones(10)
+    opt.step()
+    p.data = p.data.to(torch.bfloat16)
+    p.grad = torch.ones(10, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"parameter 0 \(exp_avg: torch.float32 to torch.bfloat16") as caught:
+        opt.step()
+    assert len([w for w in caught if "changed dtype" in str(w.message)]) == 1
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+
+
 def test_a_model_converted_before_its_state_is_made_steps_as_torch_without_a_word():
     """`model.half()` after the optimizer is made but before its first step: no state to cast."""
     theirs, ref, ours, opt = twin([torch.randn(4, 3), torch.randn(3)], fusedopt.RMSprop, torch.optim.RMSprop,
