@@ -36,6 +36,7 @@ SEGMENT_ALIGN = 16
 _grad = operator.attrgetter("grad")
 _dtype = operator.attrgetter("dtype")
 _shape = operator.attrgetter("shape")
+use_count = torch._C._storage_Use_Count   # (tensors holding a storage: `Bucket.storage_uses`)
 
 
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -286,6 +287,13 @@ class Bucket:
         # `p.set_(t)`: the bucket is rebuilt), and a gradient left from before would be read
         # past its end. (The fast path compares element counts: `collect`.)
         self.verify_grads = True
+        # How many tensors held each state buffer's memory when last looked at
+        # (`storage_uses`; `Optimizer._reattach_state`), or None: to be compared view by
+        # view at the next step (a new bucket, a buffer made or replaced since).
+        self.state_uses: list[int] | None = None
+        self._watched: tuple[list, list[int]] | None = None
+        # The step made views of the state (new state, a new plan): counted after it.
+        self.views_made = False
 
     def __len__(self) -> int:
         return len(self.params)
@@ -298,6 +306,7 @@ class Bucket:
         if buf is None:
             buf = torch.zeros(self.size, dtype=dtype or self.real_dtype, device=self.device)
             self.buffers[name] = buf
+            self.buffers_changed()
         return buf
 
     def view(self, name: str, i: int) -> Tensor:
@@ -325,11 +334,32 @@ class Bucket:
         if vec is None:
             vec = torch.zeros(len(self.params), dtype=self.scalar_dtype, device=self.scalar_device)
             self.scalars[name] = vec
+            self.buffers_changed()
         return vec
 
     @property
     def steps(self) -> Tensor:
         return self.scalar("step")
+
+    def storage_uses(self) -> list[int]:
+        """For each flat buffer, then each scalar vector: how many tensors hold its memory
+        (the buffer, the views in `opt.state` and in cached plans). A view given other
+        memory through `.data` (`v.data = v.data.to(device)`, as the widely copied
+        `optimizer_to` helper does) lets go of it: the count drops, where looking at every
+        view's address each step would cost a C call a view."""
+        watched = self._watched
+        if watched is None:
+            # (the storage objects are kept, one reference each to every count, so that the
+            # addresses stay theirs; `buffers_changed` drops them)
+            storages = [t.untyped_storage() for t in (*self.buffers.values(), *self.scalars.values())]
+            watched = self._watched = (storages, [st._cdata for st in storages])
+        return list(map(use_count, watched[1]))
+
+    def buffers_changed(self) -> None:
+        """A flat buffer or scalar vector was made or replaced: the counts start over, and
+        the next step compares every view with its segment."""
+        self._watched = None
+        self.state_uses = None
 
     def segment(self, name: str, i: int) -> Tensor:
         """Parameter i's segment of a flat buffer, 1-D, in memory order."""

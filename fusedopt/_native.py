@@ -479,6 +479,7 @@ def _plan(bucket: _flat.Bucket, batch: _flat.Batch, kinds: tuple[str, ...], spli
     cached = bucket.__dict__.get("_native_plan")
     if cached is None or cached.key != key:
         cached = bucket._native_plan = _Plan(bucket, batch.index, breaks, run_below, key)
+        bucket.views_made = True   # (its state views; `Optimizer._reattach_state`)
     return cached
 
 

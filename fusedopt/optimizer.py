@@ -335,6 +335,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 cast[p] = kinds
         if cast:
             self._warn_state_cast(cast)
+        for b in buckets:
+            b.state_uses = b.storage_uses()
         return buckets
 
     def _refuse_shared(self, gi: int) -> None:
@@ -396,6 +398,9 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             dict.__setitem__(self.state, p, entries)
             return
         gi, bucket, i = slot
+        # New views outside a step (an entry edited, loaded, carried): compared one by one at
+        # the next step, in case a view moved in the same interval (`_reattach_state`).
+        bucket.state_uses = None
         if not bucket.sharded and self._unfit_key(p, entries) is not None:
             self._keep_unfit(p, bucket, i, entries, into, carried is not None)
             return
@@ -497,6 +502,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         the bucket's one vector follows. The views already handed out are re-pointed."""
         vec = bucket.scalars[key].to(dtype)
         bucket.scalars[key] = vec
+        bucket.buffers_changed()
         for j, q in enumerate(bucket.params):
             state = dict.get(self.state, q)
             if state is not None and isinstance(state.get(key), Tensor):
@@ -531,6 +537,9 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     self._adopt(p, copied)
         finally:
             del self._checked
+        for gi in range(len(self.param_groups)):
+            for b in self._group_buckets(gi):
+                b.state_uses = b.storage_uses()
         # torch steps the tensors of a state dict put in place of its own in place, and code
         # relies on that (`torch.optim.swap_in_optimizer_params_and_state`: "in-place tensor
         # edits propagate back"). Their values now live in flat buffers: each step writes
@@ -569,6 +578,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         keys = self._state_keys(group)
         if not keys:  # stateless (SGD without momentum): torch keeps no entry at all
             return
+        bucket.views_made = True
         for i in fresh:
             state = self.state[bucket.params[i]]
             for key in keys:
@@ -780,6 +790,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         for gi, group in enumerate(groups):
             collected = []
             for bucket in self._group_buckets(gi):
+                self._reattach_state(bucket)
                 sparse = [] if self._steps_sparse else None
                 if clipped is not None:
                     batch = clipped[0].get(id(bucket))
@@ -860,10 +871,65 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                 # that backward silently used the new values. (A no-op for inference tensors.)
                 torch._C._increment_version(bucket.params if batch.everyone else
                                             [bucket.params[i] for i in batch.index])
+            if bucket.views_made:   # (new state, a new plan: counted before the user can move any)
+                bucket.views_made = False
+                bucket.state_uses = bucket.storage_uses()
         if averaging is not None:
             averaging.finish()
         if self.__dict__.get("_written_back") is not None:
             self._write_back()
+
+    def _reattach_state(self, bucket: _flat.Bucket) -> None:
+        """Take back state tensors given other memory through `.data` since the last step.
+
+        torch steps the tensors in `opt.state` themselves, so `v.data = v.data.to(device)`
+        on them (the widely copied `optimizer_to` helper; a round trip to the CPU and back to
+        save a checkpoint) leaves torch stepping the same objects. Here they are views of
+        the flat buffers: given other memory, the step went on updating the buffers while
+        `opt.state` and `state_dict()` showed the copies, stale, and an edit to them (a reset
+        of the moments) never reached the step. A view letting go shows as a buffer held by
+        fewer tensors (`Bucket.storage_uses`); then every view is compared with its segment,
+        and one that moved is copied in and made a view of it again: the same object, as
+        torch's is. (A user's own view of the state made in the same interval can hide the
+        drop: the count is a filter, one C call a buffer, not a proof.)"""
+        watched = bucket._watched   # (inline of `storage_uses`: every bucket pays this each step)
+        uses = list(map(_flat.use_count, watched[1])) if watched is not None else bucket.storage_uses()
+        seen = bucket.state_uses
+        if uses != seen:
+            if seen is None or any(map(operator.lt, uses, seen)):
+                self._reattach(bucket)
+                uses = bucket.storage_uses()
+            bucket.state_uses = uses   # (up too: a view the user made since counts)
+
+    def _reattach(self, bucket: _flat.Bucket) -> None:
+        if bucket.sharded:
+            return   # (DTensor state: `.data` of the DTensor, not of its local view)
+        moved = []
+        for i, p in enumerate(bucket.params):
+            entry = dict.get(self.state, p)
+            if not isinstance(entry, ParamState) or entry.unfit or not bucket.initialized[i]:
+                continue
+            for key, t in entry.items():
+                if not isinstance(t, Tensor):
+                    continue
+                if key in bucket.buffers and key in self._flat_state:
+                    home = bucket.view(key, i)
+                elif key in bucket.scalars and key in self._scalar_state:
+                    home = bucket.scalars[key][i]
+                else:
+                    continue
+                if t.device == home.device and t.data_ptr() == home.data_ptr():
+                    continue
+                if t.shape != home.shape or t.device != home.device:
+                    # torch's step raises on such state (its ops pair shapes and devices)
+                    raise RuntimeError(
+                        f"parameter {self._global_index(p)}'s optimizer state '{key}' was given other memory through "
+                        f".data, of shape {tuple(t.shape)} on {t.device}; the parameter's is {tuple(home.shape)} on "
+                        f"{home.device}. help: move the state with the parameters (torch's step refuses the mix too)")
+                moved.append((t, home))
+        for t, home in moved:
+            home.copy_(t.detach())
+            t.data = home
 
     def _create_state_in_order(self, groups: list[dict], work: list) -> None:
         """Create the (empty) entries of the parameters this step steps for the first time

@@ -75,6 +75,7 @@ class SparseAdam(Optimizer):
     def _init_state(self, group, bucket: _flat.Bucket, fresh: list[int]) -> None:
         # torch keeps `step` a Python int here, not a tensor: it is plain per-parameter
         # state, not one of the bucket's scalar vectors.
+        bucket.views_made = True
         for i in fresh:
             state = self.state[bucket.params[i]]
             dict.__setitem__(state, "step", 0)
@@ -124,6 +125,7 @@ class SparseAdam(Optimizer):
             # torch.optim updates one parameter after the other (refused as every optimizer's
             # step refuses them, before anything changes).
             for bucket in self._group_buckets(gi):
+                self._reattach_state(bucket)
                 for p in bucket.params:   # state that no longer fits p's shape (`Optimizer._keep_unfit`)
                     entry = dict.get(self.state, p)
                     if p.grad is not None and getattr(entry, "unfit", False):
@@ -175,6 +177,9 @@ class SparseAdam(Optimizer):
                 # The kernel writes through pointers: bump autograd's version counters as
                 # torch's in-place update does (see `Optimizer._step_body`).
                 torch._C._increment_version([p for _, p in stepped])
+                if bucket.views_made:
+                    bucket.views_made = False
+                    bucket.state_uses = bucket.storage_uses()
         if averaging is not None:
             averaging.finish()
         return loss

@@ -1416,3 +1416,58 @@ def test_per_tensor_scalar_state_is_torchs_bit_for_bit(name, options, keys, step
         for key in keys:
             assert torch.equal(ref.state[a][key], opt.state[b][key]), key
     assert_same_run(theirs, ref, ours, opt)
+
+
+def _give_state_other_memory(opt):
+    """The widely copied `optimizer_to(optim, device)` helper, as a round trip to another
+    device leaves the state: every state tensor given a copy of itself through `.data`."""
+    for entry in opt.state.values():
+        for value in entry.values():
+            if torch.is_tensor(value):
+                value.data = value.data.clone()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,options", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.01)),
+                                          ("ASGD", dict(lr=0.01, t0=0))], ids=["SGD", "Adam", "ASGD"])
+def test_state_given_other_memory_through_data_is_still_what_the_step_updates(name, options, backend):
+    """torch steps the tensors in `opt.state` themselves; given other memory through
+    `.data`, they were cut off from the flat buffers: the step went on without them, so
+    state_dict() saved them stale and an edit to them (a reset of the moments) was lost."""
+    theirs, ref, ours, opt = twin([torch.randn(4, 3), torch.randn(5)], getattr(fusedopt, name),
+                                  getattr(torch.optim, name), options, backend)
+    for step in range(5):
+        for a, b, g in zip(theirs, ours, random_grads(theirs, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 1:
+            _give_state_other_memory(ref)
+            _give_state_other_memory(opt)
+            held = {key: t for key, t in opt.state[ours[0]].items()}
+        if step == 3:
+            first = next(k for k in held if k != "step" and held[k].dim())
+            ref.state[theirs[0]][first].zero_()
+            held[first].zero_()   # the object moved at step 1, edited in place
+        ref.step()
+        opt.step()
+        for key, t in (held.items() if step >= 1 else ()):
+            assert opt.state[ours[0]][key] is t, f"{key}: not the object the user holds"
+        saved, expected = opt.state_dict()["state"], ref.state_dict()["state"]
+        for i in expected:
+            for key, value in expected[i].items():
+                assert_close(f"step {step}, state {i} {key}", torch.as_tensor(saved[i][key]), torch.as_tensor(value))
+        for j, (a, b) in enumerate(zip(theirs, ours)):
+            assert_close(f"step {step}, param {j}", b.detach(), a.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_given_memory_of_another_shape_through_data_is_refused_before_anything_changes(backend):
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = fusedopt.Adam([p], lr=0.01, backend=backend)
+    p.grad = torch.ones(6)
+    opt.step()
+    opt.state[p]["exp_avg"].data = torch.zeros(3)
+    before = p.detach().clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["step"].clone()
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' was given other memory through .data, of shape \(3,\)"):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and torch.equal(opt.state[p]["exp_avg_sq"], before[1])
+    assert torch.equal(opt.state[p]["step"], before[2])

@@ -457,3 +457,28 @@ def test_parameters_sharing_memory_are_refused_before_anything_changes(views, ba
         opt.step()
     assert torch.equal(w, before)
     assert all(not opt.state[p] for p in params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_given_other_memory_through_data_is_still_what_the_step_updates(backend):
+    """`v.data = v.data.to(device)` on every state tensor (the `optimizer_to` helper): torch
+    steps the same objects after it; so must the flat moments' views (`_reattach_state`)."""
+    def run(lib, **extra):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt = lib.SparseAdam(emb.parameters(), lr=0.1, **extra)
+        for step in range(4):
+            emb(torch.tensor([1, 2, step])).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 1:
+                for entry in opt.state.values():
+                    for value in entry.values():
+                        if torch.is_tensor(value):
+                            value.data = value.data.clone()
+                opt.state[emb.weight]["exp_avg"].zero_()
+        return emb.weight.detach(), opt.state_dict()["state"][0]
+    theirs, ours = run(torch.optim), run(fusedopt, backend=backend)
+    assert_close("weight", ours[0], theirs[0])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours[1][key], theirs[1][key]), key
