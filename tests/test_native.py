@@ -247,6 +247,44 @@ def test_fp16_with_fused_true_is_torchs_fused_kernel(name):
             torch.testing.assert_close(opts[1].state[new][key], value, equal_nan=True, **exact)
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scaler"])
+@pytest.mark.parametrize("name,options", [("SGD", dict(momentum=0.9)), ("Adam", dict(amsgrad=True)), ("AdamW", {}),
+                                          ("Adagrad", {})], ids=["SGD", "Adam", "AdamW", "Adagrad"])
+def test_dense_non_contiguous_tensors_go_to_the_fused_kernel_as_1d_views(name, options, scaled):
+    """channels_last weights and transposed matrices go to torch's fused kernels as 1-D
+    views in memory order (their own layout runs at half the speed there): torch's fused
+    numbers to the bit, the state in the parameter's layout, and under GradScaler the
+    user's gradients left unscaled once, by the kernel through those views."""
+    gen = torch.Generator().manual_seed(0)
+    made = [torch.randn(4, 3, 3, 3, generator=gen).to(memory_format=torch.channels_last),
+            torch.randn(6, 5, generator=gen).t(), torch.randn(7, generator=gen), torch.randn(2, 1, 3, generator=gen)]
+    theirs = [torch.nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in made]
+    ours = [torch.nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in made]
+    ref = getattr(torch.optim, name)(theirs, lr=0.01, fused=True, **options)
+    opt = getattr(fusedopt, name)(ours, lr=0.01, fused=True, **options)   # (GradScaler's protocol asks for it)
+    for step in range(4):
+        for a, b in zip(theirs, ours):
+            g = torch.empty_like(a).copy_(torch.randn(a.shape, generator=gen))
+            a.grad, b.grad = g.clone(memory_format=torch.preserve_format), g.clone(memory_format=torch.preserve_format)
+        if scaled:
+            scale = torch.tensor(4.0)
+            for p in theirs + ours:
+                p.grad.mul_(4.0)
+            ref.grad_scale, opt.grad_scale = scale, scale.clone()
+            ref.found_inf, opt.found_inf = torch.tensor(0.0), torch.tensor(0.0)
+        ref.step()
+        opt.step()
+        for a, b in zip(theirs, ours):
+            assert torch.equal(a.detach(), b.detach()) and a.stride() == b.stride()
+            assert torch.equal(a.grad, b.grad)
+        for a, b in zip(theirs, ours):
+            for key, value in ref.state[a].items():
+                assert torch.equal(opt.state[b][key], value), key
+                assert opt.state[b][key].stride() == value.stride(), key
+    assert any(getattr(bk, "_native_plan", None) is not None and bk._native_plan.flat
+               for _, buckets in opt._buckets.values() for bk in buckets)
+
+
 def _tensor(value, dtype=torch.float32):
     return lambda: torch.tensor(value, dtype=dtype)
 
