@@ -205,3 +205,21 @@ def test_loop_window_script_measures_both_paths_on_the_same_work(tmp_path):
     assert all(r["same"] for r in rows if r["algorithm"] == "RMSprop")
     table = out.read_text()
     assert "--algorithms RMSprop,Adamax" in table and table.count("| RMSprop |") == 2 and "| Adamax | 1024 KB |" in table
+
+
+def test_configurations_script_times_the_same_work_on_every_path(tmp_path):
+    """benchmarks/configurations.py (frozen layers, a group per layer, channels_last,
+    load_state_dict) at smoke size: a row per configuration and algorithm, every torch path
+    it times having given fusedopt's parameters (torch's fused SGD to the bit)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configurations.py")
+    spec = importlib.util.spec_from_file_location("configurations", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "configurations.md"
+    rows = script.main(["--size", "quick", "--rounds", "3", "--out", str(out)])
+    assert len(rows) == 4 * len(script.ALGORITHMS) + 1
+    assert all(r["ratio"] > 0 and r["q1"] <= r["q3"] and r["skipped"] == "-" for r in rows)
+    assert all("fused" in r["bitwise"].split(",") for r in rows if r["algorithm"] == "SGD")
+    assert out.read_text().count("| SGD |") == 4
