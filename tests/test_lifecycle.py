@@ -580,9 +580,16 @@ class SparseTwins(Twins):
         return None
 
     def closure(self, k):
+        # The gradients are drawn once, before either step: drawing them in each closure
+        # would append a duplicate index to a kept uncoalesced gradient once more on the
+        # second side, which then steps on a different gradient.
+        self.set_gradients(k)
+        grads = [None if a.grad is None else a.grad.clone() for a in self.theirs]
+
         def step(opt, params):
             def closure():
-                self.set_gradients(k)   # (both sides' gradients, the same each call)
+                for p, g in zip(params, grads):
+                    p.grad = None if g is None else g.clone()
                 return torch.tensor(1.0, device=self.device)
 
             opt.step(closure)
