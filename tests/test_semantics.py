@@ -880,6 +880,34 @@ def test_data_replaced_with_a_view_at_the_same_address_is_seen(view, backend):
     assert all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name not in ("SparseAdam", "LBFGS")],
+                         ids=lambda i: i.name)
+def test_parameter_with_state_reshaped_in_place_steps_as_before_on_every_path(info):
+    """`p.data = p.data.view(12)` keeps the size and the memory order: every path steps it
+    element for element, as before. torch's multi-tensor and for-loop code, which the CPU's
+    'auto' path runs for most algorithms, pair tensors by shape: it raised part-way through
+    the step, after counting it for every parameter (and for ASGD, updating one)."""
+    runs = {}
+    for backend in ("reference", "auto"):
+        ps = [torch.nn.Parameter(t) for t in (torch.randn(4, 3, generator=torch.Generator().manual_seed(0)),
+                                              torch.randn(5, generator=torch.Generator().manual_seed(1)))]
+        opt = info.fused(ps, **info.configs[0], backend=backend)
+        for step in range(4):
+            if step == 2:
+                ps[0].data = ps[0].data.view(12)
+            for p, g in zip(ps, random_grads(ps, step)):
+                p.grad = g
+            opt.step() if not info.closure else opt.step(lambda: torch.tensor(0.0))
+        runs[backend] = [p.detach().clone() for p in ps], opt.state_dict()["state"]
+    (ref_params, ref_state), (params, state) = runs["reference"], runs["auto"]
+    for j, (a, b) in enumerate(zip(params, ref_params)):
+        assert_close(f"param {j}", a, b, info.rtol32, 1e-6)
+    for i in ref_state:
+        for key, value in ref_state[i].items():
+            if isinstance(value, torch.Tensor):
+                assert_close(f"state {i} {key}", torch.as_tensor(state[i][key]), value, info.rtol32, 1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_square_parameter_given_its_transpose_as_data_steps_in_its_new_layout(backend):
     # `p.data = p.data.t()` of a square matrix: same address and shape, other strides.
