@@ -7,9 +7,16 @@ assigned over a view is copied into it; every other change to an entry or to the
 (a new key, a number, a removed key, a whole entry assigned or removed) is handed to the
 optimizer that owns it, through its `_adopt` and `_forget`, which bring the flat state in
 line (`optimizer.Optimizer`).
+
+torch rebinds: a tensor or entry replaced or removed in its `opt.state` keeps its values
+and is no longer stepped. Here it is a view of a segment the next write reuses, so one
+that anything else still holds (a swap of two parameters' state, an entry popped to be put
+back later) is first given memory of its own, with its values (`let_go`). Whether
+anything else holds it is its reference count: a tensor nobody else can reach costs no copy.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import defaultdict
 from typing import TYPE_CHECKING
@@ -69,7 +76,8 @@ class ParamState(_WritesThroughSetitem, dict):
 
     def __setitem__(self, key, value):
         current = self.get(key)
-        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current and not self.unfit:
+        if isinstance(current, Tensor) and isinstance(value, Tensor) and value is not current and not self.unfit \
+                and self._owner is not None:
             if value.shape != current.shape:
                 raise ValueError(
                     f"state '{key}' has shape {tuple(current.shape)}; cannot assign a tensor of shape {tuple(value.shape)}")
@@ -77,7 +85,19 @@ class ParamState(_WritesThroughSetitem, dict):
                 self.sparse_dim = value.sparse_dim()
                 value = value.to_dense()
             # detached: the state is a copy, not a node of the value's graph (`p * 0.5`)
-            _flat.local(current).copy_(_flat.shard_like(value.detach(), current))
+            source = _flat.shard_like(value.detach(), current)
+            if sys.getrefcount(current) > _ONLY_HERE:   # (the entry, `current`, the call's argument)
+                # held elsewhere (`a, b = st[k], ...`, a swap): it keeps its values, the
+                # entry takes a new view of the segment
+                fresh = _another_view(current)
+                if fresh is not None:
+                    let_go(current)
+                    dict.__setitem__(self, key, fresh)
+                    current = fresh
+            target = _flat.local(current)
+            if source.untyped_storage().data_ptr() == target.untyped_storage().data_ptr():
+                source = source.clone()   # (`st[k] = st[k].t()`: a copy_ between overlapping elements raises)
+            target.copy_(source)
             return
         if value is current and key in self:
             return
@@ -113,6 +133,41 @@ class ParamState(_WritesThroughSetitem, dict):
 
     def __reduce__(self):   # pickles and copies without the optimizer
         return (_rebuild_param_state, (dict(self), self.sparse_dim))
+
+    def release(self, held: bool) -> None:
+        """This entry is no longer its parameter's state (replaced or removed in `opt.state`):
+        it becomes a plain dict, and its views of the flat state, which the optimizer reuses,
+        are given memory of their own where anything else can reach them: every one if the
+        entry itself is `held`, else those held on their own."""
+        if self._owner is None:
+            return
+        self._owner = self._param = None
+        if self.unfit:
+            return   # (its tensors are its own: `Optimizer._keep_unfit`)
+        for key in list(self):
+            t = dict.__getitem__(self, key)
+            if isinstance(t, Tensor) and (held or sys.getrefcount(t) > _ONLY_HERE):   # (the entry, `t`, the argument)
+                let_go(t)
+
+
+# `sys.getrefcount` of a value that only its dict, one local name and the call's own
+# argument reference: more means that something else holds it.
+_ONLY_HERE = 3
+
+
+def _another_view(t: Tensor) -> Tensor | None:
+    """A new tensor object viewing the same elements as the plain tensor `t` (None for a
+    tensor subclass, a DTensor: such state keeps being written in place)."""
+    if type(t) is not Tensor:
+        return None
+    return t.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def let_go(t: Tensor) -> None:
+    """Give a view of the flat state memory of its own, with the values it shows: it is no
+    longer the optimizer's state, which goes on in the segment it viewed."""
+    if type(t) is Tensor:
+        t.data = t.detach().clone()
 
 
 def _rebuild_param_state(entries: dict, sparse_dim: int | None) -> ParamState:
@@ -172,12 +227,20 @@ class State(_WritesThroughSetitem, defaultdict):
         owner = self.owner
         if owner is None:
             return dict.__setitem__(self, p, entries)
+        old = dict.get(self, p)
+        if isinstance(old, ParamState) and old is not entries:
+            # (held: by more than this dict, `old` and the argument; `opt.state[a],
+            # opt.state[b] = opt.state[b], opt.state[a]` holds a's entry until b's is set)
+            old.release(sys.getrefcount(old) > _ONLY_HERE)
         owner._adopt(p, entries)
 
     def __delitem__(self, p):
+        old = dict.__getitem__(self, p) if p in self else None
         super().__delitem__(p)
         owner = self.owner
         if owner is not None:
+            if isinstance(old, ParamState):
+                old.release(sys.getrefcount(old) > _ONLY_HERE - 1)   # (`old` and the argument; `pop` holds it too)
             owner._forget(p)
 
     def pop(self, p, *default):
@@ -191,6 +254,8 @@ class State(_WritesThroughSetitem, defaultdict):
         p, entry = super().popitem()
         owner = self.owner
         if owner is not None:
+            if isinstance(entry, ParamState):
+                entry.release(True)   # (returned to the caller)
             owner._forget(p)
         return p, entry
 

@@ -40,7 +40,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from . import _backend, _checkpoint, _compile, _flat, _native
 from ._options import as_float, check_max_grad_norm, check_numbers, refuse_differentiable
-from ._state import ParamState, State, set_view
+from ._state import ParamState, State, let_go, set_view
 # Pickles of `opt.state` name these here: `_rebuild_param_state` (ParamState.__reduce__), and
 # `_ParamState` itself before it had one. They must keep loading.
 from ._state import ParamState as _ParamState, _rebuild_param_state  # noqa: F401
@@ -55,6 +55,28 @@ def _carried(entry: dict) -> ParamState:
     copied = ParamState(entry)
     copied.sparse_dim = getattr(entry, "sparse_dim", None)
     return copied
+
+
+def _same_object(value, view: Tensor, carried: bool):
+    """What a parameter's entry holds for state adopted into `view`: `value` itself where
+    torch's entry would still hold that object, pointed at `view`, else `view`.
+
+    torch's state tensors stay the same objects while a group's parameter list changes and
+    through `load_state_dict(opt.state_dict())`, so a tensor taken from `opt.state` and kept
+    (a callback that resets the momentum) goes on being the state. Here that is a view of
+    the flat state: one `carried` into a rebuilt bucket (another parameter appended to the
+    group), or loaded back into new buffers, is pointed at its new segment, as `_reattach` points back one moved through
+    `.data`; one that is already `view`'s segment is kept. A tensor of another dtype or
+    device (the parameter changed), or not a plain tensor, is left as it is."""
+    if not (type(value) is Tensor and type(view) is Tensor and value.dtype == view.dtype
+            and value.device == view.device and value.shape == view.shape):
+        return view
+    if value.numel() and value.data_ptr() == view.data_ptr() and value.stride() == view.stride():
+        return value   # (an empty tensor has no address to tell: a foreign one is not kept)
+    if carried:
+        value.data = view
+        return value
+    return view
 
 
 def _refuse_duplicates(params, gi: int) -> None:
@@ -330,7 +352,10 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             self._lazy.pop(gi, None)
         cast = {}
         for p, entries in carried.items():
-            kinds = self._adopt(p, entries, carried=pending.get(id(p), False))
+            # (into the entry itself: torch's stays the same dict while the list changes)
+            into = dict.get(self.state, p)
+            into = into if isinstance(into, ParamState) and into._owner is not None else None
+            kinds = self._adopt(p, entries, into=into, carried=pending.get(id(p), False))
             if kinds:
                 cast[p] = kinds
         if cast:
@@ -422,7 +447,7 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                         (value.dtype == torch.float64 or key != "step"):
                     vec = self._retype_scalar(bucket, key, value.dtype)
                 vec[i] = as_float(value, key)
-                dict.__setitem__(state, key, vec[i])
+                dict.__setitem__(state, key, _same_object(value, vec[i], carried is not None or self._own(value)))
                 flat = True
             elif key in self._flat_state and isinstance(value, Tensor):
                 bucket.buffer(key, self._buffer_dtype(bucket, key))
@@ -440,7 +465,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
                     view.copy_(value.detach())   # (state set to `p * 0` must not join p's graph)
                 if carried is not None and value.dtype != view.dtype:
                     cast[key] = value.dtype
-                dict.__setitem__(state, key, bucket.state_view(key, i))
+                dict.__setitem__(state, key, _same_object(value, bucket.state_view(key, i),
+                                                          carried is not None or self._own(value)))
                 flat = True
             elif value is None and key in self._optional_state:
                 continue   # torch starts such state afresh (SGD's momentum_buffer = None)
@@ -450,6 +476,11 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         bucket.state_keys = None   # the next step checks every parameter's keys (`_buffers`)
         dict.__setitem__(self.state, p, state)
         return cast
+
+    def _own(self, value) -> bool:
+        """Whether `value` was one of this optimizer's state tensors before `__setstate__`
+        replaced its buffers (`_same_object`)."""
+        return id(value) in self.__dict__.get("_own_views", ())
 
     def _warn_state_cast(self, cast: dict[Tensor, dict[str, torch.dtype]]) -> None:
         """Parameters changed dtype (`model.half()`, `.double()`) after their state was made:
@@ -482,6 +513,11 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             state.sparse_dim = getattr(entries, "sparse_dim", None)
         else:
             state = into
+            if carried:   # (the entry's own tensors, given memory of their own: the same objects)
+                dict.clear(state)
+                dict.update(state, entries)
+                for v in dict.values(state):
+                    let_go(v)
         state.bind(self, p)
         state.unfit = True
         bucket.initialized[i] = False
@@ -1135,6 +1171,15 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
         self._buckets, self._slots, self._valid_groups, self._lazy = {}, {}, {}, {}
         if "_handle" not in self.__dict__:  # unpickled or copied; load_state_dict keeps its handle
             self._handle = _compile.register(self)
+        # This optimizer's own state tensors loaded back (`load_state_dict(opt.state_dict())`)
+        # stay the same objects, pointed at the new buffers, as torch's stay the state.
+        old = self.__dict__.get("state")
+        self._own_views = {id(t) for entry in old.values() if isinstance(entry, ParamState) and not entry.unfit
+                           for t in dict.values(entry) if isinstance(t, Tensor)} \
+            if isinstance(old, State) and old.owner is self else ()
         self.state = foreign if not isinstance(foreign, State) else dict(foreign)
-        self._sync_state()
+        try:
+            self._sync_state()
+        finally:
+            del self._own_views
 

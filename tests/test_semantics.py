@@ -1487,6 +1487,114 @@ def test_state_given_other_memory_through_data_is_still_what_the_step_updates(na
             assert_close(f"step {step}, param {j}", b.detach(), a.detach())
 
 
+def _swap_entries(opt, a, b):
+    opt.state[a], opt.state[b] = opt.state[b], opt.state[a]
+
+
+def _swap_tensors(opt, a, b):
+    sa, sb = opt.state[a], opt.state[b]
+    for key in list(sa):
+        sa[key], sb[key] = sb[key], sa[key]
+
+
+_HELD = {}   # (the two-part edits' entries between their calls, by optimizer)
+
+
+def _pop_and_put_back(opt, a, b):
+    if id(opt) not in _HELD:
+        _HELD[id(opt)] = opt.state.pop(a)
+    else:
+        opt.state[a] = _HELD.pop(id(opt))
+
+
+def _empty_and_put_back(opt, a, b):
+    if id(opt) not in _HELD:
+        _HELD[id(opt)] = opt.state[a]
+        opt.state[a] = {}
+    else:
+        opt.state[a] = _HELD.pop(id(opt))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("edit", [_swap_entries, _swap_tensors, _pop_and_put_back, _empty_and_put_back],
+                         ids=["swap entries", "swap tensors", "pop, put back", "empty, put back"])
+@pytest.mark.parametrize("name,options", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.01, amsgrad=True)),
+                                          ("ASGD", dict(lr=0.01, t0=0))], ids=["SGD", "Adam", "ASGD"])
+def test_state_replaced_in_opt_state_keeps_its_values_where_it_is_held(name, options, edit, backend):
+    """torch rebinds: an entry or tensor replaced or removed in `opt.state` keeps its values.
+    Here it is a view of a segment the next write reuses: state swapped between two
+    parameters came out as the second one's twice, and an entry popped and put back after a
+    step came back as the fresh state of that step."""
+    theirs, ref, ours, opt = twin([torch.randn(4, 3), torch.randn(4, 3), torch.randn(5)], getattr(fusedopt, name),
+                                  getattr(torch.optim, name), options, backend)
+    for step in range(5):
+        for a, b, g in zip(theirs, ours, random_grads(theirs, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        if step in (2, 3):   # (the two-part edits put back at the next step)
+            edit(ref, theirs[0], theirs[1])
+            edit(opt, ours[0], ours[1])
+        ref.step()
+        opt.step()
+        assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_tensor_held_across_a_rebuild_stays_the_state(backend):
+    """torch's state tensors stay the same objects when a parameter is appended to a group,
+    when another one's storage changes shape, and through load_state_dict(state_dict()): a
+    momentum buffer kept by a callback that resets it was cut off from the rebuilt buffers,
+    and the reset never reached the step."""
+    theirs, ref, ours, opt = twin([torch.randn(6), torch.randn(3)], fusedopt.SGD, torch.optim.SGD,
+                                  dict(lr=0.1, momentum=0.9), backend)
+    extra = torch.randn(4)
+    theirs.append(torch.nn.Parameter(extra.clone()))
+    ours.append(torch.nn.Parameter(extra.clone()))
+    for step in range(7):
+        for a, b, g in zip(theirs, ours, random_grads(theirs, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 1:
+            held = [(o.state[p]["momentum_buffer"], o.state[p]) for o, p in ((ref, theirs[0]), (opt, ours[0]))]
+        if step == 2:   # another parameter appended to the group's list
+            ref.param_groups[0]["params"].append(theirs[2])
+            opt.param_groups[0]["params"].append(ours[2])
+        if step == 3:
+            ref.load_state_dict(ref.state_dict())
+            opt.load_state_dict(opt.state_dict())
+        if step == 4:   # another parameter's storage given another shape (frozen from now on)
+            for ps in (theirs, ours):
+                ps[1].data = ps[1].data[:2]
+        if step == 5:
+            for buf, _ in held:
+                buf.zero_()
+        if step >= 4:
+            for ps in (theirs, ours):
+                ps[1].grad = None
+        ref.step()
+        opt.step()
+        if step < 1:
+            continue
+        assert opt.state[ours[0]]["momentum_buffer"] is held[1][0]
+        if step < 3:   # (torch's load_state_dict makes new entries, with the same tensors)
+            assert opt.state[ours[0]] is held[1][1]
+        assert_same_run(theirs, ref, ours, opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_assigned_from_its_own_transpose_is_copied(backend):
+    """`st[k] = st[k].t()` on a square parameter: torch rebinds; the copy into the segment
+    read and wrote the same elements and raised."""
+    theirs, ref, ours, opt = twin([torch.randn(3, 3)], fusedopt.Adam, torch.optim.Adam, dict(lr=0.01), backend)
+    for step in range(3):
+        for a, b, g in zip(theirs, ours, random_grads(theirs, step)):
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 1:
+            for o, p in ((ref, theirs[0]), (opt, ours[0])):
+                o.state[p]["exp_avg"] = o.state[p]["exp_avg"].t()
+        ref.step()
+        opt.step()
+        assert_same_run(theirs, ref, ours, opt)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_given_memory_of_another_shape_through_data_is_refused_before_anything_changes(backend):
     p = torch.nn.Parameter(torch.randn(6))
