@@ -55,7 +55,8 @@ OPERATIONS = ["step", "step", "step", "zero_grad", "set_option", "set_option", "
               "add_param_group", "append_param", "replace_param", "write_data", "replace_data", "reshape_stateless",
               "reshape_stateful", "retype_stateless", "toggle_frozen", "drop_state", "edit_state", "pre_hook",
               "closure", "remove_param", "reorder_params", "reorder_groups", "move_param", "delete_group",
-              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip", "sparse_step", "copy_all"]
+              "tensor_lr", "snapshot", "restore", "amp_step", "amp_step", "clip", "sparse_step", "copy_all",
+              "swap_state", "hold_state", "edit_held"]
 
 # fusedopt's `max_grad_norm` (torch's recipe: `clip_grad_norm_`, then the step)
 CLIPPING = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD", "Adagrad")
@@ -523,6 +524,28 @@ class Twins:
         if key is not None:
             self.ref.state[self.theirs[i]][key].mul_(0.5)
             self.opt.state[self.ours[i]][key].mul_(0.5)
+
+    def swap_state(self, k):
+        """Swap two parameters' entries in opt.state (torch rebinds them)."""
+        i, j = k % len(self.theirs), (k // len(self.theirs)) % len(self.theirs)
+        a, b = self.theirs[i], self.theirs[j]
+        if i == j or a.shape != b.shape or a.dtype != b.dtype or a not in self.ref.state or b not in self.ref.state:
+            return None
+        for opt, ps in ((self.ref, self.theirs), (self.opt, self.ours)):
+            opt.state[ps[i]], opt.state[ps[j]] = opt.state[ps[j]], opt.state[ps[i]]
+
+    def hold_state(self, k):
+        """Keep a parameter's state tensor, as a callback would (`edit_held` edits it later):
+        whatever torch's tensor is by then, the state or a leftover, so must fusedopt's be."""
+        i = k % len(self.theirs)
+        entry = self.ref.state.get(self.theirs[i], {})
+        key = next((key for key, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        if key is not None:
+            self.held = (self.ref.state[self.theirs[i]][key], self.opt.state[self.ours[i]][key])
+
+    def edit_held(self, k):
+        for t in getattr(self, "held", ()):
+            t.mul_(0.5)
 
     def pre_hook(self, k):
         def halve_gradients(opt, args, kwargs):
