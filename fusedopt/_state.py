@@ -229,6 +229,9 @@ class State(_WritesThroughSetitem, defaultdict):
             return dict.__setitem__(self, p, entries)
         old = dict.get(self, p)
         if isinstance(old, ParamState) and old is not entries:
+            # A rebuild the group has pending (its list edited) runs first: it carries the
+            # entries as they are, and must not carry this one once it is let go.
+            owner._slot(p)
             # (held: by more than this dict, `old` and the argument; `opt.state[a],
             # opt.state[b] = opt.state[b], opt.state[a]` holds a's entry until b's is set)
             old.release(sys.getrefcount(old) > _ONLY_HERE)

@@ -1491,6 +1491,13 @@ def _swap_entries(opt, a, b):
     opt.state[a], opt.state[b] = opt.state[b], opt.state[a]
 
 
+def _reorder_then_swap_entries(opt, a, b):
+    # (the group's buckets are rebuilt inside the first assignment: they must not carry the
+    # entry that assignment lets go)
+    opt.param_groups[0]["params"].reverse()
+    _swap_entries(opt, a, b)
+
+
 def _swap_tensors(opt, a, b):
     sa, sb = opt.state[a], opt.state[b]
     for key in list(sa):
@@ -1516,8 +1523,10 @@ def _empty_and_put_back(opt, a, b):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("edit", [_swap_entries, _swap_tensors, _pop_and_put_back, _empty_and_put_back],
-                         ids=["swap entries", "swap tensors", "pop, put back", "empty, put back"])
+@pytest.mark.parametrize("edit", [_swap_entries, _reorder_then_swap_entries, _swap_tensors, _pop_and_put_back,
+                                  _empty_and_put_back],
+                         ids=["swap entries", "reorder, swap entries", "swap tensors", "pop, put back",
+                              "empty, put back"])
 @pytest.mark.parametrize("name,options", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.01, amsgrad=True)),
                                           ("ASGD", dict(lr=0.01, t0=0))], ids=["SGD", "Adam", "ASGD"])
 def test_state_replaced_in_opt_state_keeps_its_values_where_it_is_held(name, options, edit, backend):
