@@ -285,6 +285,11 @@ class Twins:
         if not self.both(step):
             return False
         assert self.scalers[0].get_scale() == self.scalers[1].get_scale()
+        for a, b in self.pairs():
+            if a.grad is not None and not a.grad.is_sparse and not a.grad.isfinite().all():
+                # (the inf is GradScaler's to skip: a later step that kept it, clipped to NaN,
+                # has no one torch answer: its fused amsgrad max drops a NaN, its for-loop's keeps it)
+                a.grad = b.grad = None
 
     def zero_grad(self, k):
         for opt in (self.ref, self.opt):
