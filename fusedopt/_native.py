@@ -528,8 +528,10 @@ class _Plan:
         self.spans = [(bucket.offsets[index[j0]], bucket.offsets[index[j1 - 1]] + bucket.numels[index[j1 - 1]])
                       for j0, j1 in self.entries]
         self.runs = [e for e, (j0, j1) in enumerate(self.entries) if j1 - j0 > 1]
-        # The shape each entry's state views have (`state_views`): a tensor's own, a run's 1-D.
-        self.shapes = [bucket.shapes[index[j0]] if j1 - j0 == 1 else torch.Size([b - a])
+        # The shape each entry's state views have (`state_views`): a tensor's own (a complex
+        # one's as real views, with a last dimension of 2), a run's 1-D.
+        pair = (2,) if bucket.is_complex else ()
+        self.shapes = [torch.Size(bucket.shapes[index[j0]] + pair) if j1 - j0 == 1 else torch.Size([b - a])
                        for (j0, j1), (a, b) in zip(self.entries, self.spans)]
         # Entries that are one tensor, dense but not contiguous (channels_last convolution
         # weights, transposed matrices): torch's fused CPU kernels step those at about half
