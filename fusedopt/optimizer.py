@@ -657,6 +657,17 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             f"kernels do; parameter {self._global_index(p)} is {p.dtype} on {p.device.type}. help: fused=False "
             "(complex parameters step without it)")
 
+    def _refuse_integer(self, bucket: _flat.Bucket, i: int) -> None:
+        """torch's step refuses an integer parameter (a gradient set by hand): its ops cannot
+        write a float update into it (RuntimeError; NotImplementedError, a kind of it, from
+        some). The native path runs torch's own code, which raises that; the reference and
+        the kernels would truncate the update into it and keep integer state, so they raise
+        here, before anything changes."""
+        p = bucket.params[i]
+        raise RuntimeError(
+            f"fusedopt.{type(self).__name__} cannot step parameter {self._global_index(p)} of dtype {p.dtype}: "
+            "torch.optim's step refuses integer parameters too. help: make it a floating-point parameter")
+
     def _refuse_overlapping_grads(self, bucket: _flat.Bucket, batch: _flat.Batch) -> None:
         """A GradScaler step (fused=True) writes the unscaled gradients back, as torch's fused
         kernels do; a gradient whose elements share memory (an expanded tensor put in `.grad`)
@@ -844,6 +855,8 @@ class Optimizer(_checkpoint.Checkpoint, _compile.TracedStep, torch.optim.Optimiz
             for bucket, batch, sparse in collected:
                 if group.get("fused") and not bucket.dtype.is_floating_point:
                     self._refuse_fused(bucket, batch.index[0] if batch is not None else sparse[0][0])
+                elif not (bucket.dtype.is_floating_point or bucket.dtype.is_complex) and bucket.path != "native":
+                    self._refuse_integer(bucket, batch.index[0] if batch is not None else sparse[0][0])
                 if amp is not None and amp[0] is not None and batch is not None and batch.user_grads is not None:
                     self._refuse_overlapping_grads(bucket, batch)
                 if bucket.shared:

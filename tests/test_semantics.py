@@ -931,6 +931,25 @@ def test_complex_parameters_step_as_torch_on_the_cpu_default_path(info):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name not in ("SparseAdam", "LBFGS")],
+                         ids=lambda i: i.name)
+def test_integer_parameter_with_a_gradient_is_refused_before_anything_changes(info, backend):
+    """torch's step refuses an integer parameter (RuntimeError, or NotImplementedError, a
+    kind of it); the reference path and the kernels truncated the update into it."""
+    p, q = torch.tensor([10, 20, 30]), torch.nn.Parameter(torch.randn(3))
+    opt = info.fused([q, p], **info.configs[0], backend=backend)
+    p.grad, q.grad = torch.tensor([1, -1, 3]), torch.randn(3)
+    before = q.detach().clone(), copy.deepcopy(opt.state_dict()["state"])   # (Adagrad's state is made at once)
+    with pytest.raises(RuntimeError):
+        opt.step() if not info.closure else opt.step(lambda: torch.tensor(0.0))
+    assert torch.equal(p, torch.tensor([10, 20, 30]))
+    if backend != "auto":   # (torch's own code, which 'auto' runs on the CPU, may step q before it fails)
+        after = opt.state_dict()["state"]
+        assert torch.equal(q.detach(), before[0]) and list(after) == list(before[1])
+        assert all(torch.equal(torch.as_tensor(after[i][k]), torch.as_tensor(v)) for i in after for k, v in before[1][i].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_square_parameter_given_its_transpose_as_data_steps_in_its_new_layout(backend):
     # `p.data = p.data.t()` of a square matrix: same address and shape, other strides.
     theirs, ref, ours, opt = twin([torch.randn(4, 4), torch.randn(3)], fusedopt.Adam, torch.optim.Adam,
