@@ -27,10 +27,12 @@ def check_nonnegative(**values) -> None:
             raise ValueError(f"Invalid {'epsilon' if name == 'eps' else name} value: {value}")
 
 
-def refuse_differentiable(differentiable: bool) -> None:
-    """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot."""
+def refuse_differentiable(differentiable: bool, fused: bool = False) -> None:
+    """torch's `differentiable=True` runs the update under autograd; a fused kernel cannot.
+    With `fused=True` torch refuses it too, in these words, which its tests match."""
     if differentiable:
-        raise RuntimeError("fusedopt: differentiable=True is not supported: the fused update is not "
+        raise RuntimeError(("`fused` does not support `differentiable`; " if fused else "")
+                           + "fusedopt: differentiable=True is not supported: the fused update is not "
                            "differentiable. help: use torch.optim for differentiable optimization")
 
 

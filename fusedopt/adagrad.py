@@ -57,7 +57,7 @@ class Adagrad(Optimizer):
         check_lr(lr)
         check_nonnegative(lr_decay=lr_decay, weight_decay=weight_decay,
                           initial_accumulator_value=initial_accumulator_value, eps=eps)
-        refuse_differentiable(differentiable)
+        refuse_differentiable(differentiable, fused)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
@@ -95,7 +95,7 @@ class Adagrad(Optimizer):
 
     def _check_group(self, group):
         # torch's step refuses it for a group added or edited after construction
-        refuse_differentiable(group.get("fused") and group.get("differentiable"))
+        refuse_differentiable(group.get("fused") and group.get("differentiable"), fused=True)
 
     def _state_keys(self, group):
         return ["step", "sum"]

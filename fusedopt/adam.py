@@ -79,7 +79,7 @@ class Adam(AdamFamily):
                     raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
                 if beta.numel() != 1:
                     raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        refuse_differentiable(differentiable)
+        refuse_differentiable(differentiable, fused)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=tuple(map(_to_scalar, betas)), eps=eps, weight_decay=weight_decay,
@@ -103,7 +103,7 @@ class Adam(AdamFamily):
         super()._check_group(group)
         # torch's step refuses these for a group added or edited after construction
         # (its constructor refuses them in the keywords, as __init__ does here).
-        refuse_differentiable(group.get("fused") and group.get("differentiable"))
+        refuse_differentiable(group.get("fused") and group.get("differentiable"), fused=True)
         if group.get("foreach") and not group.get("capturable"):
             if isinstance(group["lr"], Tensor):
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False and foreach=True")

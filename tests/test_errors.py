@@ -246,6 +246,16 @@ def test_fused_refuses_non_floating_params_at_the_step_as_torch(info, dtype, how
     assert_unchanged(ours, before)
 
 
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS if i.name in ("SGD", "Adam", "AdamW", "Adagrad")],
+                         ids=lambda i: i.name)
+def test_fused_with_differentiable_is_refused_in_torchs_words(info):
+    """torch's own error inputs (common_optimizers) match this message."""
+    words = "`fused` does not support `differentiable`"
+    for cls in (info.torch, info.fused):
+        with pytest.raises(RuntimeError, match=words):
+            cls([torch.nn.Parameter(torch.randn(3))], fused=True, differentiable=True)
+
+
 LATER_GROUP_REFUSALS = [
     dict(lr=torch.tensor(0.01), foreach=True),
     dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
